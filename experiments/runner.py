@@ -1,0 +1,248 @@
+"""Everything `experiments/run.py` does for one job, from a composed config to a finished MLflow run.
+
+1. seed everything; resolve and check `ckpt_path` (it must exist and fit the model) before any training;
+2. instantiate the datamodule, the module, the callbacks, the strategy and the trainer from the config;
+3. open the MLflow run (the checkpoint's run when resuming; a child of the sweep's parent run in a multirun),
+   log the flattened resolved config as params, the config files as artifacts, and tags (git commit,
+   overrides, experiment);
+4. run the task: fit (then test), validate, test, or a task the module offers (`run_task`);
+5. print where the checkpoints, outputs and the MLflow run are; return the optimised metric for sweepers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from callbacks.run_state import RunState, read_checkpoint_meta
+from experiments import tracking
+from lightning_modules.parallel import ParallelConfig
+
+STANDARD_TASKS = ("fit", "validate", "test")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path`: null, a path, or "last" (the newest last.ckpt under this experiment's output folder)."""
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        experiment_dir = Path(cfg.paths.log_dir) / cfg.experiment_name
+        candidates = sorted(experiment_dir.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under {experiment_dir}")
+        return str(candidates[-1])
+    path = Path(cfg.ckpt_path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file or folder")
+    return str(path.resolve())
+
+
+def checkpoint_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes stored in a checkpoint file or a sharded (DCP) checkpoint folder."""
+    p = Path(path)
+    if p.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        prefix = "state_dict."
+        return {k[len(prefix) :]: tuple(m.size) for k, m in metadata.items() if k.startswith(prefix) and hasattr(m, "size")}
+    state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    if "state_dict" not in state:
+        raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (no 'state_dict')")
+    return {k: tuple(v.shape) for k, v in state["state_dict"].items()}
+
+
+def check_checkpoint_fits(path: str, module: L.LightningModule) -> None:
+    """Fail before training when the checkpoint's tensors do not match the model's names and shapes."""
+    strip = lambda name: name.replace("_checkpoint_wrapped_module.", "")
+    stored = {strip(k): v for k, v in checkpoint_tensor_shapes(path).items()}
+    expected = {strip(k): tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if missing or unexpected or wrong:
+        lines = [f"ckpt_path={path} does not match the model {type(module).__name__}:"]
+        if missing:
+            lines.append(f"  missing in checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        for k in wrong[:8]:
+            lines.append(f"  {k}: checkpoint {stored[k]} vs model {expected[k]}")
+        raise ConfigError("\n".join(lines))
+
+
+# -- building blocks --------------------------------------------------------------------------------------------
+def instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"callbacks.{name} has no _target_")
+        callbacks.append(hydra.utils.instantiate(node))
+    return callbacks
+
+
+def instantiate_strategy(cfg: DictConfig) -> tuple[Any, ParallelConfig | None]:
+    """The Lightning strategy and, for sharded strategies, the per-block parallelism for the module."""
+    node = OmegaConf.to_container(cfg.strategy, resolve=True)
+    parallel = node.pop("parallel", None)
+    if "_target_" not in node:
+        return node.get("name", "auto"), None
+    return hydra.utils.instantiate(node), ParallelConfig(**parallel) if parallel is not None else None
+
+
+def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str | None) -> MLFlowLogger:
+    tracking_uri = cfg.logger.tracking_uri
+    run_id = resume_meta.get("run_id") if resume_meta.get("tracking_uri") in (None, tracking_uri) else None
+    tags = {
+        "experiment": cfg.experiment_name,
+        "git_commit": tracking.git_commit(cfg.paths.root_dir),
+        "overrides": " ".join(_task_overrides()),
+        "seed": str(cfg.seed),
+        "task": cfg.task,
+        **{k: str(v) for k, v in (cfg.tags or {}).items()},
+    }
+    if parent_run_id is not None:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if run_id is None and rank_zero_only.rank == 0:
+        # Create the experiment with an absolute artifact folder before Lightning's logger can create it
+        # without one (artifacts would then land relative to the working directory).
+        tracking.get_or_create_experiment(MlflowClient(tracking_uri), cfg.experiment_name, cfg.logger.artifact_location)
+    return MLFlowLogger(
+        experiment_name=cfg.experiment_name,
+        run_name=cfg.run_name,
+        tracking_uri=tracking_uri,
+        tags=tags if run_id is None else None,
+        artifact_location=cfg.logger.artifact_location,
+        run_id=run_id,
+        log_model=cfg.logger.log_checkpoints,
+    )
+
+
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_parent_run_id() -> str | None:
+    if not _is_multirun():
+        return None
+    marker = Path(HydraConfig.get().sweep.dir) / tracking.PARENT_RUN_FILE
+    return marker.read_text().strip() if marker.exists() else None
+
+
+def _rewrite_argv_for_ddp_children() -> None:
+    """Lightning starts DDP ranks >= 1 by re-running `sys.argv`; in a multirun that argv holds the whole
+    sweep, so every child would start the sweep again. Give the children this one job's command instead."""
+    if not _is_multirun():
+        return
+    hc = HydraConfig.get()
+    keep = [o for o in hc.overrides.task if not o.split("=", 1)[0].lstrip("+~").startswith(("sweep", "hydra/sweeper", "hydra/launcher"))]
+    sys.argv = [sys.argv[0], *keep, "hydra.mode=RUN"]
+    with open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+
+
+@rank_zero_only
+def _log_config(logger: MLFlowLogger, cfg: DictConfig, resuming: bool) -> None:
+    client, run_id = logger.experiment, logger.run_id
+    if not resuming and cfg.logger.log_params:
+        tracking.log_params(client, run_id, cfg)
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config_resolved.yaml")
+    client.log_text(run_id, "\n".join(_task_overrides()) + "\n", "config/overrides.txt")
+
+
+@rank_zero_only
+def _print_summary(trainer: L.Trainer, logger: MLFlowLogger, cfg: DictConfig, status: str) -> None:
+    checkpoint_dirs = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath})
+    last = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+    print(f"\n== run {status} ==")
+    print(f"outputs:     {cfg.paths.output_dir}")
+    print(f"checkpoints: {', '.join(checkpoint_dirs) or '-'}{'  (last: ' + last[0] + ')' if last else ''}")
+    print(f"mlflow run:  {logger.run_id}  experiment '{cfg.experiment_name}' at {cfg.logger.tracking_uri}")
+    print(f"compare:     {tracking.ui_command(cfg.logger.tracking_uri)}")
+    if last:
+        again = [o for o in _task_overrides() if not o.startswith("ckpt_path=")]
+        print(f"resume:      python experiments/run.py {' '.join(again)} ckpt_path={last[0]}")
+
+
+# -- the job ------------------------------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> float | None:
+    """Run one job of the composed config; return `cfg.optimized_metric` (for sweepers) when set."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg)
+    resume_meta = read_checkpoint_meta(ckpt_path) if ckpt_path else {}
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="object")
+    module: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="object")
+    strategy, parallel = instantiate_strategy(cfg)
+    module.parallel = parallel
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, module)
+
+    callbacks = instantiate_callbacks(cfg)
+    callbacks.append(RunState(cfg.logger.tracking_uri, cfg.experiment_name))
+    if ckpt_path:
+        # A resumed run keeps writing next to the checkpoint it came from.
+        for cb in callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                cb.dirpath = str(Path(ckpt_path).parent)
+    logger = make_logger(cfg, resume_meta, _sweep_parent_run_id())
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, strategy=strategy)
+    _log_config(logger, cfg, resuming=bool(resume_meta.get("run_id")))
+    _rewrite_argv_for_ddp_children()
+
+    status = "FAILED"
+    try:
+        result = _run_task(cfg, trainer, module, datamodule, ckpt_path)
+        status = "FINISHED"
+    finally:
+        _print_summary(trainer, logger, cfg, status)
+    return result
+
+
+def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> float | None:
+    task = cfg.task
+    if task == "fit":
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if cfg.test_after_fit and not trainer.interrupted and hasattr(module, "test_step"):
+            trainer.test(module, datamodule=datamodule)
+    elif task in ("validate", "test"):
+        getattr(trainer, task)(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:
+        if ckpt_path:
+            module = _load_weights(module, ckpt_path)
+        module.run_task(task, trainer, datamodule, cfg)
+    if cfg.get("optimized_metric"):
+        metrics = trainer.callback_metrics
+        if cfg.optimized_metric not in metrics:
+            raise ConfigError(f"optimized_metric={cfg.optimized_metric} was not logged; logged: {sorted(metrics)}")
+        return float(metrics[cfg.optimized_metric])
+    return None
+
+
+def _load_weights(module: L.LightningModule, ckpt_path: str) -> L.LightningModule:
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module

@@ -1,0 +1,71 @@
+"""MLflow plumbing shared by the runner and the sweep callback (client API only, never the fluent API)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+MAX_PARAM_VALUE = 6000  # MLflow's limit; Lightning's log_hyperparams would cut at 250
+PARENT_RUN_FILE = "mlflow_parent_run.txt"
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment id of `name`, created with an absolute artifact folder if it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    if artifact_location is not None:
+        Path(artifact_location).mkdir(parents=True, exist_ok=True)
+        artifact_location = Path(artifact_location).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"optimizer": {"lr": 1e-3}}} -> {"model/optimizer/lr": 1e-3} (lists kept as one value)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_params(client: MlflowClient, run_id: str, cfg: DictConfig) -> None:
+    params = [Param(key, str(value)[:MAX_PARAM_VALUE]) for key, value in flatten(cfg).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start : start + 100])
+
+
+def metric_name(name: str) -> str:
+    """MLflow drops characters outside [A-Za-z0-9_/. -]; replace them ourselves (`group=8` -> `group_8`)."""
+    return re.sub(r"[^A-Za-z0-9_/. -]", "_", name)
+
+
+def git_commit(repo_dir: str | Path) -> str:
+    """The checked-out commit, with `-dirty` when the working tree has changes; `unknown` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir, capture_output=True, text=True
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
