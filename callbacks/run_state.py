@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
 
 
 def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
@@ -38,7 +39,7 @@ class RunState(Callback):
         return "RunState"
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        run_id = getattr(trainer.logger, "run_id", None) if trainer.logger is not None else None
+        run_id = trainer.logger.run_id if isinstance(trainer.logger, MLFlowLogger) else None
         checkpoint["mlflow"] = {
             "tracking_uri": self.tracking_uri,
             "experiment_name": self.experiment_name,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from callbacks.run_state import RunState, read_checkpoint_meta
 from experiments import tracking
@@ -109,7 +110,11 @@ def instantiate_strategy(cfg: DictConfig) -> tuple[Any, ParallelConfig | None]:
     return hydra.utils.instantiate(node), ParallelConfig(**parallel) if parallel is not None else None
 
 
-def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str | None) -> MLFlowLogger:
+def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str | None) -> MLFlowLogger | None:
+    """The MLflow logger on global rank 0; None on the other ranks, which must not open the store (several
+    processes migrating one sqlite file at once corrupt it) and log nothing anyway."""
+    if rank_zero_only.rank != 0:
+        return None
     tracking_uri = cfg.logger.tracking_uri
     run_id = resume_meta.get("run_id") if resume_meta.get("tracking_uri") in (None, tracking_uri) else None
     tags = {
@@ -122,7 +127,7 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
     }
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
-    if run_id is None and rank_zero_only.rank == 0:
+    if run_id is None:
         # Create the experiment with an absolute artifact folder before Lightning's logger can create it
         # without one (artifacts would then land relative to the working directory).
         tracking.get_or_create_experiment(MlflowClient(tracking_uri), cfg.experiment_name, cfg.logger.artifact_location)
@@ -131,7 +136,7 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
         run_name=cfg.run_name,
         tracking_uri=tracking_uri,
         tags=tags if run_id is None else None,
-        artifact_location=cfg.logger.artifact_location,
+        artifact_location=None if tracking.is_remote(tracking_uri) else cfg.logger.artifact_location,
         run_id=run_id,
         log_model=cfg.logger.log_checkpoints,
     )
@@ -160,7 +165,7 @@ def _rewrite_argv_for_ddp_children() -> None:
     hc = HydraConfig.get()
     keep = [o for o in hc.overrides.task if not o.split("=", 1)[0].lstrip("+~").startswith(("sweep", "hydra/sweeper", "hydra/launcher"))]
     sys.argv = [sys.argv[0], *keep, "hydra.mode=RUN"]
-    with open_dict(hc):
+    with read_write(hc), open_dict(hc):  # Lightning puts run.dir on the children's command line
         hc.run.dir = hc.runtime.output_dir
 
 
@@ -174,13 +179,13 @@ def _log_config(logger: MLFlowLogger, cfg: DictConfig, resuming: bool) -> None:
 
 
 @rank_zero_only
-def _print_summary(trainer: L.Trainer, logger: MLFlowLogger, cfg: DictConfig, status: str) -> None:
+def _print_summary(trainer: L.Trainer, logger: MLFlowLogger | None, cfg: DictConfig, status: str) -> None:
     checkpoint_dirs = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath})
     last = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
     print(f"\n== run {status} ==")
     print(f"outputs:     {cfg.paths.output_dir}")
     print(f"checkpoints: {', '.join(checkpoint_dirs) or '-'}{'  (last: ' + last[0] + ')' if last else ''}")
-    print(f"mlflow run:  {logger.run_id}  experiment '{cfg.experiment_name}' at {cfg.logger.tracking_uri}")
+    print(f"mlflow run:  {logger.run_id if logger is not None and trainer.logger is logger else '- (fast_dev_run logs nothing)'}  experiment '{cfg.experiment_name}' at {cfg.logger.tracking_uri}")
     print(f"compare:     {tracking.ui_command(cfg.logger.tracking_uri)}")
     if last:
         again = [o for o in _task_overrides() if not o.startswith("ckpt_path=")]
@@ -209,17 +214,40 @@ def run(cfg: DictConfig) -> float | None:
             if isinstance(cb, ModelCheckpoint):
                 cb.dirpath = str(Path(ckpt_path).parent)
     logger = make_logger(cfg, resume_meta, _sweep_parent_run_id())
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, strategy=strategy)
-    _log_config(logger, cfg, resuming=bool(resume_meta.get("run_id")))
+    if logger is None:  # ranks > 0 have no logger, and LearningRateMonitor refuses to run without one
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger if logger is not None else False, strategy=strategy
+    )
+    if logger is not None and trainer.logger is logger:  # fast_dev_run swaps in a dummy logger
+        _log_config(logger, cfg, resuming=bool(resume_meta.get("run_id")))
     _rewrite_argv_for_ddp_children()
 
+    launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
     status = "FAILED"
     try:
         result = _run_task(cfg, trainer, module, datamodule, ckpt_path)
         status = "FINISHED"
     finally:
         _print_summary(trainer, logger, cfg, status)
+        if _is_multirun():
+            _reset_ddp_launch(launch_env)
     return result
+
+
+# Set by Lightning's subprocess launcher in the parent process; a second job in the same process would read
+# them as "ranks were started externally" and wait for children that never come.
+DDP_LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _reset_ddp_launch(saved: dict[str, str | None]) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> float | None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
@@ -25,6 +26,7 @@ def _tracking(config: DictConfig) -> tuple[MlflowClient, str]:
 
 class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # the sweep dir's interpolations read it
         client, _ = _tracking(config)
         experiment_id = tracking.get_or_create_experiment(client, config.experiment_name, config.logger.artifact_location)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -38,6 +40,7 @@ class MLflowSweepCallback(Callback):
         (sweep_dir / tracking.PARENT_RUN_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
         marker = Path(config.hydra.sweep.dir) / tracking.PARENT_RUN_FILE
         if not marker.exists():
             return
@@ -59,7 +62,10 @@ def summary_table(client: MlflowClient, parent_id: str) -> str:
     runs = child_runs(client, parent_id)
     if not runs:
         return "no child runs\n"
-    metric_keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith(("lr-", "epoch"))})
+    # Headline metrics only: per-class and per-group breakdowns (a/b/c) stay in the child runs.
+    metric_keys = sorted(
+        {k for r in runs for k in r.data.metrics if k.count("/") == 1 and not k.startswith(("lr-", "epoch"))}
+    )
     header = ["run", "overrides", "status", *metric_keys]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(runs, key=lambda r: r.info.start_time):

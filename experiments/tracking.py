@@ -16,10 +16,13 @@ PARENT_RUN_FILE = "mlflow_parent_run.txt"
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The experiment id of `name`, created with an absolute artifact folder if it does not exist yet."""
+    """The experiment id of `name`, created if it does not exist yet: with an absolute artifact folder for a
+    local store, with the server's own artifact store (proxied uploads) for an http tracking server."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    if is_remote(client.tracking_uri):
+        artifact_location = None
     if artifact_location is not None:
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
         artifact_location = Path(artifact_location).resolve().as_uri()
@@ -64,8 +67,12 @@ def git_commit(repo_dir: str | Path) -> str:
         return "unknown"
 
 
+def is_remote(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_remote(tracking_uri):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"

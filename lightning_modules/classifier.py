@@ -58,7 +58,7 @@ class Classifier(BaseModule):
     def _log_per_class(self, stage: str) -> None:
         metric = self.metrics[f"{stage}_acc_class"]
         for k, value in enumerate(metric.compute()):
-            self.log(f"{stage}/acc_class/{k}", value)
+            self.log(f"{stage}/acc_class/{k}", value, sync_dist=True)
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:

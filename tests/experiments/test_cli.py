@@ -1,0 +1,51 @@
+"""The command line as a user types it: help, listing, and errors that name what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.experiments.compose import EXPERIMENTS
+from tests.helpers import run_cli
+
+
+def test_help_lists_config_groups(outputs: Path) -> None:
+    out = run_cli("--help").stdout
+    for group in ("experiment", "model", "data", "strategy", "trainer", "sweep"):
+        assert f"{group}:" in out
+    assert "digits_classifier" in out
+
+
+def test_list_shows_every_experiment(outputs: Path) -> None:
+    out = run_cli("list").stdout
+    for name in EXPERIMENTS:
+        assert name in out
+
+
+def test_unknown_experiment_names_the_available_ones(outputs: Path) -> None:
+    proc = run_cli("experiment=no_such_experiment", check=False)
+    assert proc.returncode != 0
+    assert "no_such_experiment" in proc.stderr
+    assert "digits_classifier" in proc.stderr and "quickstart" in proc.stderr
+
+
+def test_unknown_config_key_is_named(outputs: Path) -> None:
+    proc = run_cli("experiment=digits_classifier", "trainer.max_epochz=3", check=False)
+    assert proc.returncode != 0
+    assert "max_epochz" in proc.stderr
+
+
+def test_missing_resume_path_fails_before_training(outputs: Path, tmp_path: Path) -> None:
+    proc = run_cli("experiment=digits_classifier", f"ckpt_path={tmp_path}/nope.ckpt", check=False)
+    assert proc.returncode != 0
+    assert "nope.ckpt: no such checkpoint" in proc.stderr
+    assert "Epoch 0" not in proc.stdout + proc.stderr
+
+
+def test_resume_from_a_different_model_fails_before_training(outputs: Path) -> None:
+    run_cli("experiment=digits_classifier", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+    proc = run_cli("experiment=digits_classifier", "model.net.width=16", "ckpt_path=last", check=False)
+    assert proc.returncode != 0
+    assert "does not match the model" in proc.stderr
+    assert "checkpoint (32," in proc.stderr and "model (16," in proc.stderr
+    assert "Epoch 0" not in proc.stdout + proc.stderr

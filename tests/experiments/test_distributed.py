@@ -1,0 +1,78 @@
+"""Real multi-process runs on CPU with gloo: DDP, FSDP2 (sharded checkpoints, resume), two simulated nodes
+under torchrun, and a DDP multirun that must not start the sweep again in its child processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import ROOT, free_port, run_cli, sqlite_uri
+
+# No LR schedule: a cosine schedule restored from a 1-epoch run would hold the LR at 0 in epoch 2.
+TINY = ["experiment=digits_classifier", "model.scheduler=null", "trainer.accelerator=cpu", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false"]
+
+
+def epochs_logged(outputs: Path, run) -> set[int]:
+    history = MlflowClient(sqlite_uri(outputs)).get_metric_history(run.info.run_id, "epoch")
+    return {int(m.value) for m in history}
+
+
+def finished_runs(outputs: Path, experiment: str = "digits_classifier") -> list:
+    client = MlflowClient(sqlite_uri(outputs))
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+def test_ddp_two_processes_train_and_resume(outputs: Path) -> None:
+    run_cli(*TINY, "strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1")
+    (ckpt,) = (outputs / "digits_classifier").glob("runs/*/checkpoints/last.ckpt")
+    assert ckpt.is_file()
+    run_cli(*TINY, "strategy=ddp", "trainer.devices=2", "trainer.max_epochs=2", "ckpt_path=last")
+    (run,) = finished_runs(outputs)  # resumed into the same MLflow run
+    assert {0, 1} <= epochs_logged(outputs, run)
+
+
+def test_fsdp_two_processes_sharded_checkpoint_and_resume(outputs: Path) -> None:
+    run_cli(*TINY, "strategy=fsdp", "trainer.devices=2", "trainer.max_epochs=1")
+    (ckpt,) = (outputs / "digits_classifier").glob("runs/*/checkpoints/last.ckpt")
+    assert ckpt.is_dir(), "FSDP2 writes a sharded (DCP) checkpoint folder"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in ckpt.iterdir()}
+    run_cli(*TINY, "strategy=fsdp", "trainer.devices=2", "trainer.max_epochs=2", "ckpt_path=last",
+            "strategy.parallel.activation_checkpointing=true")
+    (run,) = finished_runs(outputs)
+    assert {0, 1} <= epochs_logged(outputs, run)
+    val_loss = [m.value for m in sorted(MlflowClient(sqlite_uri(outputs)).get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)]
+    assert val_loss[-1] < val_loss[0], "training continued from the sharded checkpoint"
+
+
+def test_two_simulated_nodes_under_torchrun(outputs: Path) -> None:
+    port = str(free_port())
+    args = [*TINY, "strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=1",
+            "hydra.run.dir=" + str(outputs / "two_nodes")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+             str(ROOT / "experiments/run.py"), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert "world_size: 2" in logs[0] or "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0]
+    assert len(finished_runs(outputs)) == 1  # one MLflow run, written by global rank 0
+
+
+def test_ddp_multirun_runs_each_job_once(outputs: Path) -> None:
+    run_cli("-m", *TINY, "strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1", "seed=0,1")
+    sweeps = list((outputs / "digits_classifier" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    runs = finished_runs(outputs)
+    assert sorted(r.data.params["seed"] for r in runs if "seed" in r.data.params) == ["0", "1"]
