@@ -252,8 +252,10 @@ def _reset_ddp_launch(saved: dict[str, str | None]) -> None:
 
 def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> float | None:
     task = cfg.task
+    metrics: dict[str, Any] = {}
     if task == "fit":
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(trainer.callback_metrics)  # test() replaces callback_metrics; keep val/* for sweepers
         if cfg.test_after_fit and not trainer.interrupted and hasattr(module, "test_step"):
             trainer.test(module, datamodule=datamodule)
     elif task in ("validate", "test"):
@@ -262,8 +264,8 @@ def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None
         if ckpt_path:
             module = _load_weights(module, ckpt_path)
         module.run_task(task, trainer, datamodule, cfg)
+    metrics.update(trainer.callback_metrics)
     if cfg.get("optimized_metric"):
-        metrics = trainer.callback_metrics
         if cfg.optimized_metric not in metrics:
             raise ConfigError(f"optimized_metric={cfg.optimized_metric} was not logged; logged: {sorted(metrics)}")
         return float(metrics[cfg.optimized_metric])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.experiments.compose import EXPERIMENTS
+from experiments.compose import EXPERIMENTS
 from tests.helpers import run_cli
 
 

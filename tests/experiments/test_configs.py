@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.compose import EXPERIMENTS, compose_config
 from experiments.runner import run
-from tests.experiments.compose import EXPERIMENTS, compose_config
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

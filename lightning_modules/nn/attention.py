@@ -1,0 +1,122 @@
+"""The attention entry point of every model: multi-head attention over kernels' Triton / PyTorch ops.
+
+Models call ``attend`` (heads already split) or use the ``Attention`` module (projections included). Both
+run ``kernels.attention`` / ``kernels.varlen_attention`` / ``kernels.guided_attention``: the Triton kernels
+on CUDA, PyTorch SDPA elsewhere (``backend`` forces one; ``"triton"`` on CPU needs ``TRITON_INTERPRET=1``).
+
+Attention is softmax(QKᵀ/sqrt(d))·V, non-causal (Movie Gen and the U-Nets attend bidirectionally):
+- self-attention: keys from x; cross-attention: keys from ``context`` (text), with an optional
+  ``key_padding_mask`` [B, Lc] (True = real token);
+- packed: x is [T, C] with ``cu_seqlens`` (and the context [Tc, Cc] with ``cu_seqlens_context``), each
+  sample attending only to itself, no padding;
+- AVID middle-frame guidance (``FrameGuidance``): frame-major tokens, each frame attends to itself and to
+  an anchor frame (blend or concat, see ``kernels.guided_attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+import kernels
+from kernels import Backend
+
+
+@dataclass
+class FrameGuidance:
+    """Middle-frame attention guidance for frame-major tokens (frame f = rows [f·S, (f + 1)·S)).
+
+    frame_len: tokens per frame S. weight: ω of the blend (1 − ω)·Attn(own) + ω·Attn(anchor).
+    mode: "blend" or "concat" (one softmax over own + anchor keys). anchor_kv: cached (k, v) [B, H, S_a, D] of
+    the anchor frame (e.g. from ``Attention.project_kv`` on the middle frame); None takes the keys of
+    ``anchor_frame`` in this clip, whose queries then see their own frame only.
+    """
+
+    frame_len: int
+    weight: float = 0.4
+    mode: str = "blend"
+    anchor_frame: int | None = None
+    anchor_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def anchor(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_a, v_a): the cached pair, or views of frame ``anchor_frame`` of k, v [B, H, F·S, D]."""
+        if self.anchor_kv is not None:
+            return self.anchor_kv
+        if self.anchor_frame is None:
+            raise ValueError("FrameGuidance needs anchor_kv or anchor_frame")
+        rows = slice(self.anchor_frame * self.frame_len, (self.anchor_frame + 1) * self.frame_len)
+        return k[:, :, rows], v[:, :, rows]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
+           guidance: FrameGuidance | None = None, scale: float | None = None,
+           backend: Backend = "auto") -> torch.Tensor:
+    """softmax(scale·QKᵀ)·V for q [B, H, Lq, D], k, v [B, H, Lk, D] → [B, H, Lq, D], optionally frame-guided."""
+    if guidance is None:
+        return kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale, backend=backend)
+    if key_padding_mask is not None:
+        raise ValueError("attend: key_padding_mask and frame guidance do not combine")
+    k_a, v_a = guidance.anchor(k, v)
+    return kernels.guided_attention(q, k, v, k_a, v_a, frame_len=guidance.frame_len, weight=guidance.weight,
+                                    mode=guidance.mode, anchor_frame=guidance.anchor_frame, scale=scale,
+                                    backend=backend)
+
+
+class Attention(nn.Module):
+    """Multi-head (self or cross) attention: Q from x, K/V from x or ``context``, optional QK RMSNorm.
+
+    out = W_o · concat_h softmax(q_h k_hᵀ / sqrt(d)) v_h, with q = W_q x and (k, v) = W_kv (context or x).
+    """
+
+    def __init__(self, dim: int, heads: int, *, context_dim: int | None = None, head_dim: int | None = None,
+                 qk_norm: bool = False, bias: bool = False, backend: Backend = "auto") -> None:
+        super().__init__()
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"Attention: dim {dim} does not split into {heads} heads; pass head_dim")
+            head_dim = dim // heads
+        self.heads, self.head_dim, self.backend = heads, head_dim, backend
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=bias)
+        self.to_out = nn.Linear(inner, dim, bias=bias)
+        self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
+
+    def _norm(self, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """RMSNorm over the head dim of [..., D] (QK-norm), through the fused kernel."""
+        if weight is None:
+            return t
+        flat = kernels.rms_norm(t.reshape(-1, t.shape[-1]), weight, backend=self.backend)
+        return flat.view(t.shape)
+
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) [B, H, L, D] of source [B, L, C] (e.g. the anchor frame's tokens, to cache for guidance)."""
+        k, v = rearrange(self.to_kv(source), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        return self._norm(k, self.k_norm), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                cu_seqlens_context: torch.Tensor | None = None, max_seqlen: int | None = None,
+                max_seqlen_context: int | None = None, guidance: FrameGuidance | None = None) -> torch.Tensor:
+        """x [B, L, C] → [B, L, C]; packed: x [T, C] with cu_seqlens (context [Tc, Cc] with cu_seqlens_context)."""
+        source = x if context is None else context
+        if cu_seqlens is not None:
+            if key_padding_mask is not None or guidance is not None:
+                raise ValueError("Attention: packed inputs take neither key_padding_mask nor guidance")
+            cu_k = cu_seqlens if context is None else cu_seqlens_context
+            if cu_k is None:
+                raise ValueError("Attention: packed cross-attention needs cu_seqlens_context")
+            max_k = max_seqlen if context is None else max_seqlen_context
+            q = self._norm(rearrange(self.to_q(x), "t (h d) -> t h d", h=self.heads), self.q_norm)
+            k, v = rearrange(self.to_kv(source), "t (two h d) -> two t h d", two=2, h=self.heads)
+            out = kernels.varlen_attention(q, self._norm(k, self.k_norm), v, cu_seqlens, cu_k,
+                                           max_seqlen_q=max_seqlen, max_seqlen_k=max_k, backend=self.backend)
+            return self.to_out(rearrange(out, "t h d -> t (h d)"))
+        q = self._norm(rearrange(self.to_q(x), "b l (h d) -> b h l d", h=self.heads), self.q_norm)
+        k, v = self.project_kv(source)
+        out = attend(q, k, v, key_padding_mask=key_padding_mask, guidance=guidance, backend=self.backend)
+        return self.to_out(rearrange(out, "b h l d -> b l (h d)"))

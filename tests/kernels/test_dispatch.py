@@ -1,0 +1,114 @@
+"""The public ops: PyTorch fallbacks against the same float64 references, backend choice, input errors, and
+torch.compile tracing through the Triton custom ops without graph breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+import kernels
+from kernels import reference
+from kernels.runtime import use_triton
+from tests.kernels.common import DEVICE, check_against_reference, randn
+
+FALLBACK_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", FALLBACK_DTYPES)
+def test_fallback_attention_with_padding_mask(dtype):
+    mask = (torch.rand(3, 45, generator=torch.Generator().manual_seed(7)) > 0.3).to(DEVICE)
+    mask[2] = False
+    inputs = [randn(3, 2, 20, 32, seed=1), randn(3, 2, 45, 32, seed=2), randn(3, 2, 45, 32, seed=3)]
+    check_against_reference(lambda q, k, v: kernels.attention(q, k, v, key_padding_mask=mask, backend="torch"),
+                            lambda q, k, v: reference.reference_attention(q, k, v, mask), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", FALLBACK_DTYPES)
+def test_fallback_varlen(dtype):
+    cu_q = torch.tensor([0, 5, 5, 45, 62], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 33, 45, 45, 95], dtype=torch.int32, device=DEVICE)
+    inputs = [randn(62, 2, 32, seed=1), randn(95, 2, 32, seed=2), randn(95, 2, 32, seed=3)]
+    check_against_reference(lambda q, k, v: kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch"),
+                            lambda q, k, v: reference.reference_varlen_attention(q, k, v, cu_q, cu_k), inputs, dtype)
+
+
+@pytest.mark.parametrize("mode", ["blend", "concat"])
+@pytest.mark.parametrize("anchor_frame", [None, 2])
+def test_fallback_guided(mode, anchor_frame):
+    kw = dict(frame_len=19, weight=0.3, mode=mode, anchor_frame=anchor_frame)
+    inputs = [randn(2, 2, 57, 32, seed=s) for s in (1, 2, 3)] + [randn(2, 2, 11, 32, seed=s) for s in (4, 5)]
+    check_against_reference(lambda *t: kernels.guided_attention(*t, backend="torch", **kw),
+                            lambda *t: reference.reference_guided_attention(*t, **kw), inputs, torch.float32)
+
+
+def test_fallback_rms_norm():
+    inputs = [randn(2, 7, 48, seed=1), 1 + 0.1 * randn(48, seed=2), randn(2, 1, 48, seed=3), randn(2, 1, 48, seed=4)]
+    check_against_reference(lambda x, w, s, t: kernels.rms_norm(x, w, scale=s, shift=t, backend="torch"),
+                            reference.reference_rms_norm, inputs, torch.float32)
+
+
+def test_auto_backend_picks_triton_only_on_cuda():
+    cpu = torch.zeros(1)
+    assert not use_triton("auto", cpu)
+    assert not use_triton("torch", cpu)
+    assert use_triton("triton", cpu)  # CPU tensors run through the interpreter in these tests
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_triton("cuda", cpu)
+    with pytest.raises(ValueError, match="cannot run these inputs: why"):
+        use_triton("triton", cpu, unsupported="why")
+
+
+def test_unsupported_inputs_fall_back_or_raise():
+    q = randn(1, 1, 8, 16, seed=1).double()
+    torch.testing.assert_close(kernels.attention(q, q, q), reference.reference_attention(q, q, q))
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        kernels.attention(q, q, q, backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bfloat16 under the Triton interpreter"):
+            kernels.attention(*(q.bfloat16() for _ in range(3)), backend="triton")
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda t: kernels.attention(t[0], t[1][:, :, :, :16], t[2]), "expected q"),
+    (lambda t: kernels.attention(t[0], t[1], t[2].half()), "share dtype"),
+    (lambda t: kernels.attention(t[0], t[1], t[2], key_padding_mask=torch.ones(2, 9)), "key_padding_mask"),
+    (lambda t: kernels.varlen_attention(t[0][0], t[1][0], t[2][0], torch.tensor([0, 3, 8]),
+                                        torch.tensor([0, 8])), "same number of samples"),
+    (lambda t: kernels.varlen_attention(t[0][0], t[1][0], t[2][0], torch.tensor([0, 9, 8]),
+                                        torch.tensor([0, 4, 8])), "rise from 0"),
+    (lambda t: kernels.guided_attention(*t, t[1], t[2], frame_len=3), "must divide"),
+    (lambda t: kernels.guided_attention(*t, t[1], t[2], frame_len=4, anchor_frame=2), "not a frame index"),
+    (lambda t: kernels.guided_attention(*t, t[1], t[2], frame_len=4, mode="sum"), "mode must be"),
+    (lambda t: kernels.rms_norm(t[0][0], scale=torch.ones(3, 5)), "does not broadcast"),
+])
+def test_bad_inputs_name_the_problem(call, message):
+    tensors = [torch.zeros(2, 2, 8, 32) for _ in range(3)]
+    with pytest.raises(ValueError, match=message):
+        call(tensors)
+
+
+def _compiled_matches_eager(fn, inputs):
+    eager_in = [t.clone().requires_grad_() for t in inputs]
+    compiled_in = [t.clone().requires_grad_() for t in inputs]
+    fn(*eager_in).square().sum().backward()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    compiled(*compiled_in).square().sum().backward()
+    for a, b in zip(compiled_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_torch_compile_traces_the_custom_ops():
+    """fullgraph=True fails on any graph break; aot_eager also traces the registered backward."""
+    q, k, v = (randn(1, 2, 20, 32, seed=s) for s in (1, 2, 3))
+    mask = torch.arange(20, device=DEVICE)[None] < 15
+    _compiled_matches_eager(lambda q, k, v: kernels.attention(q, k, v, key_padding_mask=mask, backend="triton"),
+                            [q, k, v])
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+    _compiled_matches_eager(lambda q, k, v: kernels.varlen_attention(q, k, v, cu, cu, max_seqlen_q=13,
+                                                                     max_seqlen_k=13, backend="triton"),
+                            [rearrange(t, "1 h t d -> t h d") for t in (q, k, v)])
+    _compiled_matches_eager(lambda q, k, v: kernels.guided_attention(q, k, v, k[:, :, :5], v[:, :, :5], frame_len=5,
+                                                                     anchor_frame=0, backend="triton"), [q, k, v])
+    _compiled_matches_eager(lambda x, s: kernels.rms_norm(x, scale=s, backend="triton"),
+                            [randn(2, 5, 16, seed=4), randn(2, 1, 16, seed=5)])
