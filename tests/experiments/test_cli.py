@@ -49,3 +49,11 @@ def test_resume_from_a_different_model_fails_before_training(outputs: Path) -> N
     assert "does not match the model" in proc.stderr
     assert "checkpoint (32," in proc.stderr and "model (16," in proc.stderr
     assert "Epoch 0" not in proc.stdout + proc.stderr
+
+
+def test_slurm_launcher_config_matches_the_trainer(outputs: Path) -> None:
+    out = run_cli("experiment=digits_classifier", "hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2",
+                  "--cfg", "all", "--resolve").stdout
+    assert "SlurmLauncher" in out
+    # one SLURM task per device, so Lightning's SLURM detection starts the ranks
+    assert "tasks_per_node: 4" in out and "nodes: 2" in out
