@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import mlflow
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -139,6 +140,7 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
         artifact_location=None if tracking.is_remote(tracking_uri) else cfg.logger.artifact_location,
         run_id=run_id,
         log_model=cfg.logger.log_checkpoints,
+        synchronous=cfg.logger.synchronous,
     )
 
 
@@ -229,6 +231,7 @@ def run(cfg: DictConfig) -> float | None:
         result = _run_task(cfg, trainer, module, datamodule, ckpt_path)
         status = "FINISHED"
     finally:
+        mlflow.flush_async_logging()
         _print_summary(trainer, logger, cfg, status)
         if _is_multirun():
             _reset_ddp_launch(launch_env)
