@@ -1,0 +1,180 @@
+"""The media datamodules: batch keys and shapes, Lightning checkpoint resume, and 2 DDP ranks x 2 workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from datamodules.audio import AudioDataModule
+from datamodules.image import ImageDataModule
+from datamodules.video import AudioVideoDataModule, VideoDataModule
+from tests.datamodules.helpers import good_shards
+
+
+def _first(dm):
+    dm.prepare_data()
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_datamodules_yield_the_convention_keys(world_dir):
+    data_dir, world, _ = world_dir
+    common = dict(data_dir=data_dir, world=world, batch_size=2, num_workers=0)
+    video = _first(VideoDataModule(sizes=[[32, 32], [32, 48]], frames=[8], with_masks=True, fps_in_caption=True,
+                                   **common))
+    b = video["video"].shape[0]
+    assert video["video"].dtype == torch.float32 and video["video"].shape[1:3] == (3, 8)
+    assert -1 <= video["video"].min() and video["video"].max() <= 1
+    assert video["mask"].shape == (b, *video["video"].shape[2:]) and video["mask"].dtype == torch.int64
+    assert video["text"][0].startswith("FPS-8 ") and video["fps"].tolist() == [8.0] * b
+    assert len(video["key"]) == len(video["meta"]) == b and "objects" in video["meta"][0]
+    ids = {o["id"] for o in video["meta"][0]["objects"]}
+    assert set(video["mask"][0].unique().tolist()) <= ids | {0}
+
+    av = _first(AudioVideoDataModule(sizes=[[32, 32]], frames=[8], fps=8, sample_rate=8000, **common))
+    assert av["audio"].shape == (av["video"].shape[0], 1, 8000) and av["sample_rate"] == 8000
+
+    image = _first(ImageDataModule(sizes=[[32, 32]], with_masks=True, **common))
+    assert image["video"].shape[1:3] == (3, 1) and (image["fps"] == 0).all() and image["mask"].shape[1] == 1
+
+    audio = _first(AudioDataModule(durations=[0.5, 1.0], sample_rate=8000, **common))
+    assert audio["audio"].shape[1] == 1 and audio["audio"].shape[2] in (4000, 8000)
+    assert audio["text"][0].startswith(("Tones of", "Silence"))
+
+    edits = _first(VideoDataModule(sizes=[[32, 32]], frames=[8], world_kind="edits", with_target=True, **common))
+    assert edits["target_video"].shape == edits["video"].shape and "edit" in edits["meta"][0]
+    assert edits["text"][0] == edits["meta"][0]["edit"]["instruction"]
+
+    stickers = _first(VideoDataModule(sizes=[[32, 32]], frames=[8], world_kind="stickers", **common))
+    assert stickers["text"][0].startswith("A sticker of")
+
+
+class _Recorder(L.LightningModule):
+    """Trains a scalar on the mean pixel and records which samples each step saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.keys: list[list[str]] = []
+
+    def training_step(self, batch, batch_idx):
+        assert "_receipt" not in batch
+        self.keys.append(list(batch["key"]))
+        return (self.w - batch["video"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tmp_path, shards, max_steps, ckpt_path=None, name="run"):
+    dm = VideoDataModule(shards=shards, frames=[8], sizes=[[32, 32]], batch_size=2, num_workers=1, epoch_batches=4,
+                         seed=3)
+    model = _Recorder()
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=3,
+                                                      save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(max_steps=max_steps, max_epochs=100, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(
+        tmp_path / name), callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=2, num_sanity_val_steps=0)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return model.keys, trainer
+
+
+def test_lightning_resume_continues_the_data_stream(tmp_path):
+    shards = good_shards(tmp_path / "shards", 3, 4)
+    reference, _ = _fit(tmp_path, shards, 10, name="reference")
+    first, _ = _fit(tmp_path, shards, 5, name="first")
+    assert first == reference[:5]
+    resumed, trainer = _fit(tmp_path, shards, 10, ckpt_path=tmp_path / "first" / "step=3.ckpt", name="resumed")
+    assert resumed == reference[3:10]  # steps 4..10 see what the uninterrupted run saw (crossing epoch 0 -> 1)
+    state = torch.load(tmp_path / "first" / "step=3.ckpt", weights_only=False)["loops"]["fit_loop"]
+    assert state["state_dict"]["combined_loader"][0]["ranks"][0]["position"] == 3
+    rows = list(csv.DictReader(open(next((tmp_path / "resumed").rglob("metrics.csv")))))
+    assert any(row.get("data/seen") for row in rows)  # skip counters reach the logger
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, shards: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = VideoDataModule(shards=shards, frames=[8], sizes=[[32, 32]], batch_size=2, num_workers=2, seed=7)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        keys = [b["key"] for b in loader]
+        state = loader.state_dict()
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, {"keys": keys, "len": len(loader), "state": state})
+        if rank == 0:
+            with open(out, "w") as handle:
+                json.dump(gathered, handle)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_with_two_workers_get_equal_batches_and_disjoint_samples(tmp_path):
+    shards = good_shards(tmp_path / "shards", 5, 4)  # 5 shards for 4 slots: uneven on purpose
+    out = tmp_path / "result.json"
+    mp.start_processes(_rank, args=(2, _free_port(), shards, str(out)), nprocs=2, join=True, start_method="spawn")
+    result = json.loads(out.read_text())
+    counts = [len(r["keys"]) for r in result]
+    # 4 slots, 5 shards of 4: the worst-placed worker has 1 shard = 2 batches -> 2 workers x 2 per rank
+    assert counts[0] == counts[1] == result[0]["len"] == 4
+    per_rank = [{k for batch in r["keys"] for k in batch} for r in result]
+    assert sum(len(k) for k in per_rank) == 2 * counts[0] * 2  # no repeats within a rank
+    assert not per_rank[0] & per_rank[1]  # disjoint across ranks
+    assert len(result[0]["state"]["ranks"]) == 2  # checkpoints hold every rank's position
+
+
+@pytest.mark.slow
+def test_default_world_is_created_on_first_use(tmp_path):
+    dm = VideoDataModule(data_dir=tmp_path, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["video"].shape[1:] == (3, 8, 64, 64)
+
+
+class _RankRecorder(_Recorder):
+    """_Recorder that writes each rank's keys to <folder>/rank<r>.json at the end of training."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def on_train_end(self) -> None:
+        with open(os.path.join(self.folder, f"rank{self.global_rank}.json"), "w") as handle:
+            json.dump(self.keys, handle)
+
+
+def _ddp_fit(folder, shards, max_steps, ckpt_path=None):
+    os.makedirs(folder, exist_ok=True)
+    dm = VideoDataModule(shards=shards, frames=[8], sizes=[[32, 32]], batch_size=2, num_workers=1, seed=5)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1,
+                                                      filename="{step}")
+    trainer = L.Trainer(max_steps=max_steps, max_epochs=100, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                        logger=False, callbacks=[checkpoints], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(_RankRecorder(str(folder)), dm, ckpt_path=ckpt_path)
+    return [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_lightning_ddp_resume_restores_every_rank(tmp_path):
+    shards = good_shards(tmp_path / "shards", 4, 4)  # 2 slots x 2 shards: 4 batches per rank per epoch
+    reference = _ddp_fit(tmp_path / "reference", shards, 6)
+    assert all(len(keys) == 6 for keys in reference)
+    assert not {k for b in reference[0][:2] for k in b} & {k for b in reference[1][:2] for k in b}
+    # from step 2 of epoch 0 through the epoch boundary at step 4
+    resumed = _ddp_fit(tmp_path / "resumed", shards, 6, ckpt_path=tmp_path / "reference" / "step=2.ckpt")
+    assert resumed[0] == reference[0][2:] and resumed[1] == reference[1][2:]
