@@ -1,6 +1,9 @@
 """scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes; no download).
 
-The train/val/test split is stratified and fixed by `split_seed`, whatever the run's seed. Pixels are scaled
+The train/val/test split is stratified and fixed by `split_seed`, whatever the run's seed. `downsample`
+({class: keep probability}) thins classes in the TRAINING split only (each training example of the class is
+kept with that probability, drawn with `split_seed`): e.g. {8: 0.09} makes 8 a minority as in the unbalanced
+MNIST of the fair-DP experiments, while validation and test stay balanced. Pixels are scaled
 from 0..16 to [-1, 1]. Batches are dicts: "x" float32 [B, 1, 8, 8], "y" int64 [B], "group" int64 [B] (the
 class label: the group that fairness metrics compare).
 
@@ -75,8 +78,12 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        downsample: dict[int, float] | None = None,
     ) -> None:
         super().__init__()
+        for label, keep in (downsample or {}).items():
+            if int(label) not in range(10) or not 0 <= keep <= 1:
+                raise ValueError(f"data.downsample={downsample}: keys are classes 0..9, values keep probabilities in [0, 1]")
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in (0, 1) with a sum below 1")
         self.batch_size = batch_size
@@ -85,6 +92,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.seed = seed
         self.num_workers = num_workers
+        self.downsample = {int(k): float(v) for k, v in (downsample or {}).items()}
         self.splits: dict[str, TensorDictDataset] = {}
         self._train_sampler: ResumableSampler | None = None
         self._resume_at: tuple[int, int] | None = None
@@ -103,7 +111,13 @@ class DigitsDataModule(L.LightningDataModule):
             stratify=labels[train_val],
             random_state=self.split_seed,
         )
-        return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+        train = np.sort(train)
+        if self.downsample:
+            keep_prob = np.ones(len(train))
+            for label, keep in self.downsample.items():
+                keep_prob[labels[train] == label] = keep
+            train = train[np.random.default_rng(self.split_seed).random(len(train)) < keep_prob]
+        return {"train": train, "val": np.sort(val), "test": np.sort(test)}
 
     def make_split(self, indices: np.ndarray) -> TensorDictDataset:
         digits = load_digits()

@@ -1,0 +1,174 @@
+"""The four clip rules and DP optimizers against hand computations, with real Opacus per-sample hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleHooks
+from torch import nn
+
+from lightning_modules.privacy import clipping
+from lightning_modules.privacy.optimizers import (
+    DPSGDFOptimizer,
+    DPSGDGlobalAdaptOptimizer,
+    DPSGDGlobalOptimizer,
+    PrivateOptimizer,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
+C0 = 1.0
+
+
+def test_factors_by_hand():
+    norms = torch.tensor([0.5, 2.0, 4.0])
+    assert torch.allclose(clipping.dpsgd_factors(norms, C0), torch.tensor([1.0, 0.5, 0.25]))
+    # Global, Z = 3: the first two scaled by C0/Z, the third dropped
+    assert torch.allclose(clipping.global_factors(norms, C0, 3.0), torch.tensor([1 / 3, 1 / 3, 0.0]))
+    # Global-Adapt, Z = 3: C0 / max(||g||, Z)
+    assert torch.allclose(clipping.global_adapt_factors(norms, C0, 3.0), torch.tensor([1 / 3, 1 / 3, 1 / 4]))
+
+
+def test_dpsgd_f_bounds_by_hand():
+    # group 0: 3 clipped of 4; group 1: 1 clipped of 4; group 2: empty. m~ = 4, b~ = 8 -> overall rate 1/2
+    clipped, unclipped = torch.tensor([3.0, 1.0, 0.0]), torch.tensor([1.0, 3.0, 0.0])
+    bounds = clipping.dpsgd_f_bounds(clipped, unclipped, 2.0)
+    # C_k = C0 (1 + rate_k / (1/2)): 2 (1 + 1.5), 2 (1 + 0.5), 2 (1 + 0)
+    assert torch.allclose(bounds, torch.tensor([5.0, 3.0, 2.0]))
+    assert torch.allclose(clipping.dpsgd_f_bounds(torch.zeros(3), torch.ones(3), 2.0), torch.full((3,), 2.0))
+    norms, groups = torch.tensor([10.0, 1.0, 10.0]), torch.tensor([0, 0, 1])
+    assert torch.allclose(clipping.dpsgd_f_factors(norms, groups, bounds), torch.tensor([0.5, 1.0, 0.3]))
+
+
+def test_next_z_by_hand():
+    assert clipping.next_z(10.0, 0.3, 0.1) == pytest.approx(10.0 * math.exp(0.2))
+    assert clipping.next_z(10.0, 0.0, 0.1, z_min=9.5) == 9.5
+    assert clipping.next_z(10.0, 5.0, 0.1, z_max=20.0) == 20.0
+
+
+@pytest.mark.parametrize("rule", ["dpsgd", "global", "global_adapt", "dpsgd_f"])
+def test_clipped_norms_never_exceed_the_bound(rule):
+    torch.manual_seed(0)
+    grads = torch.randn(512, 37) * torch.logspace(-4, 3, 512)[:, None]  # norms from ~1e-3 to ~6e4
+    grads[0] = 0.0
+    norms = clipping.per_sample_norms([grads])
+    groups = torch.randint(0, 4, (512,))
+    if rule == "dpsgd":
+        factors, bound = clipping.dpsgd_factors(norms, C0), C0
+    elif rule == "global":
+        factors, bound = clipping.global_factors(norms, C0, 50.0), C0
+    elif rule == "global_adapt":
+        factors, bound = clipping.global_adapt_factors(norms, C0, 50.0), C0
+    else:
+        m, o = clipping.group_clip_counts(norms, groups, C0, 4)
+        bounds = clipping.dpsgd_f_bounds(m, o, C0)
+        factors, bound = clipping.dpsgd_f_factors(norms, groups, bounds), float(bounds.max())
+        assert ((factors[:, None] * grads).norm(dim=1) <= bounds[groups].float() * (1 + 1e-6)).all()
+    clipped_norms = (factors[:, None] * grads).norm(dim=1)
+    assert clipped_norms.max() <= bound * (1 + 1e-6)
+    assert torch.isfinite(factors).all()
+    if rule == "global_adapt":  # ||f_i g_i|| = C0 ||g_i|| / max(||g_i||, Z) exactly
+        assert torch.allclose(clipped_norms, C0 * norms / norms.clamp(min=50.0), rtol=1e-5)
+
+
+# -- the optimizers on a model whose per-example gradients are known ---------------------------------------------
+def _step(optimizer_cls, x: torch.Tensor, groups: torch.Tensor | None = None, lr: float = 1.0, **kwargs):
+    """Linear(d -> 1, no bias), loss = mean_i <w, x_i>: the per-example gradient of w is exactly x_i."""
+    model = nn.Linear(x.shape[1], 1, bias=False)
+    nn.init.zeros_(model.weight)
+    hooks = GradSampleHooks(model, loss_reduction="mean")
+    optimizer = optimizer_cls(torch.optim.SGD(model.parameters(), lr=lr), max_grad_norm=C0, **kwargs)
+    optimizer.groups = groups
+    optimizer.zero_grad()
+    model(x).mean().backward()
+    optimizer.step()
+    hooks.cleanup()
+    return model.weight.detach().flatten(), optimizer
+
+
+def _examples() -> torch.Tensor:
+    # norms 0.5, 2, 4 along different axes
+    return torch.tensor([[0.5, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0]])
+
+
+def test_dpsgd_step_by_hand():
+    x = _examples()
+    w, opt = _step(PrivateOptimizer, x, noise_multiplier=0.0, expected_batch_size=4.0)
+    # sum_i min(1, C0/||x_i||) x_i / n = (0.5, 1, 1) / 4, and SGD with lr 1 moves w by minus that
+    assert torch.allclose(w, -torch.tensor([0.5, 1.0, 1.0]) / 4)
+    assert opt.last.clipped.tolist() == [False, True, True]
+
+
+def test_global_step_by_hand():
+    w, opt = _step(DPSGDGlobalOptimizer, _examples(), noise_multiplier=0.0, expected_batch_size=2.0, z=3.0)
+    # f = (1/3, 1/3, 0): (0.5/3, 2/3, 0) / 2
+    assert torch.allclose(w, -torch.tensor([0.5 / 3, 2 / 3, 0.0]) / 2)
+
+
+def test_global_adapt_step_and_z_update_by_hand():
+    x = _examples()
+    w, opt = _step(DPSGDGlobalAdaptOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z0=3.0, z_lr=0.1,
+                   z_threshold=0.5, count_noise_multiplier=1e-9)
+    # f = C0 / max(||x||, 3) = (1/3, 1/3, 1/4)
+    assert torch.allclose(w, -torch.tensor([0.5 / 3, 2 / 3, 1.0]) / 2)
+    # b = #{||x|| > 0.5 * 3} = 2, b~ = 2 / n = 1: Z = 3 exp(-0.1 + 1)
+    assert opt.z == pytest.approx(3.0 * math.exp(0.9), rel=1e-6)
+
+
+def test_dpsgd_f_step_by_hand():
+    x = torch.tensor([[4.0, 0.0], [0.0, 0.5], [0.0, 3.0]])
+    groups = torch.tensor([0, 0, 1])
+    sigma_c = 0.3
+    w, opt = _step(DPSGDFOptimizer, x, groups, noise_multiplier=0.0, expected_batch_size=3.0, num_groups=2,
+                   count_noise_multiplier=sigma_c, generator=torch.Generator().manual_seed(7))
+    # the count noise the optimizer drew: the first draw of its generator
+    noise = torch.normal(0.0, sigma_c, size=(4,), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    counts = (torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64) + noise).floor().clamp(min=0)  # m_0 m_1 o_0 o_1
+    bounds = clipping.dpsgd_f_bounds(counts[:2], counts[2:], C0)
+    assert torch.allclose(opt.bounds, bounds)
+    f = torch.minimum(torch.ones(3), bounds.float()[groups] / x.norm(dim=1))
+    assert torch.allclose(w, -(f[:, None] * x).sum(0) / 3, atol=1e-6)
+
+
+def test_dpsgd_f_without_groups_is_refused():
+    with pytest.raises(ValueError, match="group labels"):
+        _step(DPSGDFOptimizer, _examples(), None, noise_multiplier=0.0, expected_batch_size=3.0, num_groups=2,
+              count_noise_multiplier=1.0)
+
+
+# -- the noise -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,kwargs,sensitivity", [
+    (PrivateOptimizer, {}, C0),
+    (DPSGDGlobalAdaptOptimizer, {"z0": 50.0, "count_noise_multiplier": 10.0}, C0),
+    (DPSGDGlobalOptimizer, {"z": 100.0}, C0),
+])
+def test_noise_on_zero_gradients_has_std_sigma_c0_over_n(cls, kwargs, sensitivity):
+    """Zero per-example gradients: p.grad is the noise alone, std sigma * C0 / n after averaging."""
+    torch.manual_seed(0)
+    model = nn.Linear(200, 100, bias=False)
+    hooks = GradSampleHooks(model, loss_reduction="mean")
+    sigma, n = 1.3, 16.0
+    optimizer = cls(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma, max_grad_norm=C0,
+                    expected_batch_size=n, **kwargs)
+    optimizer.zero_grad()
+    model(torch.zeros(8, 200)).mean().backward()  # zero inputs: every per-example weight gradient is 0
+    optimizer.step()
+    hooks.cleanup()
+    grad = model.weight.grad.flatten()
+    assert abs(grad.mean()) < 4 * sigma * sensitivity / n / math.sqrt(grad.numel())
+    assert grad.std().item() == pytest.approx(sigma * sensitivity / n, rel=0.03)  # 20,000 draws: ~0.5% error
+
+
+def test_dpsgd_f_noise_scales_with_the_largest_bound():
+    torch.manual_seed(0)
+    model = nn.Linear(200, 100, bias=False)
+    hooks = GradSampleHooks(model, loss_reduction="mean")
+    optimizer = DPSGDFOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=C0,
+                                expected_batch_size=10.0, num_groups=2, count_noise_multiplier=1.0)
+    optimizer.groups = torch.zeros(8, dtype=torch.long)
+    optimizer.zero_grad()
+    model(torch.zeros(8, 200)).mean().backward()
+    optimizer.step()
+    hooks.cleanup()
+    assert model.weight.grad.std().item() == pytest.approx(float(optimizer.bounds.max()) / 10.0, rel=0.03)
