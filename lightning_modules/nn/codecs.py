@@ -1,0 +1,116 @@
+"""Codecs between pixel videos and the latent space a generator is trained in (one interface, two kinds).
+
+Interface: `encode(video [B, 3, T, H, W] in [-1, 1]) -> latent [B, C, T', H', W']`, `decode(latent, num_frames)`,
+`latent_shape(T, H, W) -> (C, T', H', W')`, `latent_channels`; no trainable parameters.
+
+- `PixelCodec`: parameter-free and exactly invertible space-to-depth, a "latent" that is the pixels folded into
+  channels: with spatial factor s and temporal factor f,
+
+      z[b, (c f s s), t, h, w] = x[b, c, t·f + i, h·s + j, w·s + k]
+
+  It needs no trained autoencoder, so the CPU quickstart works on a fresh machine; the DiT then sees
+  (f·T_patch) × (s·2)² pixel patches. Images (T = 1) need f = 1.
+- `TAECodec`: the Movie Gen temporal autoencoder (`nn.tae.TAE`), frozen, loaded from a checkpoint of
+  `task=fit` with `experiment=tae_tiny` (its "net." weights) or a plain state dict; encodes to the posterior
+  mean. Latents cached with `task=encode` come from the same TAE and skip `encode`. The TAE is deliberately not
+  a registered submodule: its weights stay out of the generator's checkpoints, optimizer and FSDP sharding
+  (it is reloaded from its own checkpoint, and moved to the input's device when used).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from lightning_modules.nn.tae import TAE
+
+
+class PixelCodec(nn.Module):
+    """Space-to-depth by `spatial` in H, W and `temporal` in T (see the module docstring)."""
+
+    def __init__(self, spatial: int = 4, temporal: int = 1, channels: int = 3) -> None:
+        super().__init__()
+        if spatial < 1 or temporal < 1:
+            raise ValueError(f"PixelCodec factors must be >= 1, got spatial={spatial}, temporal={temporal}")
+        self.spatial, self.temporal, self.channels = spatial, temporal, channels
+        self.latent_channels = channels * temporal * spatial * spatial
+        self.spatial_factor, self.temporal_factor = spatial, temporal
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        s, f = self.spatial, self.temporal
+        if frames % f or height % s or width % s:
+            raise ValueError(f"PixelCodec(spatial={s}, temporal={f}): T, H, W = {frames}, {height}, {width} must be "
+                             f"multiples of ({f}, {s}, {s})")
+        return self.latent_channels, frames // f, height // s, width // s
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        self.latent_shape(*video.shape[2:])
+        return rearrange(video, "b c (t f) (h s) (w r) -> b (c f s r) t h w", f=self.temporal, s=self.spatial, r=self.spatial)
+
+    def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        video = rearrange(latent, "b (c f s r) t h w -> b c (t f) (h s) (w r)", c=self.channels, f=self.temporal,
+                          s=self.spatial, r=self.spatial)
+        return video if num_frames is None else video[:, :, :num_frames]
+
+
+class TAECodec(nn.Module):
+    """A frozen `TAE` loaded from `checkpoint` (see the module docstring).
+
+    Args:
+        net: the TAE, built with the same config it was trained with (e.g. conf/model/tae_tiny.yaml's `net`).
+        checkpoint: a Lightning checkpoint of `AutoencoderModule` or a state dict of the TAE; None leaves the
+            random initialisation (only useful in tests).
+        tiled: decode in temporal tiles (the TAE's inference path) with `tile` latent frames, `overlap` of them.
+    """
+
+    def __init__(self, net: TAE, checkpoint: str | None = None, tiled: bool = False, tile: int = 4,
+                 overlap: int = 2) -> None:
+        super().__init__()
+        object.__setattr__(self, "net", net)  # not registered: see the module docstring
+        self.tiled, self.tile, self.overlap = tiled, tile, overlap
+        if checkpoint is not None:
+            self.load(checkpoint)
+        self.net.eval().requires_grad_(False)
+        self.latent_channels = net.latent_channels
+        self.spatial_factor, self.temporal_factor = net.spatial_factor, net.temporal_factor
+
+    def load(self, checkpoint: str) -> None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"TAECodec: checkpoint={checkpoint} is not a file (train one with experiment=tae_tiny)")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")} or state
+        self.net.load_state_dict(net_state)
+
+    def _on(self, device: torch.device) -> TAE:
+        if next(self.net.parameters()).device != device:
+            self.net.to(device)
+        return self.net
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        s = self.spatial_factor
+        if height % s or width % s:
+            raise ValueError(f"TAECodec: H, W = {height}, {width} must be multiples of {s}")
+        return self.latent_channels, self.net.num_latent_frames(frames), height // s, width // s
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self._on(video.device).encode(video).mode()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        net = self._on(latent.device)
+        if num_frames is None:
+            num_frames = 1 if latent.shape[2] == 1 else latent.shape[2] * self.temporal_factor
+        if self.tiled and latent.shape[2] > self.tile:
+            return net.decode_tiled(latent, num_frames, self.tile, self.overlap)
+        return net.decode(latent, num_frames)
+
+
+def compression(codec: nn.Module, frames: int, height: int, width: int) -> float:
+    """Pixel values per latent value for a clip of this size."""
+    return 3 * frames * height * width / math.prod(codec.latent_shape(frames, height, width))

@@ -1,0 +1,204 @@
+"""Text encoders behind one interface, and their combination as in Movie Gen (arXiv 2410.13720 §3.1.4).
+
+Interface (`TextEncoder`): `encoder(texts: list[str]) -> (tokens [B, L, encoder.dim], mask bool [B, L])`,
+True = a real token. Encoders:
+
+- `ByteEncoder`: UTF-8 bytes (vocabulary 256 + BOS + PAD), learned token and position embeddings and a few
+  bidirectional transformer blocks, trained from scratch with the generator. The default: no download. The
+  empty prompt (the unconditional branch of guidance) is the single BOS token.
+- `HFTextEncoder`: a pretrained Hugging Face encoder (T5 / UL2 / ByT5 encoder, CLIP text model, or any
+  AutoModel with `last_hidden_state`) loaded from a local directory, frozen. Needs `transformers`, which is not a
+  dependency of this project; it is imported when the encoder is built, with a clear error if absent. Its
+  weights are not stored in our checkpoints (they are reloaded from the directory). `quoted_only` encodes only
+  the text between double quotes (how Movie Gen uses ByT5 for "visual text").
+
+`TextConditioner` combines several encoders the paper's way: each encoder's sequence goes through its own
+Linear + LayerNorm into the model width, and the sequences are concatenated along the sequence axis:
+
+    P = [LN_1(W_1 E_1(y)); LN_2(W_2 E_2(y)); ...]    [B, L_1 + L_2 + ..., dim],   mask = [m_1; m_2; ...]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_modules.nn.attention import Attention
+
+BOS, PAD, BYTE_VOCAB = 256, 257, 258
+
+
+class TextEncoder(nn.Module):
+    """Base: `dim` (output width), `max_length` (tokens), forward(texts) → (tokens [B, L, dim], mask [B, L])."""
+
+    dim: int
+    max_length: int
+
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} must implement forward(texts)")
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+
+def byte_tokens(texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[BOS, utf-8 bytes...] cut to max_length and padded with PAD: (ids int64 [B, L], mask bool [B, L]),
+    L = the longest sequence of the batch (≤ max_length)."""
+    rows = [[BOS, *text.encode("utf-8")][:max_length] for text in texts]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids, ids != PAD
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm bidirectional transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class ByteEncoder(TextEncoder):
+    """Byte-level text encoder trained from scratch (see the module docstring).
+
+    Args:
+        dim: width; depth: transformer blocks (0 = embeddings only); heads: attention heads;
+        max_length: tokens including BOS (longer texts are cut).
+    """
+
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 256) -> None:
+        super().__init__()
+        self.dim, self.max_length = dim, max_length
+        self.embed = nn.Embedding(BYTE_VOCAB, dim)
+        self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = byte_tokens(texts, self.max_length)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x), mask
+
+
+def quoted_text(text: str) -> str:
+    """The text between double quotes ("..." or “...”), joined by spaces; "" when there is none."""
+    return " ".join(m.group(1) or m.group(2) for m in re.finditer(r'"([^"]*)"|“([^”]*)”', text))
+
+
+class HFTextEncoder(TextEncoder):
+    """A frozen pretrained Hugging Face encoder from a local directory (see the module docstring).
+
+    Args:
+        path: local directory with the model and its tokenizer (nothing is downloaded).
+        max_length: tokens (longer prompts are cut).
+        dim: expected hidden size (checked after loading; None accepts the model's).
+        quoted_only: encode only the quoted text of each prompt (ByT5's role in Movie Gen).
+        dtype: weights dtype ("float32", "bfloat16", "float16").
+    """
+
+    def __init__(self, path: str, max_length: int = 256, dim: int | None = None, quoted_only: bool = False,
+                 dtype: str = "float32") -> None:
+        super().__init__()
+        try:
+            import transformers
+        except ImportError as exc:
+            raise ImportError(
+                "HFTextEncoder needs the `transformers` package, which this project does not install: "
+                "`pip install transformers sentencepiece`, or use the byte-level encoder "
+                "(lightning_modules.nn.text.ByteEncoder, the default)") from exc
+        if not path or not Path(path).is_dir():
+            raise FileNotFoundError(f"HFTextEncoder: path={path!r} is not a local model directory")
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.model_type in ("t5", "mt5", "umt5"):
+            model_class = transformers.T5EncoderModel
+        elif config.model_type in ("clip", "clip_text_model"):
+            model_class = transformers.CLIPTextModel
+        else:
+            model_class = transformers.AutoModel
+        model = model_class.from_pretrained(path, local_files_only=True, torch_dtype=getattr(torch, dtype))
+        hidden = getattr(model.config, "d_model", None) or getattr(model.config, "hidden_size", None)
+        if dim is not None and hidden != dim:
+            raise ValueError(f"HFTextEncoder: {path} has hidden size {hidden}, the config says dim={dim}")
+        self.dim, self.max_length, self.quoted_only = int(hidden), max_length, quoted_only
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model.eval().requires_grad_(False)
+        # Not a registered submodule: frozen pretrained weights stay out of our checkpoints and optimizers.
+        object.__setattr__(self, "model", model)
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.quoted_only:
+            texts = [quoted_text(t) for t in texts]
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        device = self._device_anchor.device
+        self.model.to(device)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return hidden.float(), mask
+
+
+class TextConditioner(nn.Module):
+    """Several encoders → one context sequence (see the module docstring).
+
+    Args:
+        encoders: name → `TextEncoder` (built by Hydra from the config); None entries are skipped.
+        dim: the model width the sequences are projected to.
+    """
+
+    def __init__(self, encoders: Mapping[str, TextEncoder | None], dim: int) -> None:
+        super().__init__()
+        encoders = {name: enc for name, enc in encoders.items() if enc is not None}
+        if not encoders:
+            raise ValueError("TextConditioner needs at least one encoder")
+        self.dim = dim
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.projections = nn.ModuleDict(
+            {name: nn.Sequential(nn.Linear(enc.dim, dim), nn.LayerNorm(dim)) for name, enc in self.encoders.items()})
+
+    @property
+    def max_length(self) -> int:
+        return sum(enc.max_length for enc in self.encoders.values())
+
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts (B strings) → (P [B, ΣL_i, dim], mask bool [B, ΣL_i])."""
+        if isinstance(texts, str):
+            raise TypeError("TextConditioner takes a list of prompts, not one string")
+        tokens, masks = [], []
+        for name, encoder in self.encoders.items():
+            h, m = encoder(texts)
+            projection = self.projections[name]
+            tokens.append(projection(h.to(projection[0].weight.dtype)))
+            masks.append(m.to(tokens[-1].device))
+        return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
+
+
+def pad_context(contexts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (tokens [B_i, L_i, d], mask [B_i, L_i]) pairs along the batch, padding to the longest L (mask False)."""
+    length = max(tokens.shape[1] for tokens, _ in contexts)
+    out_tokens, out_masks = [], []
+    for tokens, mask in contexts:
+        extra = length - tokens.shape[1]
+        out_tokens.append(nn.functional.pad(tokens, (0, 0, 0, extra)))
+        out_masks.append(nn.functional.pad(mask, (0, extra), value=False))
+    return torch.cat(out_tokens), torch.cat(out_masks)

@@ -1,0 +1,198 @@
+"""The Movie Gen DiT, text encoders and codecs: shapes for every bucket, adaLN-Zero start, position tables,
+zero-initialised condition channels, the 30B parameter count on the meta device, and the planner."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import plan
+from experiments.compose import compose_config
+from lightning_modules.nn.codecs import PixelCodec
+from lightning_modules.nn.dit import DiT, count_parameters, grow_position_tables
+from lightning_modules.nn.text import (
+    BOS,
+    PAD,
+    ByteEncoder,
+    HFTextEncoder,
+    TextConditioner,
+    byte_tokens,
+    pad_context,
+    quoted_text,
+)
+
+
+def tiny(**kwargs) -> DiT:
+    torch.manual_seed(0)
+    options = dict(in_channels=12, dim=32, depth=2, heads=4, ffn_dim=64, max_t=16, max_h=16, max_w=16) | kwargs
+    return DiT(**options)
+
+
+def randomise(net: DiT) -> DiT:
+    """Give the zero-initialised layers values so that every path carries signal."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return net
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "t2v_stage2", "t2v_stage3_hires"])
+def test_shapes_for_every_bucket(experiment: str, outputs: Path) -> None:
+    """Every (size, frames) bucket of the experiment's data, and its images (T = 1), through the model."""
+    cfg = compose_config([f"experiment={experiment}"], outputs / "job")
+    import hydra
+
+    codec = hydra.utils.instantiate(cfg.model.codec)
+    net = randomise(hydra.utils.instantiate(cfg.model.net))
+    frames = list(cfg.data.frames) + [1]
+    for height, width in cfg.data.sizes:
+        for t in frames:
+            video = torch.rand(2, 3, t, height, width) * 2 - 1
+            z = codec.encode(video)
+            out = net(z, torch.rand(2), torch.randn(2, 5, net.dim), torch.ones(2, 5, dtype=torch.bool),
+                      fps=torch.tensor([8.0, 0.0]))
+            assert out.shape == z.shape, (height, width, t)
+            assert codec.decode(out, t).shape == video.shape
+
+
+def test_starts_as_zero_prediction_and_every_block_as_identity() -> None:
+    net = tiny()
+    x = torch.randn(2, 12, 3, 8, 6)
+    ctx = torch.randn(2, 7, 32)
+    assert torch.count_nonzero(net(x, torch.rand(2), ctx)) == 0  # the output layer starts at zero
+    tokens = torch.randn(2, 10, 32)
+    pe = torch.zeros(10, 32)
+    block = net.blocks[0]
+    # gates are 0, so only the (unmodulated) cross-attention changes the residual stream
+    expected = tokens + block.cross(block.norm2(tokens), ctx)
+    assert torch.allclose(block(tokens, pe, torch.zeros(2, 6, 32), ctx), expected, atol=1e-6)
+
+
+def test_text_padding_and_bidirectional_attention() -> None:
+    net = randomise(tiny())
+    x, t = torch.randn(1, 12, 2, 4, 4), torch.rand(1)
+    ctx = torch.randn(1, 5, 32)
+    mask = torch.tensor([[True, True, True, False, False]])
+    a = net(x, t, ctx, mask)
+    b = net(x, t, torch.cat([ctx[:, :3], torch.randn(1, 2, 32)], 1), mask)
+    assert torch.allclose(a, b, atol=1e-6), "padded text tokens must not matter"
+    assert not torch.allclose(a, net(x, t, ctx[:, :3] * 2, mask[:, :3])), "the text conditions the output"
+    # full bidirectional self-attention: changing the last frame changes the first frame's output
+    x2 = x.clone()
+    x2[:, :, -1] += 1.0
+    assert not torch.allclose(net(x2, t, ctx, mask)[:, :, 0], a[:, :, 0])
+
+
+def test_fps_embedding_and_condition_channels() -> None:
+    net = randomise(tiny(fps_embedding=True))
+    x, t, ctx = torch.randn(2, 12, 2, 4, 4), torch.rand(2), torch.randn(2, 3, 32)
+    assert not torch.allclose(net(x, t, ctx, fps=torch.tensor([8.0, 8.0])), net(x, t, ctx, fps=torch.tensor([16.0, 16.0])))
+    # condition channels start at zero: a model with them equals the model without on any condition
+    plain = randomise(tiny())
+    conditioned = tiny(cond_channels=12)
+    state = {k: v for k, v in plain.state_dict().items() if k != "patchify.weight"}
+    conditioned.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        conditioned.patchify.weight[:, :12] = plain.patchify.weight
+    assert torch.allclose(conditioned(x, t, ctx, cond=torch.randn_like(x)), plain(x, t, ctx), atol=1e-6)
+    with pytest.raises(ValueError, match="cond_channels"):
+        conditioned(x, t, ctx)
+
+
+def test_clear_errors_for_bad_shapes() -> None:
+    net = tiny(max_t=2)
+    ctx = torch.randn(1, 3, 32)
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        net(torch.randn(1, 12, 2, 5, 4), torch.rand(1), ctx)
+    with pytest.raises(ValueError, match="exceeds the position tables"):
+        net(torch.randn(1, 12, 3, 4, 4), torch.rand(1), ctx)
+    with pytest.raises(ValueError, match=r"latent \[B, 12"):
+        net(torch.randn(1, 3, 2, 4, 4), torch.rand(1), ctx)
+
+
+def test_position_tables_grow_for_the_next_stage() -> None:
+    small, big = tiny(max_t=2, max_h=3, max_w=3), tiny(max_t=4, max_h=6, max_w=3)
+    state = grow_position_tables(small.state_dict(), big)
+    big.load_state_dict(state)
+    assert torch.equal(big.pos.h[:3], small.pos.h)
+    assert torch.equal(big.pos.h[3:], small.pos.h[-1:].expand(3, -1))  # new rows copy the nearest old row
+    assert torch.equal(big.pos.w, small.pos.w)
+
+
+def test_paper_size_on_the_meta_device() -> None:
+    """48 layers, width 6144, FFN 16384, 48 heads: ~30B transformer parameters (29.0B in the blocks)."""
+    with torch.device("meta"):
+        net = DiT(in_channels=16, dim=6144, depth=48, heads=48, ffn_dim=16384, max_t=32, max_h=64, max_w=64)
+    block = net.blocks[0]
+    assert count_parameters(block.attn) == 4 * 6144**2
+    assert count_parameters(block.cross) == 4 * 6144**2
+    assert count_parameters(block.ffn) == 3 * 6144 * 16384
+    assert 28.9e9 < sum(count_parameters(b) for b in net.blocks) < 29.1e9
+    assert 29.0e9 < count_parameters(net) < 30.5e9
+    assert block.attn.head_dim == 128
+
+
+def test_planner_reports_tokens_flops_and_memory(outputs: Path, capsys: pytest.CaptureFixture) -> None:
+    result = plan.main(["model=moviegen_30b", "num_gpus=6144"])
+    assert result["tokens"] == 73_728 and result["token_grid"] == [32, 48, 48]
+    assert result["layers"] == 48 and result["width"] == 6144 and result["ffn"] == 16384 and result["heads"] == 48
+    assert 29e9 < result["parameters"]["total"] < 30.5e9
+    flops = result["flops_per_clip"]
+    assert flops["self_attention_12LN2d"] == 12 * 48 * 73_728**2 * 6144  # 1.92e16
+    assert 2.9e16 < flops["training"] < 3.5e16
+    memory = result["memory_per_gpu_gb"]
+    assert memory["total"] == pytest.approx(sum(memory[k] for k in ("sharded_states", "gathered_weights",
+                                                                      "checkpointed_block_inputs", "one_block_activations")))
+    assert "73,728 tokens" in capsys.readouterr().out
+    fewer = plan.main(["model=moviegen_30b", "num_gpus=64"])
+    assert fewer["memory_per_gpu_gb"]["sharded_states"] == pytest.approx(memory["sharded_states"] * 6144 / 64)
+
+
+# -- text encoders -------------------------------------------------------------------------------------------------
+def test_byte_tokens_and_encoder() -> None:
+    ids, mask = byte_tokens(["ab", "", "é"], max_length=4)
+    assert ids.tolist() == [[BOS, 97, 98], [BOS, PAD, PAD], [BOS, 0xC3, 0xA9]]
+    assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, True]]
+    assert byte_tokens(["abcdef"], max_length=4)[0].tolist() == [[BOS, 97, 98, 99]]
+    enc = ByteEncoder(dim=16, depth=1, heads=2, max_length=32)
+    h, m = enc(["a red circle", ""])
+    assert h.shape == (2, 13, 16) and m.sum(1).tolist() == [13, 1]
+    # padding does not leak into real tokens
+    alone, _ = enc([""])
+    assert torch.allclose(h[1, :1], alone[0, :1], atol=1e-5)
+
+
+def test_conditioner_projects_norms_and_concatenates_encoders() -> None:
+    cond = TextConditioner({"a": ByteEncoder(16, 1, 2, 8), "b": ByteEncoder(24, 0, 2, 4), "off": None}, dim=32)
+    assert list(cond.encoders) == ["a", "b"]
+    tokens, mask = cond(["hello world", "hi"])
+    assert tokens.shape == (2, 8 + 4, 32)  # sequences concatenated: a cut to 8 tokens, b to 4
+    assert mask.tolist() == [[True] * 12, [True] * 3 + [False] * 5 + [True] * 3 + [False]]
+    b_part = tokens[:, 8:]
+    assert torch.allclose(b_part.mean(-1), torch.zeros(2, 4), atol=1e-5)  # each encoder's LayerNorm
+    merged, merged_mask = pad_context([(tokens, mask), (tokens[:1, :5], mask[:1, :5])])
+    assert merged.shape == (3, 12, 32) and not merged_mask[2, 5:].any()
+    with pytest.raises(TypeError, match="list of prompts"):
+        cond("one string")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
+def test_hugging_face_encoder_without_transformers_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ImportError, match="pip install transformers"):
+        HFTextEncoder(str(tmp_path))
+    assert quoted_text('a sign that says "OPEN" and “24/7”') == "OPEN 24/7"
+
+
+def test_pixel_codec_is_exactly_invertible() -> None:
+    codec = PixelCodec(spatial=4, temporal=2)
+    video = torch.rand(2, 3, 4, 8, 12)
+    z = codec.encode(video)
+    assert z.shape == (2, 3 * 2 * 16, 2, 2, 3) == (2, *codec.latent_shape(4, 8, 12))
+    assert torch.equal(codec.decode(z), video)
+    assert torch.equal(z[0, :, 0, 0, 0].view(3, 2, 4, 4), video[0, :, :2, :4, :4])
+    with pytest.raises(ValueError, match="multiples"):
+        codec.encode(torch.rand(1, 3, 3, 8, 8))

@@ -1,0 +1,163 @@
+"""The math of generation against hand computations: flow-matching path and target, logit-normal times, the
+linear-quadratic schedule, Euler on a known linear flow, classifier-free guidance and window fusion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_modules.generative import guidance, multidiffusion, paths, solvers, timesteps
+
+
+# -- paths -------------------------------------------------------------------------------------------------------
+def test_path_and_target_match_the_paper_by_hand() -> None:
+    x0 = torch.tensor([[1.0, -2.0]])
+    x1 = torch.tensor([[3.0, 0.5]])
+    s = 1e-5
+    t = torch.tensor([0.25])
+    # X_t = t·X1 + (1 − (1 − σ)t)·X0 = 0.25·X1 + (1 − 0.99999·0.25)·X0
+    expected = torch.tensor([[0.25 * 3.0 + (1 - 0.99999 * 0.25) * 1.0, 0.25 * 0.5 + (1 - 0.99999 * 0.25) * -2.0]])
+    assert torch.allclose(paths.interpolate(x0, x1, t, s), expected, atol=1e-7)
+    # V = X1 − (1 − σ)X0
+    assert torch.allclose(paths.target_velocity(x0, x1, s), torch.tensor([[3.0 - 0.99999, 0.5 + 2 * 0.99999]]))
+    assert paths.SIGMA_MIN == 1e-5
+    # endpoints: pure noise at t = 0, data + σ·noise at t = 1
+    assert torch.equal(paths.interpolate(x0, x1, torch.tensor([0.0]), s), x0)
+    assert torch.allclose(paths.interpolate(x0, x1, torch.tensor([1.0]), s), x1 + s * x0)
+
+
+def test_target_is_the_time_derivative_of_the_path() -> None:
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(3, 4, 2, 5, 5), torch.randn(3, 4, 2, 5, 5)
+    t, h = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), 1e-6
+    x0, x1 = x0.double(), x1.double()
+    numeric = (paths.interpolate(x0, x1, t + h) - paths.interpolate(x0, x1, t - h)) / (2 * h)
+    assert torch.allclose(numeric, paths.target_velocity(x0, x1), atol=1e-6)
+
+
+def test_loss_is_the_mean_squared_error_and_predicted_data_inverts_the_path() -> None:
+    pred, target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    assert paths.flow_matching_loss(pred, target).item() == pytest.approx((1 + 4 + 0 + 4) / 4)
+    assert torch.allclose(paths.flow_matching_loss(pred, target, per_sample=True), torch.tensor([2.5, 2.0]))
+    torch.manual_seed(1)
+    x0, x1, t = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0.3, 0.8])
+    x_t = paths.interpolate(x0, x1, t)
+    x1_hat = paths.predicted_data(x_t, paths.target_velocity(x0, x1), t)
+    assert torch.allclose(x1_hat, x1 + paths.SIGMA_MIN * x0, atol=1e-6)
+    with pytest.raises(ValueError, match="scalar or"):
+        paths.interpolate(x0, x1, torch.tensor([0.1, 0.2, 0.3]))
+
+
+# -- timesteps ----------------------------------------------------------------------------------------------------
+def test_logit_normal_is_sigmoid_of_a_normal() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = timesteps.logit_normal(200_000, generator=g)
+    assert 0 < t.min() and t.max() < 1
+    assert t.median().item() == pytest.approx(0.5, abs=0.01)
+    # P(t < sigmoid(1)) = P(n < 1) = Φ(1) = 0.8413
+    assert (t < 1 / (1 + math.exp(-1))).float().mean().item() == pytest.approx(0.8413, abs=0.005)
+    shifted = timesteps.logit_normal(200_000, mean=1.0, std=0.5, generator=g)
+    assert torch.logit(shifted).mean().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.logit(shifted).std().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_time_shift_by_hand() -> None:
+    t = torch.tensor([0.0, 0.5, 1.0])
+    # σ = 0.5, α = 3: σ' = 1.5 / (1 + 2·0.5) = 0.75 → t' = 0.25; endpoints fixed
+    assert torch.allclose(timesteps.shift_time(t, 3.0), torch.tensor([0.0, 0.25, 1.0]))
+    assert torch.equal(timesteps.shift_time(t, 1.0), t)
+
+
+def test_linear_quadratic_schedule_checks_and_a_hand_value() -> None:
+    s, n = 50, 1000
+    f = timesteps.linear_quadratic_schedule(s, n).double()
+    assert f.shape == (51,)
+    assert f[0] == 0 and f[-1] == 1
+    assert f[25].item() == pytest.approx(0.025)  # f(L) = τ = L / N
+    assert torch.all(f.diff() > 0)
+    assert torch.allclose(f[:26].diff(), torch.full((25,), 1 / n, dtype=torch.float64), atol=1e-7)  # linear part: 1/N
+    # quadratic part by hand: d = 25 − 0.025·50 = 23.75, a = d / (25·25²), b = 0.025/25 − 2d/25², c = a·25²
+    d = 25 - 0.025 * 50
+    a, b = d / (25 * 25**2), 0.025 / 25 - 2 * d / 25**2
+    c = a * 25**2
+    assert f[40].item() == pytest.approx(a * 1600 + b * 40 + c, abs=1e-6)
+    # slope continuous at L: f'(L) = 2aL + b = τ/L, so the first quadratic step is f(L+1) − f(L) = τ/L + a
+    assert f[26].item() - f[25].item() == pytest.approx(1 / n + a, abs=1e-7)
+    assert torch.allclose(timesteps.uniform_schedule(4), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        timesteps.schedule("cosine", 10)
+
+
+# -- solvers ------------------------------------------------------------------------------------------------------
+def test_euler_integrates_the_flow_toward_one_data_point_exactly() -> None:
+    """For data concentrated at x1 the marginal velocity u(x, t) = (x1 − (1 − σ)x) / (1 − (1 − σ)t) is constant
+    along straight paths, so Euler on any grid lands on X_1 = x1 + σ·x0."""
+    s = paths.SIGMA_MIN
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(2, 3, 4).double(), torch.randn(2, 3, 4).double()
+
+    def u(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x1 - (1 - s) * x) / (1 - (1 - s) * paths.expand_time(t, x))
+
+    for grid in (torch.tensor([0.0, 0.1, 0.7, 1.0]), timesteps.linear_quadratic_schedule(8, 100)):
+        out = solvers.euler(u, x0, grid.double())
+        assert torch.allclose(out, x1 + s * x0, atol=1e-9)
+    # a constant field: X_S = X_0 + (t_S − t_0)·c
+    c = torch.ones(2, 3, 4)
+    assert torch.allclose(solvers.euler(lambda x, t: c, torch.zeros_like(c), torch.tensor([0.0, 0.3, 1.0])), c)
+
+
+def test_midpoint_is_exact_for_a_linear_in_time_field() -> None:
+    # dx/dt = 2t → x(1) = x(0) + 1; Euler on [0, 0.5, 1] gives 0.5, midpoint gives 1 exactly
+    field = lambda x, t: 2 * paths.expand_time(t, x) * torch.ones_like(x)
+    x0, grid = torch.zeros(1, 2), torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(solvers.midpoint(field, x0, grid), torch.ones(1, 2))
+    assert torch.allclose(solvers.euler(field, x0, grid), torch.full((1, 2), 0.5))
+    with pytest.raises(ValueError, match="unknown solver"):
+        solvers.solver("dopri5")
+
+
+# -- guidance -----------------------------------------------------------------------------------------------------
+def test_classifier_free_guidance_by_hand() -> None:
+    cond, uncond = torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0])
+    # u = u_u + w (u_c − u_u) = [1 + 7.5·2, 1]
+    assert torch.allclose(guidance.cfg_combine(cond, uncond, 7.5), torch.tensor([16.0, 1.0]))
+    assert torch.equal(guidance.cfg_combine(cond, uncond, 1.0), cond)
+    assert torch.equal(guidance.cfg_combine(cond, uncond, 0.0), uncond)
+
+    def paired(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # first half "conditional": 2x; second: x
+        b = x.shape[0] // 2
+        return torch.cat([2 * x[:b], x[b:]])
+
+    fn = guidance.classifier_free_guidance(paired, 3.0)
+    x = torch.tensor([[1.0], [2.0]])
+    assert torch.allclose(fn(x, torch.zeros(2)), x + 3.0 * (2 * x - x))
+
+
+# -- multidiffusion -----------------------------------------------------------------------------------------------
+def test_window_spans_and_weights() -> None:
+    assert multidiffusion.window_spans(10, 4, 1) == [(0, 4), (3, 7), (6, 10)]
+    assert multidiffusion.window_spans(11, 4, 1) == [(0, 4), (3, 7), (6, 10), (7, 11)]
+    assert multidiffusion.window_spans(3, 14, 4) == [(0, 3)]
+    assert multidiffusion.window_spans(24, 14, 4) == [(0, 14), (10, 24)]
+    w = multidiffusion.window_weights(5, "triangular", eps=0.0)
+    assert torch.allclose(w, torch.tensor([0.0, 0.5, 1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError):
+        multidiffusion.window_spans(10, 4, 4)
+
+
+def test_fuse_windows_averages_overlaps_by_hand() -> None:
+    x = torch.arange(6.0).view(1, 1, 6)
+    # each window returns its own index (0, 1, 2) everywhere: windows [0,3), [2,5), [3,6)
+    spans = multidiffusion.window_spans(6, 3, 1)
+    assert spans == [(0, 3), (2, 5), (3, 6)]
+    fn = lambda piece, span: torch.full_like(piece, float(spans.index(span)))
+    out = multidiffusion.fuse_windows(fn, x, 3, 1, dim=2)
+    # position 2: windows 0, 1 → 0.5; positions 3, 4: windows 1, 2 → 1.5; 5: window 2
+    assert torch.allclose(out, torch.tensor([[[0.0, 0.0, 0.5, 1.5, 1.5, 2.0]]]))
+    # a pointwise function is unchanged by fusion, whatever the weights
+    for weighting in ("uniform", "triangular"):
+        y = multidiffusion.fuse_windows(lambda piece, span: piece**2, x, 3, 1, dim=2, weighting=weighting)
+        assert torch.allclose(y, x**2)

@@ -1,0 +1,209 @@
+"""The text-to-video module on real shards of the shapes world: a training step, text dropout and fps prompts,
+deterministic sampling, a short run that lowers the loss, the upsampler's windows, and the quickstart end to end
+(fit, held-out samples and probe metrics in MLflow, then task=sample and task=evaluate from its checkpoint)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from datamodules.video import VideoDataModule
+from datamodules.write_shards import write_world
+from experiments.compose import compose_config
+from experiments.runner import run
+from lightning_modules.nn.codecs import PixelCodec
+from lightning_modules.nn.dit import DiT
+from lightning_modules.nn.text import ByteEncoder, TextConditioner
+from lightning_modules.probe import (
+    ProbeConfig,
+    VideoProbe,
+    attribute_targets,
+    probe_from_datamodule,
+    topk_alignment,
+)
+from lightning_modules.upsampler import UpsamplerModule, psnr, resize_video
+from lightning_modules.video_gen import VideoGenModule, fps_prompt
+from tests.helpers import sqlite_uri
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPUs are shared: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WORLD = {"seed": 5, "max_objects": 1, "scenes": [32, 8], "images": [1, 1], "sizes": [[16, 16]], "durations": [1.0],
+         "fps": [8.0]}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_world(tmp_path_factory.mktemp("world"), WORLD, kinds=["scenes"], progress=False)
+
+
+def datamodule(world: Path, batch_size: int = 8) -> VideoDataModule:
+    return VideoDataModule(shards=str(world / "scenes" / "train"), val_shards=str(world / "scenes" / "val"),
+                           sizes=[[16, 16]], frames=[4], fps=8.0, batch_size=batch_size, num_workers=0, seed=0)
+
+
+def module(lr: float = 3e-3, upsampler: bool = False, **kwargs) -> VideoGenModule:
+    torch.manual_seed(0)
+    net = DiT(in_channels=48, dim=32, depth=2, heads=4, ffn_dim=64, max_t=4, max_h=4, max_w=4,
+              cond_channels=48 if upsampler else 0)
+    text = TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=4, max_length=128)}, dim=32)
+    options = dict(latent_std=0.5, sampling=dict(steps=4, guidance=3.0), media=dict(steps=2, max_samples=2),
+                   evaluation=dict(probe=False)) | kwargs
+    cls = partial(UpsamplerModule, window=2, overlap=1) if upsampler else VideoGenModule
+    return cls(net, text, PixelCodec(4), optimizer=partial(torch.optim.AdamW, lr=lr), **options)
+
+
+def trainer(max_steps: int, **kwargs) -> L.Trainer:
+    options = dict(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    return L.Trainer(**{**options, **kwargs})
+
+
+def held_out(world: Path) -> dict:
+    dm = datamodule(world)
+    dm.setup("validate")
+    return next(iter(dm.val_dataloader()))
+
+
+def fixed_loss(model: VideoGenModule, batch: dict) -> float:
+    """The validation loss (fixed time grid and noise)."""
+    model.eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        x1 = model.to_latent(batch)
+        losses = [model.flow_loss(batch, t=torch.full((x1.shape[0],), (k + 0.5) / 10),
+                                  noise=torch.randn(x1.shape, generator=g)) for k in range(10)]
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def test_training_step_with_text_dropout_and_fps_prompts(world: Path) -> None:
+    model = module(text_dropout=0.5)
+    seen: list[list[str]] = []
+    model.text.register_forward_pre_hook(lambda _, args: seen.append(list(args[0])))
+    torch.manual_seed(1)
+    trainer(3).fit(model, datamodule(world))
+    prompts = [p for batch in seen for p in batch]
+    assert len(prompts) == 24
+    assert 4 <= prompts.count("") <= 20, prompts  # about half dropped to the empty prompt
+    assert all(p.startswith("FPS-8 A ") for p in prompts if p)
+    assert fps_prompt("a cat", 16.0, 1) == "a cat" and fps_prompt("a cat", 24.0, 8) == "FPS-24 a cat"
+
+
+def test_sampling_is_deterministic_for_a_seed(world: Path) -> None:
+    model = module()
+    with torch.no_grad():  # random non-zero weights everywhere, so that samples depend on everything
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    prompts = ["A small red circle bounces around.", "A small blue star sits still."]
+    a = model.generate(prompts, 4, 16, 16, 8.0, seed=7)
+    assert a.shape == (2, 3, 4, 16, 16) and a.abs().max() <= 1.0
+    assert torch.equal(a, model.generate(prompts, 4, 16, 16, 8.0, seed=7))
+    assert not torch.allclose(a, model.generate(prompts, 4, 16, 16, 8.0, seed=8))
+    # sample i uses seed + i: the second prompt alone with seed 8 is the same video
+    assert torch.allclose(a[1:], model.generate(prompts[1:], 4, 16, 16, 8.0, seed=8), atol=1e-5)
+    # the prompt and the guidance scale matter
+    assert not torch.allclose(a[:1], model.generate(prompts[1:], 4, 16, 16, 8.0, seed=7))
+    assert not torch.allclose(a, model.generate(prompts, 4, 16, 16, 8.0, seed=7, guidance_scale=1.0))
+    image = model.generate(prompts[:1], 1, 16, 16, 8.0, seed=7)
+    assert image.shape == (1, 3, 1, 16, 16)
+
+
+def test_short_training_lowers_the_loss(world: Path) -> None:
+    model = module(lr=3e-3, text_dropout=0.1)
+    batch = held_out(world)
+    before = fixed_loss(model, batch)
+    trainer(60).fit(model, datamodule(world))
+    after = fixed_loss(model, batch)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_upsampler_trains_and_samples_in_fused_windows(world: Path) -> None:
+    model = module(upsampler=True)
+    trainer(2).fit(model, datamodule(world))
+    model.eval()
+    batch = held_out(world)
+    video = batch["video"][:2]
+    low = model.low_resolution(video)
+    assert low.shape == (2, 3, 4, 8, 8)
+    windows: list[tuple[int, ...]] = []
+    model.net.register_forward_pre_hook(lambda _, args: windows.append(tuple(args[0].shape)))
+    up = model.upsample(low, batch["text"][:2], 8.0, steps=3, guidance_scale=1.0)
+    assert up.shape == video.shape
+    # 4 latent frames, windows of 2 overlapping by 1: (0, 2), (1, 3), (2, 4) at each of the 3 steps
+    assert len(windows) == 9 and all(shape[2] == 2 for shape in windows)
+    assert psnr(resize_video(low, 16, 16), video).mean() > 10
+    assert torch.allclose(psnr(video, video), torch.full((2,), 100.0))
+
+
+def test_probe_alignment_by_hand_and_a_probe_that_learns_colour(world: Path) -> None:
+    logits = {"shape": torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])}
+    targets = {"shape": torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]])}  # two objects: ranks 1 and 2 of the logits
+    assert topk_alignment(logits, targets)["shape"].item() == 1.0
+    targets = {"shape": torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]])}  # top-2 = {1, 3}: one of two right
+    assert topk_alignment(logits, targets)["shape"].item() == 0.5
+    probe = probe_from_datamodule(datamodule(world), ProbeConfig(steps=250, lr=3e-3), cache_dir=None)
+    batch = held_out(world)
+    colour = topk_alignment(probe.classify(batch["video"]), attribute_targets(batch["meta"]))["colour"]
+    assert colour.mean() > 0.3  # chance is 1/8
+    assert isinstance(probe, VideoProbe) and probe(batch["video"]).shape == (8, 32)
+
+
+QUICK = ["experiment=quickstart", "trainer.max_steps=6", "data.epoch_batches=3", "trainer.check_val_every_n_epoch=1",
+         "data.val_batches=1", "data.batch_size=4", "data.num_workers=0", "trainer.limit_test_batches=1",
+         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "model.sampling.steps=3", "model.media.steps=2",
+         "model.evaluation.probe_steps=4", "model.evaluation.write_samples=2",
+         "data.world.scenes=[16,8]", "+data.world.seed=9"]
+
+
+def test_quickstart_end_to_end_then_sample_and_evaluate(outputs: Path, tmp_path: Path) -> None:
+    """Reduced quickstart: a fresh world, training with EMA, validation media, held-out samples with probe
+    metrics, all in MLflow; then `task=sample` and `task=evaluate` from its last checkpoint."""
+    data_dir = tmp_path / "data"
+    overrides = [*QUICK, f"data.data_dir={data_dir}", f"model.evaluation.probe_cache_dir={tmp_path / 'probes'}"]
+    run(compose_config(overrides, outputs / "fit"))
+    assert list(data_dir.glob("shapes_world-*/world.json")), "the world was generated"
+    assert len(list((tmp_path / "probes").glob("probe-*.pt"))) == 1, "the probe was trained and cached"
+    client = MlflowClient(sqlite_uri(outputs))
+    (fit_run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    metrics = fit_run.data.metrics
+    for name in ("train/loss", "val/loss", "test/alignment", "test/alignment_real", "test/fd"):
+        assert name in metrics, sorted(metrics)
+    assert 0.0 <= metrics["test/alignment"] <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(fit_run.info.run_id, "samples")}
+    assert sum(p.endswith(".mp4") for p in artifacts) == 2
+    steps = [a.path for a in client.list_artifacts(fit_run.info.run_id, "media")]
+    media = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(fit_run.info.run_id, steps[-1])}
+    assert {"sample_0.mp4", "real_0.mp4", "sample.png"} <= media
+    (ckpt,) = (outputs / "fit").glob("checkpoints/last.ckpt")
+    assert "EMA" in torch.load(ckpt, weights_only=True)["callbacks"]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A small red circle bounces around, on a plain white background.\n\nA small blue star sits still.\n")
+    run(compose_config([*overrides, "task=sample", f"ckpt_path={ckpt}", f"model.sample.prompts={prompts}",
+                        f"model.sample.output_dir={tmp_path / 'samples'}"], outputs / "sample"))
+    written = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
+    assert written == ["000_a_small_red_circle_bounces_around_on_a_p.mp4", "001_a_small_blue_star_sits_still.mp4"]
+    from datamodules.media import decode_video
+
+    clip = decode_video(tmp_path / "samples" / written[0])
+    assert clip.frames.shape[0] == 8
+
+    run(compose_config([*overrides, "task=evaluate", f"ckpt_path={ckpt}"], outputs / "evaluate"))
+    # tasks run from a checkpoint log into the checkpoint's MLflow run (the runner resumes it)
+    (same_run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert {"eval/alignment", "eval/fd", "test/alignment"} <= set(same_run.data.metrics)
+    assert "samples/prompts.txt" in {a.path for a in client.list_artifacts(same_run.info.run_id, "samples")}
