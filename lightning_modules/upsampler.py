@@ -95,14 +95,9 @@ class UpsamplerModule(VideoGenModule):
         cond = self.condition(self.low_resolution(video, train=self.training))
         b, frames = x1.shape[0], video.shape[2]
         fps = self._fps(batch, b, x1.device)
-        captions = list(batch["text"])
-        if dropout > 0:
-            drop = torch.rand(b) < dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        prompts = [p if c else "" for p, c in zip(self.prompts(captions, fps, frames), captions)]
+        prompts = self.training_prompts(list(batch["text"]), fps, frames, dropout)
         if t is None:
-            s = self.time_sampler
-            t = timesteps.shift_time(timesteps.logit_normal(b, s.mean, s.std, device=x1.device), s.shift)
+            t = self.sample_times(b, x1.device)
         _, x_t, target = paths.sample_path(x1, t, self.sigma_min, noise)
         return paths.flow_matching_loss(self(x_t, t, fps=fps, cond=cond, prompts=prompts), target)
 

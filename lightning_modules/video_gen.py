@@ -281,6 +281,19 @@ class VideoGenModule(BaseModule):
         return int((batch.get("meta") or [{}])[0].get("latent", {}).get("frames", batch["latent"].shape[2]))
 
     # -- training ----------------------------------------------------------------------------------------------------
+    def training_prompts(self, captions: list[str], fps: torch.Tensor, frames: int, dropout: float) -> list[str]:
+        """Prompts for a training batch; each caption is replaced by "" with probability `dropout` (for CFG)."""
+        if dropout > 0:
+            drop = torch.rand(len(captions)) < dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return [p if c else "" for p, c in zip(self.prompts(captions, fps, frames), captions)]
+
+    def sample_times(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Training times t = shift(sigmoid(n)), n ~ N(mean, std²) (the config's time sampler)."""
+        s = self.time_sampler
+        t = timesteps.logit_normal(batch_size, s.mean, s.std, device=device)
+        return timesteps.shift_time(t, s.shift) if s.shift != 1.0 else t
+
     def flow_loss(self, batch: dict[str, Any], t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                   dropout: float = 0.0) -> torch.Tensor:
         """The flow-matching loss of a batch at times t (default: logit-normal draws)."""
@@ -288,16 +301,9 @@ class VideoGenModule(BaseModule):
         b = x1.shape[0]
         frames = self._frames(batch)
         fps = self._fps(batch, b, x1.device)
-        captions = list(batch["text"])
-        if dropout > 0:
-            drop = torch.rand(b) < dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        prompts = [p if c else "" for p, c in zip(self.prompts(captions, fps, frames), captions)]
+        prompts = self.training_prompts(list(batch["text"]), fps, frames, dropout)
         if t is None:
-            s = self.time_sampler
-            t = timesteps.logit_normal(b, s.mean, s.std, device=x1.device)
-            if s.shift != 1.0:
-                t = timesteps.shift_time(t, s.shift)
+            t = self.sample_times(b, x1.device)
         _, x_t, target = paths.sample_path(x1, t, self.sigma_min, noise)
         prediction = self(x_t, t, fps=fps, prompts=prompts)
         return paths.flow_matching_loss(prediction, target)
