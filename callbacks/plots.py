@@ -11,9 +11,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
+import mlflow
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from experiments.tracking import BufferedMLFlowLogger
 
 
 class MetricCurves(Callback):
@@ -30,6 +33,9 @@ class MetricCurves(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if isinstance(logger, BufferedMLFlowLogger):
+            logger.flush()
+        mlflow.flush_async_logging()  # plot what was logged, not what reached the store so far
         client, run_id = logger.experiment, logger.run_id
         keys = client.get_run(run_id).data.metrics.keys()
         panels: dict[str, list[str]] = defaultdict(list)

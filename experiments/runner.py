@@ -132,7 +132,7 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
         # Create the experiment with an absolute artifact folder before Lightning's logger can create it
         # without one (artifacts would then land relative to the working directory).
         tracking.get_or_create_experiment(MlflowClient(tracking_uri), cfg.experiment_name, cfg.logger.artifact_location)
-    return MLFlowLogger(
+    return tracking.BufferedMLFlowLogger(
         experiment_name=cfg.experiment_name,
         run_name=cfg.run_name,
         tracking_uri=tracking_uri,
@@ -141,6 +141,7 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
         run_id=run_id,
         log_model=cfg.logger.log_checkpoints,
         synchronous=cfg.logger.synchronous,
+        flush_every_s=cfg.logger.flush_every_s,
     )
 
 
@@ -231,6 +232,8 @@ def run(cfg: DictConfig) -> float | None:
         result = _run_task(cfg, trainer, module, datamodule, ckpt_path)
         status = "FINISHED"
     finally:
+        if logger is not None:
+            logger.flush()
         mlflow.flush_async_logging()
         _print_summary(trainer, logger, cfg, status)
         if _is_multirun():

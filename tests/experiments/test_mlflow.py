@@ -109,3 +109,24 @@ def test_tracking_server_receives_the_run(outputs: Path, mlflow_server: str) -> 
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server
     assert "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (outputs / "mlflow.db").exists()  # the env var won over the embedded store
+
+
+def test_buffered_logger_writes_every_step_at_flush_and_checkpoint(tmp_path: Path) -> None:
+    from experiments.tracking import BufferedMLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = BufferedMLFlowLogger(experiment_name="buffered", tracking_uri=uri, synchronous=True, flush_every_s=3600)
+    client = MlflowClient(uri)
+    for step in range(3):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1), "lr-AdamW": 0.1}, step=step)
+    assert client.get_metric_history(logger.run_id, "train/loss") == []  # still buffered
+    logger.after_save_checkpoint(checkpoint_callback=None)
+    history = client.get_metric_history(logger.run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
+    logger.log_metrics({"train/loss": 0.25}, step=3)  # the checkpoint step's metrics go out at once
+    assert len(client.get_metric_history(logger.run_id, "train/loss")) == 4
+    logger.log_metrics({"val/acc": 0.9}, step=4)
+    assert client.get_metric_history(logger.run_id, "val/acc") == []
+    logger.finalize("success")
+    assert [m.value for m in client.get_metric_history(logger.run_id, "val/acc")] == [0.9]
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
