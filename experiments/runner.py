@@ -30,6 +30,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from callbacks.run_state import RunState, read_checkpoint_meta
 from experiments import tracking
+from lightning_modules.checkpoint_io import (
+    is_sharded_checkpoint,
+    newest_checkpoint,
+    read_module_state,
+    sharded_tensor_metadata,
+)
 from lightning_modules.parallel import ParallelConfig
 
 STANDARD_TASKS = ("fit", "validate", "test")
@@ -46,36 +52,48 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     if cfg.ckpt_path == "last":
         experiment_dir = Path(cfg.paths.log_dir) / cfg.experiment_name
-        candidates = sorted(experiment_dir.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under {experiment_dir}")
-        return str(candidates[-1])
+        try:
+            return str(newest_checkpoint(experiment_dir))
+        except FileNotFoundError:
+            raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under {experiment_dir}") from None
     path = Path(cfg.ckpt_path).expanduser()
     if not path.exists():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file or folder")
+    _require_checkpoint(path)
     return str(path.resolve())
+
+
+def _require_checkpoint(path: Path) -> None:
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise ConfigError(
+            f"ckpt_path={path} is a folder but not a sharded (DCP) checkpoint: it has no .metadata file "
+            "(give a checkpoint file, or a folder written with strategy=fsdp)")
 
 
 def checkpoint_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Parameter and buffer shapes stored in a checkpoint file or a sharded (DCP) checkpoint folder."""
     p = Path(path)
     if p.is_dir():
-        from torch.distributed.checkpoint import FileSystemReader
-
-        metadata = FileSystemReader(str(p)).read_metadata().state_dict_metadata
-        prefix = "state_dict."
-        return {k[len(prefix) :]: tuple(m.size) for k, m in metadata.items() if k.startswith(prefix) and hasattr(m, "size")}
+        _require_checkpoint(p)
+        try:
+            return {name: tuple(m.size) for name, m in sharded_tensor_metadata(p).items()}
+        except ValueError as exc:
+            raise ConfigError(f"ckpt_path={path}: {exc}") from None
     state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     if "state_dict" not in state:
         raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (no 'state_dict')")
     return {k: tuple(v.shape) for k, v in state["state_dict"].items()}
 
 
+def _plain_name(name: str) -> str:
+    """A tensor's name without the `_checkpoint_wrapped_module.` part activation checkpointing inserts."""
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
 def check_checkpoint_fits(path: str, module: L.LightningModule) -> None:
     """Fail before training when the checkpoint's tensors do not match the model's names and shapes."""
-    strip = lambda name: name.replace("_checkpoint_wrapped_module.", "")
-    stored = {strip(k): v for k, v in checkpoint_tensor_shapes(path).items()}
-    expected = {strip(k): tuple(v.shape) for k, v in module.state_dict().items()}
+    stored = {_plain_name(k): v for k, v in checkpoint_tensor_shapes(path).items()}
+    expected = {_plain_name(k): tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
@@ -199,6 +217,9 @@ def _print_summary(trainer: L.Trainer, logger: MLFlowLogger | None, cfg: DictCon
 def run(cfg: DictConfig) -> float | None:
     """Run one job of the composed config; return `cfg.optimized_metric` (for sweepers) when set."""
     L.seed_everything(cfg.seed, workers=True)
+    threads_before = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     ckpt_path = resolve_ckpt_path(cfg)
     resume_meta = read_checkpoint_meta(ckpt_path) if ckpt_path else {}
 
@@ -235,6 +256,7 @@ def run(cfg: DictConfig) -> float | None:
         if logger is not None:
             logger.flush()
         mlflow.flush_async_logging()
+        torch.set_num_threads(threads_before)  # the next job of an in-process sweep starts clean
         _print_summary(trainer, logger, cfg, status)
         if _is_multirun():
             _reset_ddp_launch(launch_env)
@@ -279,6 +301,19 @@ def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None
 
 
 def _load_weights(module: L.LightningModule, ckpt_path: str) -> L.LightningModule:
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
+    """The checkpoint's module weights (training weights; an EMA is the module's business, see
+    `callbacks.ema.load_ema_weights`) into the plain `module`, in this one process: a file, or a sharded folder
+    written by any number of ranks. Names match with or without activation checkpointing's wrapper; a missing or
+    unexpected tensor is an error."""
+    by_plain = {_plain_name(k): k for k in module.state_dict()}
+    try:
+        stored = read_module_state(ckpt_path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"ckpt_path={ckpt_path}: {exc}") from None
+    missing = sorted(set(by_plain) - {_plain_name(k) for k in stored})
+    unexpected = sorted(k for k in stored if _plain_name(k) not in by_plain)
+    if missing or unexpected:
+        raise ConfigError(f"ckpt_path={ckpt_path} does not match the model {type(module).__name__}: missing in "
+                          f"checkpoint {missing[:8]}, not in the model {unexpected[:8]}")
+    module.load_state_dict({by_plain[_plain_name(k)]: v for k, v in stored.items()})
     return module

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightning_modules.base import BaseModule, OptimizerFactory, SchedulerFactory
+from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
 from lightning_modules.generative import guidance, paths, solvers, timesteps
 from lightning_modules.nn.dit import DiT, grow_position_tables
 from lightning_modules.nn.text import TextConditioner, pad_context
@@ -134,18 +135,6 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:length] or "empty"
 
 
-def newest_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest `last.ckpt` below a folder (e.g. the previous stage's outputs)."""
-    p = Path(path).expanduser()
-    if p.is_file() or (p.is_dir() and (p / "meta.pt").is_file()):
-        return p
-    candidates = sorted(p.glob("**/checkpoints/last.ckpt"), key=lambda c: c.stat().st_mtime) if p.is_dir() else []
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint at {p} (a .ckpt file, or a folder with **/checkpoints/last.ckpt); "
-                                "run the previous stage first")
-    return candidates[-1]
-
-
 class VideoGenModule(BaseModule):
     """Joint text-to-image / text-to-video flow matching on latents. See the module docstring.
 
@@ -236,13 +225,8 @@ class VideoGenModule(BaseModule):
             self.load_stage_weights(path)
 
     def load_stage_weights(self, path: str | Path) -> None:
-        """Load a previous stage's weights (model "state_dict", not the optimizer), growing position tables."""
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"model.init_from={path}: sharded checkpoints are not supported here; save the previous "
-                             "stage with strategy.save_distributed_checkpoint=false")
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        state = grow_position_tables(state, self.net, prefix="net.")
+        """Load a previous stage's weights (file or sharded folder; not the optimizer), growing position tables."""
+        state = grow_position_tables(read_module_state(path), self.net, prefix="net.")
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"model.init_from={path} does not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")

@@ -46,6 +46,7 @@ from datamodules.synthetic.world import (
 
 KINDS = ("scenes", "images", "identities", "edits", "stickers")
 SPLITS = ("train", "val")
+BACKGROUND_KINDS = ("plain", "gradient", "photo")
 EDIT_KINDS = ("recolour", "replace", "add", "remove")
 
 
@@ -58,6 +59,8 @@ class WorldConfig:
     fps: list[float] = field(default_factory=lambda: [8.0, 12.0, 16.0])
     durations: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
     max_objects: int = 3
+    radius_range: list[float] = field(default_factory=lambda: [0.1, 0.2])  # scene objects, x the shorter side
+    backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUND_KINDS))
     sample_rate: int = 16000
     scenes: list[int] = field(default_factory=lambda: [256, 32])
     images: list[int] = field(default_factory=lambda: [256, 32])
@@ -70,6 +73,14 @@ class WorldConfig:
     sticker_fps: float = 8.0
     crf: int = 18
     shard_size: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = set(self.backgrounds) - set(BACKGROUND_KINDS)
+        if unknown or not self.backgrounds:
+            raise ValueError(f"world.backgrounds={self.backgrounds}: choose from {list(BACKGROUND_KINDS)}")
+        low, high = self.radius_range
+        if not 0 < low <= high < 0.5:
+            raise ValueError(f"world.radius_range={self.radius_range}: need 0 < low <= high < 0.5 (x the shorter side)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +107,7 @@ def _pick(rng: np.random.Generator, options, p=None):
 
 
 def sample_background(rng: np.random.Generator, height: int, width: int, duration: float,
-                      kinds: tuple[str, ...] = ("plain", "gradient", "photo"), pan: bool = True) -> Background:
+                      kinds: tuple[str, ...] = BACKGROUND_KINDS, pan: bool = True) -> Background:
     """A plain, gradient or (possibly panning, if `pan`) photo background."""
     kind = _pick(rng, kinds)
     names = list(BACKGROUND_COLOURS)
@@ -181,10 +192,10 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig, still: bool = Fa
     height, width, fps, frames = sample_canvas(rng, config)
     if still:
         frames = 1
-    background = sample_background(rng, height, width, frames / fps, pan=not still)
+    background = sample_background(rng, height, width, frames / fps, kinds=tuple(config.backgrounds), pan=not still)
     objects: list[ObjectSpec] = []
     for i in range(int(rng.integers(min_objects, config.max_objects + 1))):
-        objects.append(sample_object(rng, i + 1, height, width, objects))
+        objects.append(sample_object(rng, i + 1, height, width, objects, radius_range=tuple(config.radius_range)))
     return SceneSpec(height, width, fps, frames, background, objects, collisions=collisions)
 
 

@@ -6,11 +6,14 @@ True = a real token. Encoders:
 - `ByteEncoder`: UTF-8 bytes (vocabulary 256 + BOS + PAD), learned token and position embeddings and a few
   bidirectional transformer blocks, trained from scratch with the generator. The default: no download. The
   empty prompt (the unconditional branch of guidance) is the single BOS token.
-- `HFTextEncoder`: a pretrained Hugging Face encoder (T5 / UL2 / ByT5 encoder, CLIP text model, or any
-  AutoModel with `last_hidden_state`) loaded from a local directory, frozen. Needs `transformers`, which is not a
-  dependency of this project; it is imported when the encoder is built, with a clear error if absent. Its
-  weights are not stored in our checkpoints (they are reloaded from the directory). `quoted_only` encodes only
-  the text between double quotes (how Movie Gen uses ByT5 for "visual text").
+- `HFTextEncoder`: a pretrained Hugging Face encoder (T5 / UL2 / ByT5 / mT5 / UMT5 encoder, CLIP text model, or
+  any AutoModel with `last_hidden_state`) loaded from a local directory (`save_pretrained` output: model and
+  tokenizer), frozen. Needs `transformers` (in the `dev` extra, not a core dependency); it is imported when the
+  encoder is built, with a clear error if absent. Nothing is downloaded. Its weights are not stored in our
+  checkpoints (they are reloaded from the directory), and a directory that lacks some of the model's weights is
+  refused (they would be random). `quoted_only` encodes only the text between double quotes (how Movie Gen
+  uses ByT5 for "visual text"). A prompt the tokenizer turns into no token at all (the empty prompt with a
+  tokenizer that adds no EOS) keeps one PAD token as its real token, so that it can still be attended to.
 
 `TextConditioner` combines several encoders the paper's way: each encoder's sequence goes through its own
 Linear + LayerNorm into the model width, and the sequences are concatenated along the sequence axis:
@@ -25,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from lightning_modules.nn.attention import Attention
@@ -81,11 +85,16 @@ class ByteEncoder(TextEncoder):
         max_length: tokens including BOS (longer texts are cut).
     """
 
-    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 256) -> None:
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 256,
+                 conv_kernel: int = 0) -> None:
         super().__init__()
         self.dim, self.max_length = dim, max_length
         self.embed = nn.Embedding(BYTE_VOCAB, dim)
         self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        if conv_kernel and conv_kernel % 2 == 0:
+            raise ValueError(f"ByteEncoder: conv_kernel={conv_kernel} must be odd (or 0 for none)")
+        # Each byte sees its neighbours: word-like features from the first layer (0 = off).
+        self.conv = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2) if conv_kernel else None
         self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -93,7 +102,10 @@ class ByteEncoder(TextEncoder):
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = byte_tokens(texts, self.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.embed(ids)
+        if self.conv is not None:
+            x = x + rearrange(self.conv(rearrange(x * mask.unsqueeze(-1), "b l d -> b d l")), "b d l -> b l d")
+        x = x + self.pos[: ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x), mask
@@ -115,6 +127,9 @@ class HFTextEncoder(TextEncoder):
         dtype: weights dtype ("float32", "bfloat16", "float16").
     """
 
+    ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                       "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}
+
     def __init__(self, path: str, max_length: int = 256, dim: int | None = None, quoted_only: bool = False,
                  dtype: str = "float32") -> None:
         super().__init__()
@@ -122,24 +137,36 @@ class HFTextEncoder(TextEncoder):
             import transformers
         except ImportError as exc:
             raise ImportError(
-                "HFTextEncoder needs the `transformers` package, which this project does not install: "
-                "`pip install transformers sentencepiece`, or use the byte-level encoder "
+                "HFTextEncoder needs the `transformers` package (in the dev extra): `pip install transformers "
+                "sentencepiece` or `pip install -e .[dev]`, or use the byte-level encoder "
                 "(lightning_modules.nn.text.ByteEncoder, the default)") from exc
         if not path or not Path(path).is_dir():
             raise FileNotFoundError(f"HFTextEncoder: path={path!r} is not a local model directory")
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"HFTextEncoder: dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        if config.model_type in ("t5", "mt5", "umt5"):
-            model_class = transformers.T5EncoderModel
-        elif config.model_type in ("clip", "clip_text_model"):
-            model_class = transformers.CLIPTextModel
-        else:
-            model_class = transformers.AutoModel
-        model = model_class.from_pretrained(path, local_files_only=True, torch_dtype=getattr(torch, dtype))
+        # The encoder-only class of each family (T5EncoderModel would drop UMT5's per-layer position biases).
+        model_class = getattr(transformers, self.ENCODER_CLASSES.get(config.model_type, "AutoModel"))
+        # transformers >= 4.56 names the argument `dtype` (and warns about `torch_dtype`).
+        from packaging.version import Version
+
+        dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        model, info = model_class.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                                  **{dtype_arg: getattr(torch, dtype)})
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"HFTextEncoder: {path} lacks weights of {type(model).__name__} ({missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}); they would be random, not pretrained")
         hidden = getattr(model.config, "d_model", None) or getattr(model.config, "hidden_size", None)
         if dim is not None and hidden != dim:
             raise ValueError(f"HFTextEncoder: {path} has hidden size {hidden}, the config says dim={dim}")
+        self.path = str(path)
         self.dim, self.max_length, self.quoted_only = int(hidden), max_length, quoted_only
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tokenizer.pad_token is None:  # batches of prompts are padded
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"HFTextEncoder: the tokenizer in {path} has neither a pad nor an eos token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         model.eval().requires_grad_(False)
         # Not a registered submodule: frozen pretrained weights stay out of our checkpoints and optimizers.
         object.__setattr__(self, "model", model)
@@ -151,9 +178,14 @@ class HFTextEncoder(TextEncoder):
             texts = [quoted_text(t) for t in texts]
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        if ids.shape[1] == 0:
+            ids = torch.full((len(texts), 1), self.tokenizer.pad_token_id, dtype=ids.dtype)
+            mask = torch.zeros(ids.shape, dtype=torch.bool)
+        mask[:, 0] |= ~mask.any(1)  # a prompt without tokens keeps one (PAD): no row is fully masked
         device = self._device_anchor.device
         self.model.to(device)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
+        ids, mask = ids.to(device), mask.to(device)
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return hidden.float(), mask
 

@@ -207,3 +207,39 @@ def test_quickstart_end_to_end_then_sample_and_evaluate(outputs: Path, tmp_path:
     (same_run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert {"eval/alignment", "eval/fd", "test/alignment"} <= set(same_run.data.metrics)
     assert "samples/prompts.txt" in {a.path for a in client.list_artifacts(same_run.info.run_id, "samples")}
+
+
+STAGE = ["trainer.max_steps=2", "data.epoch_batches=2", "data.batch_size=2", "data.num_workers=0",
+         "trainer.limit_val_batches=0", "test_after_fit=false", "trainer.enable_progress_bar=false",
+         "data.world.scenes=[8,4]", "data.world.images=[8,4]"]
+
+
+def _stage_weights(job: Path) -> dict[str, torch.Tensor]:
+    (ckpt,) = job.glob("checkpoints/last.ckpt")
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _assert_starts_from(later: dict[str, torch.Tensor], earlier: dict[str, torch.Tensor]) -> None:
+    """Every weight of the earlier stage is in the later one; position tables grew, their old rows kept."""
+    for key, value in earlier.items():
+        if not value.is_floating_point():
+            continue
+        grown = later[key][tuple(slice(0, n) for n in value.shape)]
+        assert torch.equal(grown, value), key
+
+
+def test_stages_start_from_the_previous_stage(outputs: Path, tmp_path: Path) -> None:
+    """t2i_stage1 -> t2v_stage2 -> t2v_stage3_hires, each found by its default `model.init_from` (the previous
+    experiment's newest last.ckpt). Stages 2 and 3 run at lr 0, so their checkpoints hold exactly the weights
+    they started from: the previous stage's, position tables grown to the larger sizes."""
+    common = [*STAGE, f"data.data_dir={tmp_path / 'data'}"]
+    run(compose_config(["experiment=t2i_stage1", *common], outputs / "t2i_stage1" / "job"))
+    frozen = ["model.optimizer.lr=0.0"]
+    run(compose_config(["experiment=t2v_stage2", *common, *frozen], outputs / "t2v_stage2" / "job"))
+    run(compose_config(["experiment=t2v_stage3_hires", *common, *frozen], outputs / "t2v_stage3_hires" / "job"))
+    stage1, stage2, stage3 = (_stage_weights(outputs / name / "job")
+                              for name in ("t2i_stage1", "t2v_stage2", "t2v_stage3_hires"))
+    assert stage2["net.pos.h"].shape[0] > stage1["net.pos.h"].shape[0]
+    assert stage3["net.pos.h"].shape[0] > stage2["net.pos.h"].shape[0]
+    _assert_starts_from(stage2, stage1)
+    _assert_starts_from(stage3, stage2)
