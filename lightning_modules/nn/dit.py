@@ -6,7 +6,7 @@ optionally the frame rate fps [B] and channel-concatenated conditioning latents 
 
     tokens  = Patchify(x)                      3D conv, kernel = stride = (1, 2, 2) → [B, N, dim], N = T·(H/2)·(W/2)
     pe      = E_t[t] + E_h[h] + E_w[w]         factorized learnable absolute tables, summed
-    e       = MLP(sinusoid(t)) (+ MLP(sinusoid(fps))) (+ Linear(masked mean of P), with pooled_text)
+    e       = MLP(sinusoid(t)) (+ MLP(sinusoid(fps)))
     m       = Linear(SiLU(e)) → 6·dim          one shared time projection, plus a learnable table per block
 
     per block (modulation (s1, b1, g1, s2, b2, g2) = table_l + m):
@@ -137,15 +137,12 @@ class DiT(nn.Module):
         cond_channels: extra input channels concatenated to x (the upsampler's low-resolution latent); their
             patchify weights start at zero so a model initialised from a text-to-video checkpoint is unchanged.
         out_channels: predicted channels (default in_channels).
-        pooled_text: add a projection of the text's masked mean to the time embedding, so every block's
-            modulation sees the prompt (not in Movie Gen, which conditions through cross-attention only; small
-            models trained from scratch pick up global attributes such as colour much sooner with it).
     """
 
     def __init__(self, in_channels: int = 16, dim: int = 64, depth: int = 2, heads: int = 4, ffn_dim: int = 172,
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
-                 out_channels: int | None = None, pooled_text: bool = False) -> None:
+                 out_channels: int | None = None) -> None:
         super().__init__()
         self.in_channels, self.cond_channels = in_channels, cond_channels
         self.out_channels = out_channels or in_channels
@@ -155,7 +152,6 @@ class DiT(nn.Module):
         self.pos = PositionEmbedding3D(dim, max_t, max_h, max_w)
         self.time = TimestepEmbedder(dim)
         self.fps = TimestepEmbedder(dim, scale=1.0) if fps_embedding else None
-        self.text_pool = nn.Linear(dim, dim) if pooled_text else None
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(dim, heads, ffn_dim, qk_norm) for _ in range(depth))
         self.norm_out = RMSNorm(dim)
@@ -212,8 +208,6 @@ class DiT(nn.Module):
         emb = self.time(t)
         if self.fps is not None:
             emb = emb + self.fps(torch.zeros_like(t) if fps is None else fps.to(t))
-        if self.text_pool is not None:
-            emb = emb + self.text_pool(masked_mean(context, context_mask).to(emb.dtype))
         modulation = rearrange(self.modulation(emb), "b (six d) -> b six d", six=6)
         for block in self.blocks:
             tokens = block(tokens, pe, modulation, context.to(tokens.dtype), context_mask)
@@ -221,14 +215,6 @@ class DiT(nn.Module):
         out = self.proj_out(self.norm_out(tokens, scale=scale, shift=shift))
         kt, kh, kw = self.patch
         return rearrange(out, "b (t h w) (c kt kh kw) -> b c (t kt) (h kh) (w kw)", t=gt, h=gh, w=gw, kt=kt, kh=kh, kw=kw)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of x [B, L, d] over the positions where mask [B, L] is True (all of them without a mask) → [B, d]."""
-    if mask is None:
-        return x.mean(dim=1)
-    weights = mask.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def grow_position_tables(state: dict[str, torch.Tensor], model: DiT, prefix: str = "") -> dict[str, torch.Tensor]:

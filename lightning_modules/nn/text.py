@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from lightning_modules.nn.attention import Attention
@@ -85,16 +84,11 @@ class ByteEncoder(TextEncoder):
         max_length: tokens including BOS (longer texts are cut).
     """
 
-    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 256,
-                 conv_kernel: int = 0) -> None:
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 256) -> None:
         super().__init__()
         self.dim, self.max_length = dim, max_length
         self.embed = nn.Embedding(BYTE_VOCAB, dim)
         self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
-        if conv_kernel and conv_kernel % 2 == 0:
-            raise ValueError(f"ByteEncoder: conv_kernel={conv_kernel} must be odd (or 0 for none)")
-        # Each byte sees its neighbours: word-like features from the first layer (0 = off).
-        self.conv = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2) if conv_kernel else None
         self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -102,10 +96,7 @@ class ByteEncoder(TextEncoder):
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = byte_tokens(texts, self.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        x = self.embed(ids)
-        if self.conv is not None:
-            x = x + rearrange(self.conv(rearrange(x * mask.unsqueeze(-1), "b l d -> b d l")), "b d l -> b l d")
-        x = x + self.pos[: ids.shape[1]]
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x), mask
