@@ -20,7 +20,7 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # Paper-size experiments (names ending in _moviegen) take minutes and many GB for one CPU step: `-m slow`.
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") else e for e in EXPERIMENTS]
 # The paper-size model on a smaller clip, so one CPU step fits in memory (256² x 32 frames needs > 24 GiB).
-CPU_CLIP = {"tae_moviegen": ["data.sizes=[[64,64]]", "data.frames=[16]", "data.num_workers=0"]}
+CPU_CLIP = {"tae_moviegen": ["data.sizes=[[32,32]]", "data.frames=[8]", "data.num_workers=0"]}
 
 
 @pytest.mark.parametrize("experiment", ONE_STEP)
