@@ -23,3 +23,13 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return out
 
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the CPUs are shared, and small ops oversubscribed are ~20x slower under
+    load. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

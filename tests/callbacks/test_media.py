@@ -14,14 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from callbacks.media import MediaLogger, frame_grid
 from datamodules.media import decode_image, decode_video
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription (it is ~20x faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 class Clips(Dataset):

@@ -34,14 +34,7 @@ from lightning_modules.video_gen import VideoGenModule
 from tests.datamodules.helpers import write_tar
 from tests.helpers import ROOT
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # Two aspect ratios x two durations at 8 fps -> four latent shapes: 4 x {2, 4} x 8 x {8, 12}.

@@ -9,14 +9,7 @@ import torch
 
 from lightning_modules.nn.tae import TAE, blend_ramp, inflate_image_weights, is_temporal_parameter, tile_spans
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription (it is ~20x faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 TINY = dict(latent_channels=4, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, norm_groups=4)

@@ -17,14 +17,7 @@ from lightning_modules.tae_losses import (
     ssim,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription (it is ~20x faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # -- outlier penalty ----------------------------------------------------------------------------------------------

@@ -20,14 +20,7 @@ from lightning_modules.nn.tae import TAE
 from lightning_modules.tae_losses import TAELoss
 from tests.helpers import ROOT, run_cli
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription (it is ~20x faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 WORLD = {"seed": 3, "scenes": [12, 4], "images": [1, 1], "sizes": [[32, 32]], "durations": [1.0], "fps": [8.0]}

@@ -30,14 +30,7 @@ from lightning_modules.upsampler import UpsamplerModule, psnr, resize_video
 from lightning_modules.video_gen import VideoGenModule, fps_prompt
 from tests.helpers import sqlite_uri
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 WORLD = {"seed": 5, "max_objects": 1, "scenes": [32, 8], "images": [1, 1], "sizes": [[16, 16]], "durations": [1.0],
