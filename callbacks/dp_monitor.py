@@ -40,8 +40,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from opacus.grad_sample import GradSampleHooks
 from torch import Tensor
 
+from callbacks.mlflow_logger import metric_name
 from callbacks.privacy import DifferentialPrivacy
-from experiments.tracking import metric_name
 from lightning_modules.privacy.clipping import dpsgd_factors, per_sample_norms
 from lightning_modules.privacy.optimizers import PrivateOptimizer
 

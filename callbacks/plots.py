@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from experiments.tracking import BufferedMLFlowLogger
+from callbacks.mlflow_logger import BufferedMLFlowLogger
 
 
 class MetricCurves(Callback):

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from datamodules.samples import AudioHandler
-from datamodules.shards import Source
-from datamodules.streaming import ShardDataModule, plain
+from datamodules.shard_datamodule import ShardDataModule, plain
+from datamodules.sources import Source
 
 
 class AudioDataModule(ShardDataModule):

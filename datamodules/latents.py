@@ -1,10 +1,8 @@
 """`LatentDataModule`: text-to-video batches from a TAE latent cache, streamed like every other shard set.
 
-The cache (written by `lightning_modules.autoencoder.encode_shards`: `experiment=tae_tiny task=encode`, or by
-`encode_cache` below) is `<cache_dir>/<split>/shard-*.tar` + index.json per split. A sample holds
-`latent.npz` ("latent" [C, T', h, w] float32 or float16, "logvar" when it was kept), `txt` (the caption) and
-`json` (the source's metadata plus "latent": {shape, frames, height, width, fps}: the pixel clip it encodes);
-index.json's "latent" holds the TAE's config and factors and the per-channel mean / std of the latents.
+The cache (written by `experiment=tae_tiny task=encode`, or by `encode_cache` when absent, see below) is
+`<cache_dir>/<split>/shard-*.tar` + index.json per split; its format (sample members, index.json's "latent"
+entry with the TAE's config, factors and per-channel mean / std) is `datamodules.latent_cache`.
 
 Batches: "latent" float32 [B, C, T', h, w], "text" list[str], "fps" float32 [B] (the clip's sampled rate; 0 for
 images), "meta" list[dict] (the json; "latent" always has frames, height, width, which `video_gen` reads to
@@ -12,7 +10,7 @@ name the pixel shape it decodes to), "key" list[str]. No "video": `lightning_mod
 "latent" directly (`to_latent`), decodes generated latents with its codec, and logs only generated media for
 latent batches (no "real" clip: the cache holds none, and a TAE reconstruction would not be the real clip).
 
-Everything else is `datamodules.shards` through `ShardDataModule`: resampled shards with a fixed epoch length,
+Everything else is the shard stream through `ShardDataModule`: resampled shards with a fixed epoch length,
 node/worker split, seeded shuffles, resume exact to the sample, corrupt samples skipped and counted
 (data/skipped/<reason>: "bad_latent" for an unreadable, mis-shaped or non-finite `latent.npz`, "missing_latent",
 "no_caption", "bad_json"), `max_bad_fraction`. `latent.npz` is read with `np.load(allow_pickle=False)`.
@@ -42,14 +40,9 @@ first shard of each split into `<run dir>/latents_untrained`, a wiring check onl
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
-import shutil
-import tarfile
 import warnings
-import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -57,45 +50,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
+from datamodules.latent_cache import (
+    LATENT_MEMBER,
+    cache_index,
+    channel_statistics,
+    encode_cache,
+    encoder_config,
+    is_cache,
+    json_latent_shape,
+    latent_factors,
+    read_cache_info,
+    read_latent_arrays,
+    read_latent_json,
+    scan_shapes,
+)
 from datamodules.samples import read_meta, read_text, stack
-from datamodules.shards import Bucket, SkipSample, Source, expand_shards, is_local
-from datamodules.streaming import ShardDataModule, plain
+from datamodules.shard_datamodule import ShardDataModule, plain
+from datamodules.shards import expand_shards
+from datamodules.sources import Bucket, SkipSample, Source
 
-LATENT_MEMBER = "latent.npz"
-CACHE_INFO = "cache.json"
 UNTRAINED_DIR = "latents_untrained"
 _UNKNOWN = "unknown"  # a codec without a `checkpoint` attribute (e.g. TAECodec built directly): assumed trained
-
-
-def read_latent_arrays(data: bytes) -> dict[str, np.ndarray]:
-    """`latent.npz` bytes -> {"latent": float32 [C, T', h, w], "logvar" (if stored)}; never unpickles.
-
-    Raises SkipSample("bad_latent") for anything that is not a readable npz of finite float arrays of 4 dims."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, AttributeError) as exc:
-        raise SkipSample("bad_latent", f"unreadable {LATENT_MEMBER} ({type(exc).__name__}: {exc})") from exc
-    latent = arrays.get("latent")
-    if latent is None:
-        raise SkipSample("bad_latent", f"{LATENT_MEMBER} has no 'latent' array (has {sorted(arrays)})")
-    for name, array in arrays.items():
-        if array.dtype.kind != "f" or array.ndim != 4 or array.shape != latent.shape:
-            raise SkipSample("bad_latent", f"{name}: expected float [C, T', h, w] like 'latent', got {array.dtype} "
-                                           f"{list(array.shape)}")
-        if not np.isfinite(array).all():
-            raise SkipSample("bad_latent", f"{name} has non-finite values")
-    return {name: array.astype(np.float32, copy=False) for name, array in arrays.items()}
-
-
-def json_latent_shape(meta: dict) -> tuple[int, ...] | None:
-    """The [C, T', h, w] the sample's json records (meta["latent"]["shape"]), or None."""
-    shape = (meta.get("latent") or {}).get("shape") if isinstance(meta.get("latent"), dict) else None
-    if isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape):
-        return tuple(shape)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,7 +115,8 @@ class LatentBuckets:
 
 
 class LatentHandler:
-    """`datamodules.shards` handler for latent samples: bucket from the json, load the npz, collate.
+    """The stream's handler (`datamodules.sources.SampleHandler`) of latent samples: bucket from the json, load
+    the npz, collate.
 
     Args:
         table: the `LatentBuckets`.
@@ -178,15 +155,7 @@ class LatentHandler:
             latent = latent + np.exp(0.5 * arrays["logvar"]) * noise
         if self.train and self.caption_dropout > 0 and rng.uniform() < self.caption_dropout:
             text = ""
-        info = dict(meta.get("latent") or {}) if isinstance(meta.get("latent"), dict) else {}
-        info["shape"] = list(shape)
-        if self.factors is not None:
-            temporal, spatial = self.factors
-            info.setdefault("frames", 1 if shape[1] == 1 else shape[1] * temporal)
-            info.setdefault("height", shape[2] * spatial)
-            info.setdefault("width", shape[3] * spatial)
-        fps = info.get("fps", meta.get("fps") if shape[1] > 1 else 0.0)
-        info["fps"] = float(fps or 0.0)
+        info = read_latent_json(meta, shape, self.factors)
         meta = {**meta, "latent": info}
         return {"latent": torch.from_numpy(np.ascontiguousarray(latent, dtype=np.float32)), "text": text,
                 "fps": info["fps"], "meta": meta}
@@ -198,104 +167,6 @@ class LatentHandler:
             "fps": torch.tensor([i["fps"] for i in items], dtype=torch.float32),
             "meta": [i["meta"] for i in items],
         }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading a cache's description
-
-
-def cache_index(urls: Sequence[str]) -> dict:
-    """The index.json beside the first local shard of `urls` ({} for remote shards or none)."""
-    for url in urls:
-        if is_local(url):
-            index = Path(url.removeprefix("file:")).parent / "index.json"
-            return json.loads(index.read_text()) if index.is_file() else {}
-    return {}
-
-
-def scan_shapes(urls: Sequence[str]) -> Counter | None:
-    """Latent shapes of every sample of local shards (from the json members; the npz where a json lacks one),
-    or None when a shard is remote. Unreadable members and shards are left to the stream, which counts them."""
-    shapes: Counter = Counter()
-    for url in urls:
-        if not is_local(url):
-            return None
-        try:
-            with tarfile.open(url.removeprefix("file:")) as tar:
-                members: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for member in tar.getmembers():
-                    prefix, suffix = base_plus_ext(member.name)
-                    if prefix and member.isreg():
-                        members.setdefault(prefix, {})[suffix] = member
-                for parts in members.values():
-                    if LATENT_MEMBER not in parts:
-                        continue
-                    shape = None
-                    if "json" in parts:
-                        try:
-                            shape = json_latent_shape(json.loads(tar.extractfile(parts["json"]).read()))
-                        except (ValueError, UnicodeDecodeError, AttributeError):
-                            shape = None
-                    if shape is None:
-                        try:
-                            shape = tuple(read_latent_arrays(tar.extractfile(parts[LATENT_MEMBER]).read())["latent"].shape)
-                        except (SkipSample, AttributeError):
-                            continue
-                    shapes[shape] += 1
-        except (tarfile.TarError, OSError, EOFError):
-            continue
-    return shapes
-
-
-def is_cache(folder: Path) -> bool:
-    """A finished cache: its train split has an index.json."""
-    return (Path(folder) / "train" / "index.json").is_file()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# encoding a cache
-
-
-def encode_cache(net: torch.nn.Module, source: Any, output: str | Path, splits: Sequence[str] = ("train", "val"),
-                 device: torch.device | str = "cpu", max_shards: int | None = None, checkpoint: str | None = None,
-                 **options: Any) -> dict[str, dict]:
-    """Encode the `splits` of the shard datamodule `source` (e.g. a `VideoDataModule`) with the TAE `net` into
-    `<output>/<split>/` (`lightning_modules.autoencoder.encode_shards`, the code of `task=encode`, with its
-    `options`: batch_size, tiled, tile, dtype, keep_logvar, keep, maxcount); `max_shards` encodes only the first
-    shards of each split. Written to a temporary folder renamed to `output` when every split is done, with
-    `cache.json` (TAE checkpoint, source shards, options). Returns {split: index}."""
-    from lightning_modules.autoencoder import encode_shards
-
-    output = Path(output)
-    if output.exists():
-        raise FileExistsError(f"latent cache folder {output} exists but is not a finished cache (no "
-                              "train/index.json; an interrupted encode?): delete it, or point data.cache_dir elsewhere")
-    source.prepare_data()
-    source.setup("encode")
-    handler = source.sources(train=False)[0].handler  # evaluation mode: centre crop, clips from 0 s
-    temporary = output.with_name(f"{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    indexes = {}
-    try:
-        for split in splits:
-            urls = source.urls.get(split)
-            if not urls:
-                raise ValueError(f"the source datamodule has no {split!r} shards to encode")
-            urls = urls[:max_shards] if max_shards else urls
-            print(f"[latents] encoding {split}: {len(urls)} shards -> {output / split}")
-            indexes[split] = encode_shards(net, list(urls), handler, temporary / split, device=device, **options)
-        info = {"tae_checkpoint": checkpoint, "splits": {s: indexes[s]["num_samples"] for s in splits},
-                "source": {s: list(source.urls.get(s) or []) for s in splits}, "options": plain(options)}
-        (temporary / CACHE_INFO).write_text(json.dumps(info, indent=1))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(temporary, output)
-        except OSError:  # another process finished first
-            if not is_cache(output):
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return indexes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,10 +299,7 @@ class LatentDataModule(ShardDataModule):
         self._check_and_bind(shapes)
 
     def factors(self) -> tuple[int, int] | None:
-        info = self.index.get("latent") or {}
-        if info.get("temporal_factor") and info.get("spatial_factor"):
-            return int(info["temporal_factor"]), int(info["spatial_factor"])
-        return None
+        return latent_factors(self.index)
 
     def _check_and_bind(self, shapes: Counter | None) -> None:
         """Check the module's codec against the cache; set its latent_mean / latent_std (`normalize`)."""
@@ -439,18 +307,19 @@ class LatentDataModule(ShardDataModule):
         codec = getattr(module, "codec", None)
         if module is None or codec is None:
             return
-        if getattr(getattr(module, "evaluation", None), "probe", False):
-            warnings.warn("model.evaluation.probe=true: the probe metrics need pixel clips (\"video\"), which a latent "
-                          "cache has none of, so the test loop would fail; set model.evaluation.probe=false",
+        if "probe" in (getattr(module, "evaluators", None) or {}):
+            warnings.warn("model.evaluators.probe is set: the probe trains on pixel clips (\"video\"), which a latent "
+                          "cache has none of, so the test loop would fail; set model.evaluators.probe=null",
                           stacklevel=2)
-        info = self.index.get("latent") or {}
-        channels = {s[0] for s in shapes or ()} | ({len(info["channel_mean"])} if info.get("channel_mean") else set())
+        statistics = channel_statistics(self.index)
+        channels = {s[0] for s in shapes or ()} | ({len(statistics[0])} if statistics else set())
         if channels and channels != {int(codec.latent_channels)}:
             raise ValueError(f"the latent cache has {sorted(channels)} channels but the model's codec has "
                              f"{codec.latent_channels} (model.net.in_channels must match too)")
         net = getattr(codec, "net", None)
-        if info.get("tae") and net is not None and getattr(net, "config", None) is not None:
-            stored, ours = info["tae"], json.loads(json.dumps(net.config))
+        stored = encoder_config(self.index)
+        if stored and net is not None and getattr(net, "config", None) is not None:
+            ours = json.loads(json.dumps(net.config))
             diff = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
             if diff:
                 raise ValueError("the model's codec TAE differs from the one that encoded the cache in "
@@ -460,21 +329,21 @@ class LatentDataModule(ShardDataModule):
         if recorded and ours_ckpt and Path(recorded).resolve() != Path(ours_ckpt).resolve():
             warnings.warn(f"the latent cache was encoded with the TAE {recorded}, but the codec decodes with "
                           f"{ours_ckpt}: samples decode correctly only if they hold the same weights", stacklevel=2)
-        if not self.normalize or not info.get("channel_mean"):
+        if not self.normalize or statistics is None:
             return
         mean, std = getattr(module, "latent_mean", None), getattr(module, "latent_std", None)
         if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
             return
+        channel_mean, channel_std = statistics
         with torch.no_grad():
-            mean.copy_(torch.tensor(info["channel_mean"], dtype=mean.dtype).view_as(mean))
-            std.copy_(torch.tensor(info["channel_std"], dtype=std.dtype).clamp_min(1e-3).view_as(std))
+            mean.copy_(torch.tensor(channel_mean, dtype=mean.dtype).view_as(mean))
+            std.copy_(torch.tensor(channel_std, dtype=std.dtype).clamp_min(1e-3).view_as(std))
         print(f"[latents] model latent_mean / latent_std <- the cache's per-channel statistics: mean "
-              f"{[round(v, 3) for v in info['channel_mean']]}, std {[round(v, 3) for v in info['channel_std']]}")
+              f"{[round(v, 3) for v in channel_mean]}, std {[round(v, 3) for v in channel_std]}")
 
     def _cache_info(self) -> dict:
         root = self.cache_root() if self.shards is None else None
-        path = root / CACHE_INFO if root is not None else None
-        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        return read_cache_info(root) if root is not None else {}
 
     # -------------------------------------------------------------------------------------------------- sources
 

@@ -43,7 +43,7 @@ from datamodules.media import (
     probe_video,
     resize_crop_labels,
 )
-from datamodules.shards import Bucket, SkipSample
+from datamodules.sources import Bucket, SkipSample
 
 VIDEO_KEYS = ("mp4", "webm", "mov", "mkv")
 IMAGE_KEYS = ("jpg", "jpeg", "png")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from datamodules.samples import BucketTable, ImageHandler, VideoHandler
-from datamodules.shards import Source
-from datamodules.streaming import ShardDataModule, plain
+from datamodules.shard_datamodule import ShardDataModule, plain
+from datamodules.sources import Source
 
 
 class VideoDataModule(ShardDataModule):

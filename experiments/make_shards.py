@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from datamodules.streaming import plain  # noqa: E402
+from datamodules.shard_datamodule import plain  # noqa: E402
 from datamodules.write_shards import folder_to_shards, write_world  # noqa: E402
 
 USAGE = __doc__.split("\n\n")[1]

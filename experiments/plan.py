@@ -95,7 +95,7 @@ def parameter_breakdown(net: torch.nn.Module) -> dict[str, int]:
 def text_context(cfg: DictConfig, dim: int) -> tuple[int, int]:
     """(text tokens N_c, text projection parameters) from the encoders' dims and lengths in the config."""
     tokens = params = 0
-    for node in (cfg.model.text.encoders or {}).values():
+    for node in (cfg.model.conditioners.text.encoder.encoders or {}).values():
         if node is None:
             continue
         tokens += int(node.max_length)

@@ -28,6 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from callbacks.mlflow_logger import BufferedMLFlowLogger
+from callbacks.ema import load_ema_weights
 from callbacks.run_state import RunState, read_checkpoint_meta
 from experiments import tracking
 from lightning_modules.checkpoint_io import (
@@ -36,9 +38,10 @@ from lightning_modules.checkpoint_io import (
     read_module_state,
     sharded_tensor_metadata,
 )
-from lightning_modules.parallel import ParallelConfig
+from lightning_modules.parallel import ParallelConfig, meta_build_guard, meta_init_config
 
 STANDARD_TASKS = ("fit", "validate", "test")
+EMA_TASKS = ("sample", "evaluate")  # tasks that use a checkpoint's EMA weights when it has them
 
 
 class ConfigError(ValueError):
@@ -150,7 +153,7 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
         # Create the experiment with an absolute artifact folder before Lightning's logger can create it
         # without one (artifacts would then land relative to the working directory).
         tracking.get_or_create_experiment(MlflowClient(tracking_uri), cfg.experiment_name, cfg.logger.artifact_location)
-    return tracking.BufferedMLFlowLogger(
+    return BufferedMLFlowLogger(
         experiment_name=cfg.experiment_name,
         run_name=cfg.run_name,
         tracking_uri=tracking_uri,
@@ -224,8 +227,16 @@ def run(cfg: DictConfig) -> float | None:
     resume_meta = read_checkpoint_meta(ckpt_path) if ckpt_path else {}
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="object")
-    module: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="object")
     strategy, parallel = instantiate_strategy(cfg)
+    if parallel is not None and parallel.meta_init and cfg.task in STANDARD_TASKS:
+        # Networks that define init_weights() are built on the meta device and get their shards and values in
+        # configure_model, after FSDP2 (lightning_modules/parallel.py). Custom tasks load weights into a plain
+        # module outside the trainer, so they build it as usual.
+        model_cfg = OmegaConf.create(meta_init_config(OmegaConf.to_container(cfg.model, resolve=True)))
+        with meta_build_guard():
+            module: L.LightningModule = hydra.utils.instantiate(model_cfg, _convert_="object")
+    else:
+        module = hydra.utils.instantiate(cfg.model, _convert_="object")
     module.parallel = parallel
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, module)
@@ -291,6 +302,8 @@ def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None
     else:
         if ckpt_path:
             module = _load_weights(module, ckpt_path)
+            if task in EMA_TASKS and load_ema_weights(module, ckpt_path):
+                print(f"[runner] task={task}: the EMA weights of {ckpt_path}")
         module.run_task(task, trainer, datamodule, cfg)
     metrics.update(trainer.callback_metrics)
     if cfg.get("optimized_metric"):
@@ -301,8 +314,8 @@ def _run_task(cfg, trainer: L.Trainer, module, datamodule, ckpt_path: str | None
 
 
 def _load_weights(module: L.LightningModule, ckpt_path: str) -> L.LightningModule:
-    """The checkpoint's module weights (training weights; an EMA is the module's business, see
-    `callbacks.ema.load_ema_weights`) into the plain `module`, in this one process: a file, or a sharded folder
+    """The checkpoint's module weights (training weights; `_run_task` then puts the EMA in for EMA_TASKS)
+    into the plain `module`, in this one process: a file, or a sharded folder
     written by any number of ranks. Names match with or without activation checkpointing's wrapper; a missing or
     unexpected tensor is an error."""
     by_plain = {_plain_name(k): k for k in module.state_dict()}

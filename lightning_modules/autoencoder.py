@@ -21,23 +21,22 @@ Media (for `callbacks.media.MediaLogger`): `media_samples(batch)` returns {"reco
 side by side along the width}.
 
 `task=encode` (`run_task`): every split of the datamodule's shard set is encoded to latent shards under
-`latent_cache.output_dir` with the text and metadata kept (see `encode_shards`).
+`latent_cache.output_dir` with the text and metadata kept (`datamodules.latent_cache.encode_shards`, which holds
+the cache's format).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from einops import rearrange
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from datamodules.latent_cache import encode_shards
 from lightning_modules.base import BaseModule, OptimizerFactory, SchedulerFactory
 from lightning_modules.nn.tae import TAE, MidBlock, ResBlock, inflate_image_weights
 from lightning_modules.tae_losses import TAELoss, frames, outlier_stats
@@ -60,7 +59,8 @@ class AutoencoderModule(BaseModule):
             `net` (see `inflate_image_weights`); its "net." entries are used.
         tiled_eval: decode held-out clips with `decode_tiled(tile, overlap)` (the inference path).
         media_max: clips in `media_samples`.
-        latent_cache: options of `task=encode` (see `encode_shards`).
+        latent_cache: options of `task=encode` (`output_dir`, `splits` and those of
+            `datamodules.latent_cache.encode_shards`).
     """
 
     def __init__(
@@ -197,7 +197,8 @@ class AutoencoderModule(BaseModule):
     # -- the latent cache ----------------------------------------------------------------------------------------------
     def run_task(self, name: str, trainer: L.Trainer, datamodule: L.LightningDataModule | None, cfg: Any) -> Any:
         """`task=encode`: every split in `latent_cache.splits` of the datamodule's shard set → latent shards in
-        `<latent_cache.output_dir>/<split>/` (see `encode_shards`); the summary goes to MLflow."""
+        `<latent_cache.output_dir>/<split>/` (see `datamodules.latent_cache.encode_shards`); the summary goes to
+        MLflow."""
         if name != "encode":
             return super().run_task(name, trainer, datamodule, cfg)
         options = dict(self.latent_cache)
@@ -206,7 +207,7 @@ class AutoencoderModule(BaseModule):
         if not output_dir:
             raise ValueError("task=encode needs model.latent_cache.output_dir")
         if datamodule is None or not hasattr(datamodule, "urls") or not hasattr(datamodule, "sources"):
-            raise ValueError(f"task=encode needs a shard datamodule (datamodules.streaming.ShardDataModule), got {type(datamodule).__name__}")
+            raise ValueError(f"task=encode needs a shard datamodule (datamodules.shard_datamodule.ShardDataModule), got {type(datamodule).__name__}")
         datamodule.setup("encode")
         handler = datamodule.sources(train=False)[0].handler  # deterministic: centre crop, clip start 0
         summary = {}
@@ -221,119 +222,3 @@ class AutoencoderModule(BaseModule):
         if logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment, "log_text"):
             logger.experiment.log_text(logger.run_id, json.dumps(summary, indent=1), "latent_cache/summary.json")
         return summary
-
-
-# -- the latent cache -------------------------------------------------------------------------------------------------
-LATENT_FORMAT = "mediagen-latents/1"
-LATENT_MEMBER = "latent.npz"
-
-
-def latent_bytes(mean: torch.Tensor, logvar: torch.Tensor | None = None, dtype: str = "float32") -> bytes:
-    """One sample's latent `[C, T', h, w]` (and log-variance) as `latent.npz` bytes (np.savez, no pickles)."""
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"latent_cache.dtype={dtype!r}; choose float32 or float16")
-    arrays = {"latent": mean.detach().cpu().to(getattr(torch, dtype)).numpy()}
-    if logvar is not None:
-        arrays["logvar"] = logvar.detach().cpu().to(getattr(torch, dtype)).numpy()
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def read_latent(data: bytes) -> dict[str, torch.Tensor]:
-    """`latent.npz` bytes → {"latent": float32 [C, T', h, w], "logvar" (when stored)}; never unpickles."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        return {name: torch.from_numpy(archive[name].astype(np.float32)) for name in archive.files}
-
-
-@torch.no_grad()
-def encode_shards(
-    net: TAE,
-    urls: list[str],
-    handler: Any,
-    output: str | Path,
-    device: torch.device | str = "cpu",
-    batch_size: int = 8,
-    tiled: bool = True,
-    tile: int = 4,
-    dtype: str = "float32",
-    keep_logvar: bool = False,
-    keep: list[str] | tuple[str, ...] = (),
-    maxcount: int = 1000,
-) -> dict:
-    """Encode every sample of `urls` (in order, once) into latent shards at `output`; returns the index.
-
-    Each sample is read with `datamodules.shards.read_shard`, bucketed and decoded by `handler` (a
-    `datamodules.samples` handler in evaluation mode: centre crop, clip from 0 s), batched per bucket and
-    encoded (posterior mean; `encode_tiled` when `tiled`). Written with `datamodules.write_shards.ShardSink`
-    under the same key: `latent.npz` ("latent" [C, T', h, w], "logvar" if `keep_logvar`), `txt` (the caption
-    as it was), `json` (the sample's metadata plus "latent": {shape, frames, height, width, fps}) and the raw
-    members named in `keep` (e.g. "wav"). Unreadable samples are skipped and listed with their reason.
-    index.json adds "latent": the format, the TAE config and factors, and per-channel mean/std of the
-    latents (for normalising them in generation training).
-    """
-    from datamodules.media import MediaDecodeError
-    from datamodules.shards import ShardReadError, SkipSample, read_shard
-    from datamodules.write_shards import ShardSink
-
-    was_training = net.training
-    net.eval().to(device)
-    sink = ShardSink(output, maxcount=maxcount)
-    skipped: list[dict] = []
-    pending: dict[str, list[tuple[dict, dict]]] = {}
-    channel_sum = channel_sq = None
-    count = 0
-    rng = np.random.default_rng(0)  # unused by evaluation-mode handlers (no random crops or starts)
-
-    def flush(name: str) -> None:
-        nonlocal channel_sum, channel_sq, count
-        group = pending.pop(name, [])
-        if not group:
-            return
-        video = torch.stack([item["video"] for _, item in group]).to(device)
-        posterior = net.encode_tiled(video, tile) if tiled else net.encode(video)
-        mean = posterior.mean.float()
-        per_channel = rearrange(mean, "b c t h w -> c (b t h w)")
-        channel_sum = per_channel.sum(1) + (channel_sum if channel_sum is not None else 0)
-        channel_sq = per_channel.pow(2).sum(1) + (channel_sq if channel_sq is not None else 0)
-        count += per_channel.shape[1]
-        for i, (sample, item) in enumerate(group):
-            meta = dict(item.get("meta") or {})
-            meta["latent"] = {"shape": list(mean.shape[1:]), "frames": int(video.shape[2]),
-                              "height": int(video.shape[3]), "width": int(video.shape[4]), "fps": float(item.get("fps", 0.0))}
-            logvar = posterior.logvar[i] if keep_logvar and posterior.logvar is not None else None
-            record = {"__key__": sample["__key__"], LATENT_MEMBER: latent_bytes(mean[i], logvar, dtype), "json": meta}
-            if sample.get("txt") is not None:
-                record["txt"] = sample["txt"]
-            record.update({ext: sample[ext] for ext in keep if ext in sample})
-            sink.write(record)
-
-    try:
-        for url in urls:
-            try:
-                for sample in read_shard(url):
-                    try:
-                        bucket = handler.bucket(sample)
-                        item = handler.decode(sample, bucket, rng)
-                    except (SkipSample, MediaDecodeError) as exc:
-                        skipped.append({"key": sample["__key__"], "shard": url, "reason": str(exc)})
-                        continue
-                    pending.setdefault(bucket.name, []).append((sample, item))
-                    if len(pending[bucket.name]) >= batch_size:
-                        flush(bucket.name)
-            except ShardReadError as exc:
-                skipped.append({"key": exc.key, "shard": url, "reason": exc.detail})
-        for name in list(pending):
-            flush(name)
-    finally:
-        net.train(was_training)
-    if count == 0:
-        raise ValueError(f"encode_shards: no sample of {urls[:3]}... could be encoded; skipped: {skipped[:5]}")
-    mean = channel_sum / count
-    std = (channel_sq / count - mean.pow(2)).clamp_min(0).sqrt()
-    latent_info = {
-        "format": LATENT_FORMAT, "member": LATENT_MEMBER, "tae": net.config, "temporal_factor": net.temporal_factor,
-        "spatial_factor": net.spatial_factor, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
-        "dtype": dtype, "tiled": tiled, "source": list(urls),
-    }  # fmt: skip
-    return sink.close(skipped=skipped, latent=latent_info)

@@ -2,19 +2,21 @@
 
 It owns what is the same everywhere: building the optimizer and LR schedule from the config's partials
 (after `configure_model`, so the parameters are the sharded ones under FSDP2), applying per-block parallelism,
+materialising networks built on the meta device (`strategy.parallel.meta_init`, see `lightning_modules.parallel`),
 and the hook for custom tasks (`task=sample`, `task=encode`, ...).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from lightning_modules.parallel import ParallelConfig, apply_parallelism
+from lightning_modules.parallel import ParallelConfig, apply_parallelism, has_meta_tensors, materialise
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -48,10 +50,27 @@ class BaseModule(L.LightningModule):
         return []
 
     def configure_model(self) -> None:
+        """Activation checkpointing and FSDP2 per unit (when configured), then the networks built on the meta
+        device get their local shards and their `init_weights()` values, before Lightning moves the model and
+        builds the optimizer."""
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        if self.parallel is None and mesh is None:
-            return
-        apply_parallelism(self, self.shard_units(), mesh, self.parallel or ParallelConfig())
+        if self.parallel is not None or mesh is not None:
+            apply_parallelism(self, self.shard_units(), mesh, self.parallel or ParallelConfig())
+        if has_meta_tensors(self):
+            device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            done = materialise(self, device, mesh)
+            if done is not None:
+                rank = mesh.get_local_rank() if mesh is not None else 0
+                print(f"[parallel] rank {rank}: materialised {done.tensors} tensors of {', '.join(done.owners)} from the "
+                      f"meta device on {device}: {done.local_bytes / 2**20:.1f} MiB here of {done.full_bytes / 2**20:.1f} MiB")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As `nn.Module.load_state_dict`; on a model with parts still on the meta device (before
+        `configure_model` under `strategy.parallel.meta_init`) the loaded tensors are assigned (a meta tensor has
+        no storage to copy into), and materialisation then initialises only what is still on meta."""
+        if not assign and has_meta_tensors(self):
+            assign = True
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- optimisation --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def latent(steps: int, schedule: str) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        out = module.generate(captions, frames, height, width, fps, steps=steps, schedule=schedule, noise=noise,
-                              return_latent=True)
+        out = module.generate({"text": captions, "fps": torch.tensor(fps)}, frames, height, width, steps=steps,
+                              schedule=schedule, noise=noise, return_latent=True)
         return out, time.perf_counter() - start
 
     reference, ref_seconds = latent(args.reference, "uniform")
-    result = {"checkpoint": str(ckpt), "ema": ema, "prompts": len(captions), "guidance": module.sampling.guidance,
+    result = {"checkpoint": str(ckpt), "ema": ema, "prompts": len(captions), "guidance": module.sampler.guidance,
               "reference_steps": args.reference, "reference_seconds": ref_seconds, "runs": []}
     for steps in args.steps:
         for schedule in ("linear_quadratic", "uniform"):

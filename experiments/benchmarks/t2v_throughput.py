@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = batch_size * module.net.num_tokens(module.codec.latent_shape(frames, height, width))
 
     def step() -> None:
-        loss = module.flow_loss(batch, dropout=0.1)
+        loss = module.loss(batch, train=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,2 +1,3 @@
-"""The math of generation, no nn.Module state: paths (flow matching), timesteps (logit-normal, linear-quadratic),
-solvers (Euler, midpoint), guidance (CFG) and multidiffusion (temporal window fusion)."""
+"""The math of generation, no nn.Module state: paths (flow matching, VP diffusion; prediction conversion), timesteps
+(logit-normal, uniform, linear-quadratic, shifted, DDIM spacings), solvers (Euler, midpoint, DDIM), guidance
+(multi-condition CFG) and multidiffusion (temporal window fusion)."""

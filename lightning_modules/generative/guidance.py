@@ -1,31 +1,69 @@
-"""Classifier-free guidance (CFG) for flow models.
+"""Classifier-free guidance (CFG), single- and multi-condition, as one formula.
 
-One model, trained with the text dropped (replaced by the empty prompt) at a rate p, predicts both the
-conditional velocity u(x, t, P) and the unconditional one u(x, t, ∅). At sampling time
+One model, trained with each condition dropped at some rate, predicts under nested sets of conditions. With passes
+p_0 (every condition dropped), p_1 (condition 1 on), p_2 (conditions 1 and 2 on), ..., p_n (all on), the guided
+prediction is the telescoping sum
 
-    u_w = u(x, t, ∅) + w·(u(x, t, P) − u(x, t, ∅))
+    p = p_0 + Σ_{i=1..n} s_i·(p_i − p_{i−1})
 
-w = 1 is the conditional model, w = 0 the unconditional one, w > 1 pushes samples toward the prompt (Movie Gen
-reportedly uses w = 7.5; our CPU quickstart uses less).
+* n = 1, single CFG (Ho & Salimans 2022): p = u + s·(c − u); s = 1 is the conditional model, s = 0 the
+  unconditional one, s > 1 pushes toward the prompt (Movie Gen reportedly uses 7.5 for text).
+* n = 2, InstructPix2Pix (Brooks et al. 2023, eq. 3), condition 1 = the input image I, condition 2 = the text T:
+  ε(0, 0) + s_I·[ε(I, 0) − ε(0, 0)] + s_T·[ε(I, T) − ε(I, 0)].
+
+It applies to any prediction type (velocity, epsilon, data, v): all are affine in the model output. The passes run
+as one forward on the batch repeated n + 1 times, pass-major: [x (pass 0); x (pass 1); ...; x (pass n)]. To run a
+single conditional pass, the caller skips guidance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def combine(predictions: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
+    """p_0 + Σ_i s_i·(p_i − p_{i−1}) for predictions ordered p_0 (nothing on) .. p_n (all on); len = len(scales) + 1."""
+    if len(predictions) != len(scales) + 1 or not scales:
+        raise ValueError(f"need len(predictions) = len(scales) + 1 >= 2, got {len(predictions)} and {len(scales)}")
+    out = predictions[0]
+    for i, scale in enumerate(scales, start=1):
+        out = out + scale * (predictions[i] - predictions[i - 1])
+    return out
+
+
+def guided(batched_fn: ModelFn, scales: Sequence[float]) -> ModelFn:
+    """A solver `model_fn(x, t)` that calls `batched_fn(x_rep, t_rep)` once on the batch repeated n + 1 times
+    (n = len(scales)), pass-major; batched_fn puts pass i's conditions on block i (i = 0: all dropped) and returns
+    the predictions in the same layout, which `combine` mixes."""
+    scales = [float(s) for s in scales]
+    passes = len(scales) + 1
+    if passes < 2:
+        raise ValueError("guided needs at least one scale")
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t_rep = t.repeat(passes) if t.ndim == 1 else t
+        out = batched_fn(torch.cat([x] * passes), t_rep)
+        if out.shape[0] != passes * x.shape[0]:
+            raise ValueError(f"batched_fn returned batch {out.shape[0]}, expected {passes} x {x.shape[0]}")
+        return combine(out.split(x.shape[0]), scales)
+
+    return model_fn
+
 
 def cfg_combine(u_cond: torch.Tensor, u_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """u_w = u_uncond + w·(u_cond − u_uncond)."""
-    return u_uncond + scale * (u_cond - u_uncond)
+    """u_w = u_uncond + w·(u_cond − u_uncond) (`combine` with n = 1)."""
+    return combine([u_uncond, u_cond], [scale])
 
 
-def classifier_free_guidance(paired_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                             scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A solver `model_fn(x, t)` from `paired_fn`, which takes a doubled batch [x; x], [t; t] whose first half is
-    conditioned on the prompts and second half on the empty prompt, and returns [u_cond; u_uncond]; the two
-    halves are combined with `cfg_combine` (one forward pass per step)."""
+def classifier_free_guidance(paired_fn: ModelFn, scale: float) -> ModelFn:
+    """Single CFG with the older layout: `paired_fn` takes a doubled batch [x; x], [t; t] whose FIRST half is
+    conditioned on the prompts and second half on the empty prompt, and returns [u_cond; u_uncond] (the reverse of
+    `guided`'s pass order); the halves are combined with `cfg_combine` (one forward pass per step)."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         u_cond, u_uncond = paired_fn(torch.cat([x, x]), torch.cat([t, t])).chunk(2)

@@ -86,6 +86,15 @@ class Attention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
 
+    def init_weights(self) -> None:
+        """PyTorch's default for the projections, 1 for the QK-norm weights (the meta-init contract of
+        `lightning_modules.parallel`; networks that want another scheme re-initialise the projections after)."""
+        for layer in (self.to_q, self.to_kv, self.to_out):
+            layer.reset_parameters()
+        for weight in (self.q_norm, self.k_norm):
+            if weight is not None:
+                nn.init.ones_(weight)
+
     def _norm(self, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """RMSNorm over the head dim of [..., D] (QK-norm), through the fused kernel."""
         if weight is None:

@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import nn
 
 import kernels
@@ -51,6 +51,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, scale=scale, shift=shift, eps=self.eps)
@@ -86,9 +89,15 @@ class PositionEmbedding3D(nn.Module):
 
     def __init__(self, dim: int, max_t: int, max_h: int, max_w: int) -> None:
         super().__init__()
-        self.t = nn.Parameter(torch.randn(max_t, dim) * 0.02)
-        self.h = nn.Parameter(torch.randn(max_h, dim) * 0.02)
-        self.w = nn.Parameter(torch.randn(max_w, dim) * 0.02)
+        self.t = nn.Parameter(torch.empty(max_t, dim))
+        self.h = nn.Parameter(torch.empty(max_h, dim))
+        self.w = nn.Parameter(torch.empty(max_w, dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Each table ~ N(0, 0.02²)."""
+        for table in (self.t, self.h, self.w):
+            nn.init.normal_(table, std=0.02)
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -113,6 +122,17 @@ class Block(nn.Module):
         self.norm3, self.ffn = RMSNorm(dim, eps), SwiGLU(dim, ffn_dim)
         self.modulation = nn.Parameter(torch.zeros(6, dim))  # per-block table added to the shared projection
 
+    def init_weights(self) -> None:
+        """Norms 1, attention as `Attention.init_weights`, SwiGLU linears PyTorch's default, modulation table 0
+        (the DiT then re-initialises every linear its own way)."""
+        for norm in (self.norm1, self.norm2, self.norm3):
+            norm.init_weights()
+        self.attn.init_weights()
+        self.cross.init_weights()
+        for layer in (self.ffn.w1, self.ffn.w2, self.ffn.w3):
+            layer.reset_parameters()
+        nn.init.zeros_(self.modulation)
+
     def forward(self, x: torch.Tensor, pe: torch.Tensor, modulation: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N, dim], pe [N, dim], modulation [B, 6, dim], context [B, L, dim], context_mask bool [B, L]."""
@@ -133,7 +153,7 @@ class DiT(nn.Module):
         max_t, max_h, max_w: position-table sizes in patches (the largest latent grid the model accepts).
         qk_norm: RMSNorm on queries and keys (not in the paper; off by default).
         fps_embedding: add an embedding of the frame rate to the time embedding (the paper writes the fps into
-            the prompt instead; both are available, see `VideoGenModule.fps_in_text`).
+            the prompt instead; both are available, see `conditioning.text.Text.fps_in_text`).
         cond_channels: extra input channels concatenated to x (the upsampler's low-resolution latent); their
             patchify weights start at zero so a model initialised from a text-to-video checkpoint is unchanged.
         out_channels: predicted channels (default in_channels).
@@ -157,10 +177,20 @@ class DiT(nn.Module):
         self.norm_out = RMSNorm(dim)
         self.modulation_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.proj_out = nn.Linear(dim, math.prod(self.patch) * self.out_channels)
-        self.reset_parameters()
+        self.init_weights()
 
-    def reset_parameters(self) -> None:
-        """Xavier-uniform linears, zero biases; zero (adaLN-Zero) for the modulations and the output layer."""
+    def init_weights(self) -> None:
+        """The DiT's whole initialisation (the meta-init contract of `lightning_modules.parallel`: called once in
+        `__init__` and again after materialisation on the meta device, also on DTensor shards).
+
+        Position tables ~ N(0, 0.02²), norms 1, Xavier-uniform linears and patchify, zero biases; zero
+        (adaLN-Zero) for the per-block modulation tables, the shared time projections, the output layer, the
+        fps embedding's last layer and the patchify weights of condition channels."""
+        self.pos.init_weights()
+        self.norm_out.init_weights()
+        for block in self.modules():  # through activation-checkpoint wrappers
+            if isinstance(block, Block):
+                block.init_weights()
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -170,8 +200,8 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patchify.bias)
         if self.cond_channels:
-            with torch.no_grad():
-                w[:, self.in_channels:] = 0.0
+            with torch.no_grad():  # zero_ on a slice: DTensors have no rule for `w[...] = 0.0`
+                w[:, self.in_channels:].zero_()
         for layer in (self.modulation[-1], self.modulation_out[-1], self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -191,8 +221,11 @@ class DiT(nn.Module):
         return math.prod(self.grid(latent_shape))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
-                fps: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → velocity [B, C_out, T, H, W]."""
+                fps: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                frame_features: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → velocity [B, C_out, T, H, W].
+        frame_features [B, T, dim] (one per latent frame) are added to the tokens of their frame (averaged
+        over the frames of a patch)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT expects a latent [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.dim:
@@ -204,6 +237,9 @@ class DiT(nn.Module):
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         gt, gh, gw = self.grid(x.shape)
         tokens = rearrange(self.patchify(x), "b d t h w -> b (t h w) d")
+        if frame_features is not None:
+            per_patch = reduce(frame_features.to(tokens.dtype), "b (t kt) d -> b t 1 d", "mean", kt=self.patch[0])
+            tokens = rearrange(rearrange(tokens, "b (t hw) d -> b t hw d", t=gt) + per_patch, "b t hw d -> b (t hw) d")
         pe = self.pos(gt, gh, gw).to(tokens.dtype)
         emb = self.time(t)
         if self.fps is not None:
@@ -229,6 +265,18 @@ def grow_position_tables(state: dict[str, torch.Tensor], model: DiT, prefix: str
         if old.shape[0] < size:
             old = torch.cat([old, old[-1:].expand(size - old.shape[0], -1)], dim=0)
         state[key] = old[:size].clone()
+    return state
+
+
+def grow_input_channels(state: dict[str, torch.Tensor], model: DiT, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Fit a checkpoint's patchify weights to `model`'s input channels: channels the checkpoint lacks (new
+    concatenated conditions) get zero weights, so the model computes what the checkpoint did. Returns a new dict."""
+    state = dict(state)
+    key = f"{prefix}patchify.weight"
+    want = model.patchify.weight.shape[1]
+    if key in state and state[key].shape[1] < want:
+        old = state[key]
+        state[key] = torch.cat([old, old.new_zeros(old.shape[0], want - old.shape[1], *old.shape[2:])], dim=1)
     return state
 
 

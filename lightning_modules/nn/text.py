@@ -71,6 +71,14 @@ class _EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
 
+    def init_weights(self) -> None:
+        """PyTorch's defaults (LayerNorm 1 / 0, linears Kaiming-uniform), QK-norms 1."""
+        self.norm1.reset_parameters()
+        self.norm2.reset_parameters()
+        self.attn.init_weights()
+        self.mlp[0].reset_parameters()
+        self.mlp[2].reset_parameters()
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), key_padding_mask=mask)
         return x + self.mlp(self.norm2(x))
@@ -88,10 +96,20 @@ class ByteEncoder(TextEncoder):
         super().__init__()
         self.dim, self.max_length = dim, max_length
         self.embed = nn.Embedding(BYTE_VOCAB, dim)
-        self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        self.pos = nn.Parameter(torch.empty(max_length, dim))
         self.blocks = nn.ModuleList(_EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Token and position embeddings ~ N(0, 0.02²), blocks and final norm PyTorch's defaults (the meta-init
+        contract of `lightning_modules.parallel`: called in `__init__` and after materialisation)."""
         nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+        for block in self.modules():  # through activation-checkpoint wrappers
+            if isinstance(block, _EncoderBlock):
+                block.init_weights()
+        self.norm.reset_parameters()
 
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = byte_tokens(texts, self.max_length)
@@ -198,6 +216,17 @@ class TextConditioner(nn.Module):
         self.encoders = nn.ModuleDict(dict(encoders))
         self.projections = nn.ModuleDict(
             {name: nn.Sequential(nn.Linear(enc.dim, dim), nn.LayerNorm(dim)) for name, enc in self.encoders.items()})
+
+    def init_weights(self) -> None:
+        """Projections PyTorch's defaults; encoders that follow the meta-init contract (`ByteEncoder`) their own
+        `init_weights`. Frozen pretrained encoders (`HFTextEncoder`) have none and are never built on meta:
+        their weights are left alone."""
+        for encoder in self.encoders.values():
+            if callable(getattr(encoder, "init_weights", None)):
+                encoder.init_weights()
+        for projection in self.projections.values():
+            for layer in projection:
+                layer.reset_parameters()
 
     @property
     def max_length(self) -> int:

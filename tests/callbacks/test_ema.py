@@ -113,7 +113,7 @@ def test_fsdp2_two_processes_keep_a_full_ema_in_the_sharded_checkpoint(outputs: 
     """The reduced quickstart under FSDP2 on 2 CPU processes (gloo): the DCP checkpoint's metadata holds the
     full EMA tensors, which load into a plain (unsharded) module for sampling."""
     from experiments.compose import compose_config
-    from tests.lightning_modules.test_video_gen import QUICK
+    from tests.lightning_modules.test_generation import QUICK
 
     args = [*QUICK, "strategy=fsdp", "trainer.devices=2", "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}",
             "strategy.parallel.activation_checkpointing=true"]

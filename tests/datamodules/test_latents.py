@@ -21,16 +21,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.media import MediaLogger
-from datamodules.latents import LATENT_MEMBER, LatentDataModule, is_cache, read_latent_arrays
-from datamodules.shards import BadDataError, read_shard
+from datamodules.latent_cache import LATENT_MEMBER, encode_cache, is_cache, read_latent_arrays
+from datamodules.latents import LatentDataModule
+from datamodules.shards import read_shard
+from datamodules.stream_dataset import BadDataError
 from datamodules.video import VideoDataModule
 from datamodules.write_shards import write_world
+from lightning_modules.conditioning import Text
+from lightning_modules.evaluation.probe import ProbeEvaluator
+from lightning_modules.generation import GenerationModule
 from lightning_modules.latent_codec import tae_codec
 from lightning_modules.nn.codecs import TAECodec
 from lightning_modules.nn.dit import DiT
 from lightning_modules.nn.tae import TAE
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
-from lightning_modules.video_gen import VideoGenModule
 from tests.datamodules.helpers import write_tar
 from tests.helpers import ROOT
 
@@ -63,8 +67,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cache(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real cache: the world's train and val splits encoded by a tiny TAE (the code of task=encode)."""
-    from datamodules.latents import encode_cache
-
     folder = tmp_path_factory.mktemp("cache") / "latents"
     encode_cache(tae(), source(world), folder, batch_size=4, maxcount=8)
     return folder
@@ -159,13 +161,14 @@ def test_corrupt_latents_are_skipped_counted_and_never_unpickled(cache: Path, tm
         list(strict.train_dataloader())
 
 
-def generator(codec: torch.nn.Module, lr: float = 3e-3, probe: bool = False) -> VideoGenModule:
+def generator(codec: torch.nn.Module, lr: float = 3e-3, probe: bool = False) -> GenerationModule:
     torch.manual_seed(0)
     net = DiT(in_channels=4, dim=32, depth=2, heads=4, ffn_dim=64, max_t=4, max_h=4, max_w=6)
-    text = TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=4, max_length=128)}, dim=32)
-    return VideoGenModule(net, text, codec, optimizer=partial(torch.optim.AdamW, lr=lr), text_dropout=0.1,
-                          sampling=dict(steps=2, guidance=3.0), media=dict(steps=2, max_samples=2),
-                          evaluation=dict(probe=probe))
+    text = Text(TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=4, max_length=128)}, dim=32),
+                dropout=0.1)
+    return GenerationModule(net, codec, {"text": text}, optimizer=partial(torch.optim.AdamW, lr=lr),
+                            sampler=dict(steps=2, guidance={"text": 3.0}), media=dict(steps=2, max_samples=2),
+                            evaluators={"probe": ProbeEvaluator()} if probe else {})
 
 
 def trainer(max_steps: int, **kwargs) -> L.Trainer:
@@ -236,7 +239,7 @@ def test_a_missing_cache_is_encoded_with_the_codec_tae(world: Path, tmp_path: Pa
 
 
 def test_the_codec_must_match_the_cache_and_the_probe_is_warned_of(cache: Path) -> None:
-    with pytest.warns(UserWarning, match="probe=false"):  # the probe trains on pixel clips: warned before training
+    with pytest.warns(UserWarning, match="probe=null"):  # the probe trains on pixel clips: warned before training
         trainer(1).fit(generator(TAECodec(tae()), probe=True), latents(cache, epoch_batches=1))
     wrong = TAE(latent_channels=4, base_channels=16, channel_mults=(1, 2, 2), temporal_down=(True, True),
                 num_res_blocks=1, norm_groups=4)
@@ -254,6 +257,6 @@ def test_configs(tmp_path: Path) -> None:
     dm = instantiate(cfg.data, _convert_="object")
     assert isinstance(dm.source, VideoDataModule) and dm.source.sizes == [[32, 32]] and dm.source.frames == [8]
     assert cfg.model.net.in_channels == cfg.model.codec.net.latent_channels == 8
-    assert cfg.model.evaluation.probe is False
+    assert cfg.model.evaluators.probe is None
     with pytest.raises(InstantiationException, match="no TAE checkpoint.*experiment=tae_tiny"):
         instantiate(cfg.model.codec, _convert_="object")  # no tae_tiny run under this log_dir

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from datamodules.audio import AudioDataModule
-from datamodules.shards import BadDataError, expand_shards, read_shard
+from datamodules.shards import expand_shards, read_shard
+from datamodules.stream_dataset import BadDataError
 from datamodules.video import AudioVideoDataModule, VideoDataModule
 from datamodules.write_shards import ShardSink
 from tests.datamodules.helpers import good_shards, video_sample, write_tar

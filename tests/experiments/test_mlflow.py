@@ -112,7 +112,7 @@ def test_tracking_server_receives_the_run(outputs: Path, mlflow_server: str) -> 
 
 
 def test_buffered_logger_writes_every_step_at_flush_and_checkpoint(tmp_path: Path) -> None:
-    from experiments.tracking import BufferedMLFlowLogger
+    from callbacks.mlflow_logger import BufferedMLFlowLogger
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logger = BufferedMLFlowLogger(experiment_name="buffered", tracking_uri=uri, synchronous=True, flush_every_s=3600)

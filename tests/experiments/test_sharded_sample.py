@@ -18,7 +18,7 @@ from callbacks.ema import read_ema_state
 from datamodules.media import decode_video
 from experiments.compose import compose_config
 from experiments.runner import ConfigError, _load_weights, resolve_ckpt_path, run
-from lightning_modules.video_gen import VideoGenModule
+from lightning_modules.generation import GenerationModule
 from tests.helpers import run_cli, sqlite_uri
 
 # The quickstart at a few seconds: a tiny world and DiT, 2 optimizer steps, no validation, no test loop.
@@ -28,11 +28,11 @@ SMALL = ["experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_pro
          "data.epoch_batches=2", "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0",
          "test_after_fit=false", "callbacks.media=null", "callbacks.ema.decay=0.5",
          "model.net.dim=32", "model.net.depth=2", "model.net.heads=2", "model.net.ffn_dim=64",
-         "model.text.encoders.byte.dim=32", "model.text.encoders.byte.depth=1", "model.text.encoders.byte.heads=2",
-         "model.sampling.steps=2", "model.sample.batch_size=2"]
+         "model.conditioners.text.encoder.encoders.byte.dim=32", "model.conditioners.text.encoder.encoders.byte.depth=1",
+         "model.conditioners.text.encoder.encoders.byte.heads=2", "model.sampler.steps=2", "model.sample.batch_size=2"]
 
 
-def fresh_module(overrides: list[str], out: Path) -> VideoGenModule:
+def fresh_module(overrides: list[str], out: Path) -> GenerationModule:
     """The module as `run()` builds it for these overrides (same seed, so the same initialisation)."""
     cfg = compose_config(overrides, out)
     L.seed_everything(cfg.seed)
@@ -67,20 +67,20 @@ def test_sample_and_evaluate_from_fsdp_sharded_checkpoint(outputs: Path, tmp_pat
 
     # 2. task=sample end to end, in this process, from the folder and from the equivalent single file.
     seen: list[dict[str, torch.Tensor]] = []
-    original = VideoGenModule.sample_prompts
+    original = GenerationModule.sample_to_files
 
     def recording(self, trainer):
         seen.append({k: v.detach().clone() for k, v in self.state_dict().items()})
         return original(self, trainer)
 
-    original_test_start = VideoGenModule.on_test_start
+    original_test_start = GenerationModule.on_test_start
 
     def recording_test_start(self) -> None:
         seen.append({k: v.detach().clone() for k, v in self.state_dict().items()})
         return original_test_start(self)
 
-    monkeypatch.setattr(VideoGenModule, "sample_prompts", recording)
-    monkeypatch.setattr(VideoGenModule, "on_test_start", recording_test_start)
+    monkeypatch.setattr(GenerationModule, "sample_to_files", recording)
+    monkeypatch.setattr(GenerationModule, "on_test_start", recording_test_start)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A small red circle bounces around.\nA small blue star sits still.\n")
     for ckpt, name in ((folder, "from_folder"), (full_file, "from_file")):
@@ -105,8 +105,8 @@ def test_sample_and_evaluate_from_fsdp_sharded_checkpoint(outputs: Path, tmp_pat
 
     # 3. task=evaluate from the folder: held-out samples and probe metrics, into the checkpoint's MLflow run.
     run(compose_config([*small, "task=evaluate", f"ckpt_path={folder}", "data.val_batches=1",
-                        "trainer.limit_test_batches=1", "model.evaluation.probe_steps=2",
-                        "model.evaluation.write_samples=1", f"model.evaluation.probe_cache_dir={tmp_path / 'probes'}"],
+                        "trainer.limit_test_batches=1", "model.evaluators.probe.steps=2",
+                        "model.evaluators.samples.count=1", f"model.evaluators.probe.cache_dir={tmp_path / 'probes'}"],
                        outputs / "evaluate"))
     assert len(seen) == 3, "evaluate ran with the same weights as sample"
     assert all(torch.equal(seen[2][k], from_folder[k]) for k in from_folder)

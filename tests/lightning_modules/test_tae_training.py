@@ -12,10 +12,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules.latent_cache import encode_shards, read_latent_arrays
 from datamodules.shards import read_shard
 from datamodules.video import VideoDataModule
 from datamodules.write_shards import write_world
-from lightning_modules.autoencoder import AutoencoderModule, encode_shards, read_latent
+from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.nn.tae import TAE
 from lightning_modules.tae_losses import TAELoss
 from tests.helpers import ROOT, run_cli
@@ -148,7 +149,7 @@ def test_latent_cache_round_trip(world: Path, tmp_path: Path) -> None:
         item = handler.decode(source, handler.bucket(source), None)
         with torch.no_grad():
             expected = model.net.encode(item["video"][None])
-        latent = read_latent(sample["latent.npz"])
+        latent = {k: torch.from_numpy(v) for k, v in read_latent_arrays(sample["latent.npz"]).items()}
         torch.testing.assert_close(latent["latent"], expected.mean[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(latent["logvar"], expected.logvar[0], atol=1e-5, rtol=1e-4)
         meta = json.loads(sample["json"])

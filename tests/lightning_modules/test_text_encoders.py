@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from experiments.compose import compose_config
 from experiments.runner import run
 from lightning_modules.nn.text import ByteEncoder, HFTextEncoder, TextConditioner, quoted_text
-from lightning_modules.video_gen import VideoGenModule
+from lightning_modules.generation import GenerationModule
 
 HF = "lightning_modules.nn.text.HFTextEncoder"
 
@@ -188,21 +188,21 @@ def test_conditioner_combines_byte_and_t5_encoders(t5_dir: Path, outputs: Path) 
     assert all(p.grad is None for p in cond.encoders["t5"].model.parameters())
 
     # the same, configured as a user would on the command line
-    cfg = compose_config(["experiment=quickstart", f"+model.text.encoders.t5._target_={HF}",
-                          f"+model.text.encoders.t5.path={t5_dir}", "+model.text.encoders.t5.max_length=32"],
+    cfg = compose_config(["experiment=quickstart", f"+model.conditioners.text.encoder.encoders.t5._target_={HF}",
+                          f"+model.conditioners.text.encoder.encoders.t5.path={t5_dir}", "+model.conditioners.text.encoder.encoders.t5.max_length=32"],
                          outputs / "job")
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
-    assert list(module.text.encoders) == ["byte", "t5"] and isinstance(module.text.encoders["t5"], HFTextEncoder)
-    assert module.text.projections["t5"][0].in_features == 32
-    assert module.text.projections["t5"][0].out_features == cfg.model.net.dim
+    assert list(module.conditioners['text'].encoder.encoders) == ["byte", "t5"] and isinstance(module.conditioners['text'].encoder.encoders["t5"], HFTextEncoder)
+    assert module.conditioners['text'].encoder.projections["t5"][0].in_features == 32
+    assert module.conditioners['text'].encoder.projections["t5"][0].out_features == cfg.model.net.dim
 
 
 SMALL = ["experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
          "data.world.scenes=[8,4]", "data.world.images=[2,1]", "+data.world.seed=9", "data.batch_size=2",
          "data.epoch_batches=2", "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0",
          "test_after_fit=false", "callbacks.media=null", "model.net.dim=32", "model.net.depth=1",
-         "model.net.heads=2", "model.net.ffn_dim=64", "model.text.encoders.byte.dim=32",
-         "model.text.encoders.byte.depth=1", "model.text.encoders.byte.heads=2", "model.sampling.steps=2"]
+         "model.net.heads=2", "model.net.ffn_dim=64", "model.conditioners.text.encoder.encoders.byte.dim=32",
+         "model.conditioners.text.encoder.encoders.byte.depth=1", "model.conditioners.text.encoder.encoders.byte.heads=2", "model.sampler.steps=2"]
 
 
 def test_quickstart_two_steps_with_byte_and_t5_encoders(t5_dir: Path, outputs: Path, tmp_path: Path,
@@ -210,18 +210,18 @@ def test_quickstart_two_steps_with_byte_and_t5_encoders(t5_dir: Path, outputs: P
     """Two optimizer steps of the quickstart with the combined encoders, from overrides (two: the DiT's
     zero-initialised outputs pass no gradient to the text in the first); the T5 stays frozen and out of the
     checkpoint; `task=sample` from that checkpoint reloads the T5 from its directory."""
-    overrides = [*SMALL, f"data.data_dir={tmp_path / 'data'}", f"+model.text.encoders.t5._target_={HF}",
-                 f"+model.text.encoders.t5.path={t5_dir}", "+model.text.encoders.t5.max_length=32"]
+    overrides = [*SMALL, f"data.data_dir={tmp_path / 'data'}", f"+model.conditioners.text.encoder.encoders.t5._target_={HF}",
+                 f"+model.conditioners.text.encoder.encoders.t5.path={t5_dir}", "+model.conditioners.text.encoder.encoders.t5.max_length=32"]
     seen = {}
 
     def record(self) -> None:
-        seen["t5"] = {k: v.clone() for k, v in self.text.encoders["t5"].model.state_dict().items()}
-        seen["projection"] = self.text.projections["t5"][0].weight.detach().clone()
+        seen["t5"] = {k: v.clone() for k, v in self.conditioners['text'].encoder.encoders["t5"].model.state_dict().items()}
+        seen["projection"] = self.conditioners['text'].encoder.projections["t5"][0].weight.detach().clone()
 
-    monkeypatch.setattr(VideoGenModule, "on_fit_end", record)
+    monkeypatch.setattr(GenerationModule, "on_fit_end", record)
     torch.manual_seed(0)
     init_projection = hydra.utils.instantiate(compose_config(overrides, outputs / "x").model,
-                                              _convert_="object").text.projections["t5"][0].weight.detach().clone()
+                                              _convert_="object").conditioners["text"].encoder.projections["t5"][0].weight.detach().clone()
     run(compose_config(overrides, outputs / "fit"))
     pretrained = transformers.T5EncoderModel.from_pretrained(t5_dir, local_files_only=True).state_dict()
     assert all(torch.equal(seen["t5"][k], v) for k, v in pretrained.items()), "the T5 weights did not train"

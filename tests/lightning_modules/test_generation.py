@@ -1,6 +1,7 @@
-"""The text-to-video module on real shards of the shapes world: a training step, text dropout and fps prompts,
-deterministic sampling, a short run that lowers the loss, the upsampler's windows, and the quickstart end to end
-(fit, held-out samples and probe metrics in MLflow, then task=sample and task=evaluate from its checkpoint)."""
+"""The generation core on real shards of the shapes world, configured as text-to-video and as the upsampler: a
+training step, text dropout and fps prompts, deterministic sampling, a short run that lowers the loss, the
+upsampler's windows and its task=sample on an mp4, and the quickstart end to end (fit, held-out samples and
+probe metrics in MLflow, then task=sample and task=evaluate from its checkpoint)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,19 @@ from datamodules.video import VideoDataModule
 from datamodules.write_shards import write_world
 from experiments.compose import compose_config
 from experiments.runner import run
-from lightning_modules.nn.codecs import PixelCodec
-from lightning_modules.nn.dit import DiT
-from lightning_modules.nn.text import ByteEncoder, TextConditioner
-from lightning_modules.probe import (
+from lightning_modules.conditioning import LowResolutionVideo, Text, fps_prompt, resize_video
+from lightning_modules.evaluation import Fidelity, psnr
+from lightning_modules.evaluation.probe import (
     ProbeConfig,
     VideoProbe,
     attribute_targets,
     probe_from_datamodule,
     topk_alignment,
 )
-from lightning_modules.upsampler import UpsamplerModule, psnr, resize_video
-from lightning_modules.video_gen import VideoGenModule, fps_prompt
+from lightning_modules.generation import GenerationModule
+from lightning_modules.nn.codecs import PixelCodec
+from lightning_modules.nn.dit import DiT
+from lightning_modules.nn.text import ByteEncoder, TextConditioner
 from tests.helpers import sqlite_uri
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -47,15 +49,20 @@ def datamodule(world: Path, batch_size: int = 8) -> VideoDataModule:
                            sizes=[[16, 16]], frames=[4], fps=8.0, batch_size=batch_size, num_workers=0, seed=0)
 
 
-def module(lr: float = 3e-3, upsampler: bool = False, **kwargs) -> VideoGenModule:
+def module(lr: float = 3e-3, upsampler: bool = False, text_dropout: float = 0.1, **kwargs) -> GenerationModule:
+    """Text-to-video on 4x4 space-to-depth pixels; with `upsampler`, the low-resolution video concatenated."""
     torch.manual_seed(0)
     net = DiT(in_channels=48, dim=32, depth=2, heads=4, ffn_dim=64, max_t=4, max_h=4, max_w=4,
               cond_channels=48 if upsampler else 0)
-    text = TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=4, max_length=128)}, dim=32)
-    options = dict(latent_std=0.5, sampling=dict(steps=4, guidance=3.0), media=dict(steps=2, max_samples=2),
-                   evaluation=dict(probe=False)) | kwargs
-    cls = partial(UpsamplerModule, window=2, overlap=1) if upsampler else VideoGenModule
-    return cls(net, text, PixelCodec(4), optimizer=partial(torch.optim.AdamW, lr=lr), **options)
+    text = Text(TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=4, max_length=128)}, dim=32),
+                dropout=text_dropout)
+    conditioners = {"text": text}
+    sampler = dict(steps=4, guidance={"text": 3.0})
+    if upsampler:
+        conditioners["low_res"] = LowResolutionVideo(channels=48, scale=2)
+        sampler = dict(steps=4, guidance={"text": 1.0}, window=2, overlap=1)
+    options = dict(latent_std=0.5, sampler=sampler, media=dict(steps=2, max_samples=2)) | kwargs
+    return GenerationModule(net, PixelCodec(4), conditioners, optimizer=partial(torch.optim.AdamW, lr=lr), **options)
 
 
 def trainer(max_steps: int, **kwargs) -> L.Trainer:
@@ -70,13 +77,13 @@ def held_out(world: Path) -> dict:
     return next(iter(dm.val_dataloader()))
 
 
-def fixed_loss(model: VideoGenModule, batch: dict) -> float:
+def fixed_loss(model: GenerationModule, batch: dict) -> float:
     """The validation loss (fixed time grid and noise)."""
     model.eval()
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         x1 = model.to_latent(batch)
-        losses = [model.flow_loss(batch, t=torch.full((x1.shape[0],), (k + 0.5) / 10),
+        losses = [model.loss(batch, t=torch.full((x1.shape[0],), (k + 0.5) / 10),
                                   noise=torch.randn(x1.shape, generator=g)) for k in range(10)]
     model.train()
     return torch.stack(losses).mean().item()
@@ -85,7 +92,7 @@ def fixed_loss(model: VideoGenModule, batch: dict) -> float:
 def test_training_step_with_text_dropout_and_fps_prompts(world: Path) -> None:
     model = module(text_dropout=0.5)
     seen: list[list[str]] = []
-    model.text.register_forward_pre_hook(lambda _, args: seen.append(list(args[0])))
+    model.conditioners["text"].encoder.register_forward_pre_hook(lambda _, args: seen.append(list(args[0])))
     torch.manual_seed(1)
     trainer(3).fit(model, datamodule(world))
     prompts = [p for batch in seen for p in batch]
@@ -102,16 +109,17 @@ def test_sampling_is_deterministic_for_a_seed(world: Path) -> None:
             p.add_(0.05 * torch.randn_like(p))
     model.eval()
     prompts = ["A small red circle bounces around.", "A small blue star sits still."]
-    a = model.generate(prompts, 4, 16, 16, 8.0, seed=7)
+    ask = lambda texts: {"text": texts, "fps": 8.0}
+    a = model.generate(ask(prompts), 4, 16, 16, seed=7)
     assert a.shape == (2, 3, 4, 16, 16) and a.abs().max() <= 1.0
-    assert torch.equal(a, model.generate(prompts, 4, 16, 16, 8.0, seed=7))
-    assert not torch.allclose(a, model.generate(prompts, 4, 16, 16, 8.0, seed=8))
+    assert torch.equal(a, model.generate(ask(prompts), 4, 16, 16, seed=7))
+    assert not torch.allclose(a, model.generate(ask(prompts), 4, 16, 16, seed=8))
     # sample i uses seed + i: the second prompt alone with seed 8 is the same video
-    assert torch.allclose(a[1:], model.generate(prompts[1:], 4, 16, 16, 8.0, seed=8), atol=1e-5)
+    assert torch.allclose(a[1:], model.generate(ask(prompts[1:]), 4, 16, 16, seed=8), atol=1e-5)
     # the prompt and the guidance scale matter
-    assert not torch.allclose(a[:1], model.generate(prompts[1:], 4, 16, 16, 8.0, seed=7))
-    assert not torch.allclose(a, model.generate(prompts, 4, 16, 16, 8.0, seed=7, guidance_scale=1.0))
-    image = model.generate(prompts[:1], 1, 16, 16, 8.0, seed=7)
+    assert not torch.allclose(a[:1], model.generate(ask(prompts[1:]), 4, 16, 16, seed=7))
+    assert not torch.allclose(a, model.generate(ask(prompts), 4, 16, 16, seed=7, guidance_scales={"text": 1.0}))
+    image = model.generate(ask(prompts[:1]), 1, 16, 16, seed=7)
     assert image.shape == (1, 3, 1, 16, 16)
 
 
@@ -125,21 +133,26 @@ def test_short_training_lowers_the_loss(world: Path) -> None:
 
 
 def test_upsampler_trains_and_samples_in_fused_windows(world: Path) -> None:
-    model = module(upsampler=True)
+    model = module(upsampler=True, evaluators={"fidelity": Fidelity(baselines=["bilinear"])})
     trainer(2).fit(model, datamodule(world))
     model.eval()
     batch = held_out(world)
     video = batch["video"][:2]
-    low = model.low_resolution(video)
+    low_res = model.conditioners["low_res"]
+    low = low_res.low_resolution(video)
     assert low.shape == (2, 3, 4, 8, 8)
     windows: list[tuple[int, ...]] = []
     model.net.register_forward_pre_hook(lambda _, args: windows.append(tuple(args[0].shape)))
-    up = model.upsample(low, batch["text"][:2], 8.0, steps=3, guidance_scale=1.0)
+    up = model.generate({"source": low, "text": batch["text"][:2], "fps": 8.0}, 4, 16, 16, steps=3)
     assert up.shape == video.shape
     # 4 latent frames, windows of 2 overlapping by 1: (0, 2), (1, 3), (2, 4) at each of the 3 steps
     assert len(windows) == 9 and all(shape[2] == 2 for shape in windows)
     assert psnr(resize_video(low, 16, 16), video).mean() > 10
     assert torch.allclose(psnr(video, video), torch.full((2,), 100.0))
+    # the test loop logs PSNR / SSIM beside the bilinear baseline
+    metrics = trainer(0, limit_test_batches=1).test(model, datamodule(world))[0]
+    assert {"test/psnr", "test/ssim", "test/psnr_bilinear", "test/ssim_bilinear"} <= set(metrics), metrics
+    assert metrics["test/psnr_bilinear"] > 10
 
 
 def test_probe_alignment_by_hand_and_a_probe_that_learns_colour(world: Path) -> None:
@@ -157,8 +170,8 @@ def test_probe_alignment_by_hand_and_a_probe_that_learns_colour(world: Path) -> 
 
 QUICK = ["experiment=quickstart", "trainer.max_steps=6", "data.epoch_batches=3", "trainer.check_val_every_n_epoch=1",
          "data.val_batches=1", "data.batch_size=4", "data.num_workers=0", "trainer.limit_test_batches=1",
-         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "model.sampling.steps=3", "model.media.steps=2",
-         "model.evaluation.probe_steps=4", "model.evaluation.write_samples=2",
+         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "model.sampler.steps=3", "model.media.steps=2",
+         "model.evaluators.probe.steps=4", "model.evaluators.samples.count=2",
          "data.world.scenes=[16,8]", "+data.world.seed=9"]
 
 
@@ -166,7 +179,7 @@ def test_quickstart_end_to_end_then_sample_and_evaluate(outputs: Path, tmp_path:
     """Reduced quickstart: a fresh world, training with EMA, validation media, held-out samples with probe
     metrics, all in MLflow; then `task=sample` and `task=evaluate` from its last checkpoint."""
     data_dir = tmp_path / "data"
-    overrides = [*QUICK, f"data.data_dir={data_dir}", f"model.evaluation.probe_cache_dir={tmp_path / 'probes'}"]
+    overrides = [*QUICK, f"data.data_dir={data_dir}", f"model.evaluators.probe.cache_dir={tmp_path / 'probes'}"]
     run(compose_config(overrides, outputs / "fit"))
     assert list(data_dir.glob("shapes_world-*/world.json")), "the world was generated"
     assert len(list((tmp_path / "probes").glob("probe-*.pt"))) == 1, "the probe was trained and cached"

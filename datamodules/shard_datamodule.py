@@ -1,12 +1,12 @@
 """`ShardDataModule`: the LightningDataModule base of the media datamodules (video, audio+video, image, audio).
 
-It turns shard specs into `datamodules.shards` loaders:
+It turns shard specs (`datamodules.shards`) into the shard stream's loaders (`datamodules.stream_loader`):
   - `shards=None` uses the synthetic shapes world under `data_dir` (generated on first use in
     `prepare_data`, i.e. once per node before training) and its `world_kind` shard sets (train / val);
   - otherwise `shards` / `val_shards` are anything `expand_shards` takes (paths, brace lists, folders,
     pipe: and http URLs). Missing local shards fail in `setup`, before training, naming the shard.
   - epoch length: `epoch_batches` per rank, else the longest epoch in which no worker outruns its share of
-    a pass of any source (`datamodules.shards.epoch_batches`), so samples are disjoint within an epoch.
+    a pass of any source (`datamodules.shard_schedule.epoch_batches`), so samples are disjoint within an epoch.
   - the training loader is a `ResumableShardLoader` (its state goes into Lightning checkpoints); batches are
     committed as trained in `on_before_batch_transfer`, which also logs the skip counters (data/...) to the
     trainer's loggers every `log_every_n_steps` steps.
@@ -20,18 +20,11 @@ from typing import Any
 
 import lightning as L
 
-from datamodules.shards import (
-    RECEIPT,
-    ResumableShardLoader,
-    ShardLoader,
-    Source,
-    StreamDataset,
-    check_shards,
-    dist_info,
-    epoch_batches,
-    expand_shards,
-    shard_sample_counts,
-)
+from datamodules.shard_schedule import dist_info, epoch_batches
+from datamodules.shards import check_shards, expand_shards, shard_sample_counts
+from datamodules.sources import Source
+from datamodules.stream_dataset import StreamDataset
+from datamodules.stream_loader import RECEIPT, ResumableShardLoader, ShardLoader
 from datamodules.write_shards import ensure_world
 
 
@@ -156,7 +149,7 @@ class ShardDataModule(L.LightningDataModule):
         return trainer.world_size if trainer is not None else dist_info()[1]
 
     def _epoch_length(self, sources: list[Source], given: int | None, what: str) -> tuple[int, int | None]:
-        """(batches per rank per epoch, total samples or None); see `datamodules.shards.epoch_batches`."""
+        """(batches per rank per epoch, total samples or None); see `datamodules.shard_schedule.epoch_batches`."""
         counts = [shard_sample_counts(s.shards) for s in sources]
         known = None if any(c is None for c in counts) else sum(sum(c) for c in counts)
         if given:
@@ -216,7 +209,7 @@ class ShardDataModule(L.LightningDataModule):
         return batch
 
     def metrics(self) -> dict[str, float]:
-        """The training stream's skip counters (data/seen, data/skipped, ...; see datamodules.shards)."""
+        """The training stream's skip counters (data/seen, data/skipped, ...; see datamodules.stream_dataset)."""
         return self._train_loader.metrics() if self._train_loader is not None else {}
 
 

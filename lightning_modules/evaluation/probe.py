@@ -36,6 +36,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from datamodules.synthetic.world import MOTIONS, OBJECT_COLOURS, SHAPES
+from lightning_modules.evaluation.base import Evaluator
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(OBJECT_COLOURS), "motion": MOTIONS}
 
@@ -176,7 +177,8 @@ def probe_from_datamodule(datamodule: Any, config: ProbeConfig, cache_dir: str |
                           device: torch.device | str = "cpu") -> VideoProbe:
     """The probe for a shard datamodule's training clips (its first video source), trained once and cached as
     `<cache_dir>/probe-<hash>.pt` (hash of the shards, the bucket table and `config`)."""
-    from datamodules.shards import ShardLoader, StreamDataset
+    from datamodules.stream_dataset import StreamDataset
+    from datamodules.stream_loader import ShardLoader
 
     datamodule.setup("fit")
     source = next((s for s in datamodule.sources(train=True) if s.name != "image"), None)
@@ -201,14 +203,31 @@ def probe_from_datamodule(datamodule: Any, config: ProbeConfig, cache_dir: str |
     return probe
 
 
-class ProbeEvaluator:
-    """Accumulates real and generated clips; `compute()` → {alignment, alignment_<a>, alignment_real, fd}."""
+class ProbeEvaluator(Evaluator):
+    """Text alignment and Fréchet distance of samples, judged by a probe trained on the datamodule's real clips.
 
-    def __init__(self, probe: VideoProbe) -> None:
-        self.probe = probe
-        self.fid = FrechetInceptionDistance(feature=probe, reset_real_features=True)
-        self.fid.to(next(probe.parameters()).device)
-        self.scores: dict[str, list[torch.Tensor]] = {f"{kind}_{a}": [] for kind in ("fake", "real") for a in ATTRIBUTES}
+    Logs alignment, alignment_<attribute>, alignment_real, alignment_real_<attribute> and fd (see the module
+    docstring). Needs batches with "video" and the world's "meta" (shapes-world scenes); other batches and
+    single images are skipped. Under `trainer.fast_dev_run` (a wiring check) the probe is not trained.
+
+    Args:
+        cache_dir: where trained probes are kept (None: not cached); width, features, steps, lr: `ProbeConfig`.
+    """
+
+    def __init__(self, cache_dir: str | None = None, width: int = 16, features: int = 32, steps: int = 600,
+                 lr: float = 2e-3) -> None:
+        self.cache_dir = cache_dir
+        self.config = ProbeConfig(width=width, features=features, steps=steps, lr=lr)
+        self.probe: VideoProbe | None = None
+
+    def start(self, module: Any, trainer: Any) -> None:
+        self.probe, self.fid, self.scores = None, None, {}
+        if trainer is None or trainer.datamodule is None or trainer.fast_dev_run:
+            return
+        self.probe = probe_from_datamodule(trainer.datamodule, self.config, self.cache_dir, module.device)
+        self.fid = FrechetInceptionDistance(feature=self.probe, reset_real_features=True)
+        self.fid.to(next(self.probe.parameters()).device)
+        self.scores = {f"{kind}_{a}": [] for kind in ("fake", "real") for a in ATTRIBUTES}
 
     @torch.no_grad()
     def _score(self, video: torch.Tensor, metas: Sequence[dict], kind: str) -> None:
@@ -218,13 +237,17 @@ class ProbeEvaluator:
             self.scores[f"{kind}_{a}"].append(hits.cpu())
         self.fid.update(video, real=kind == "real")
 
-    def update(self, generated: torch.Tensor, real: torch.Tensor | None, metas: Sequence[dict]) -> None:
-        """Generated clips for prompts whose scenes are `metas`; `real` = the real clips of those scenes."""
-        self._score(generated, metas, "fake")
-        if real is not None:
-            self._score(real, metas, "real")
+    def update(self, generated: torch.Tensor, batch: dict[str, Any], extras: dict[str, torch.Tensor]) -> None:
+        """Generated clips for the batch's captions, scored against the scenes' ground truth; the batch's real
+        clips are scored too (the ceiling)."""
+        if self.probe is None or generated.shape[2] == 1 or "video" not in batch or "meta" not in batch:
+            return
+        self._score(generated, batch["meta"], "fake")
+        self._score(batch["video"], batch["meta"], "real")
 
     def compute(self) -> dict[str, float]:
+        if self.probe is None:
+            return {}
         out: dict[str, float] = {}
         for a in ATTRIBUTES:
             for kind, prefix in (("fake", "alignment"), ("real", "alignment_real")):

@@ -1,0 +1,153 @@
+"""Conditions concatenated to x_t on the channels: latents on the target's grid, each with its own channels.
+
+    LowResolutionVideo  c = Enc(Bilinear↑r(v)),  v = Bilinear↓r(x) (+ noise) in training   (Movie Gen upsampler)
+    StillImage          c = Enc(x[:, :, :1]) repeated over the latent frames              (Animated Stickers)
+    Mask                c = the inpainting mask, area-downsampled to the latent grid      (AVID)
+    MaskedVideo         c = Enc(x ⊙ (1 − mask))                                            (AVID)
+
+The null value is zero latents. The backbone's input weights for these channels start at zero (`nn.dit.DiT`'s
+`cond_channels`), so a text-to-video checkpoint starts unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_modules.conditioning.base import Conditioner, Encode
+
+
+def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of every frame of [B, C, T, H, W] to [B, C, T, height, width] (antialiased when shrinking)."""
+    b, c, t, h, w = video.shape
+    frames = video.transpose(1, 2).reshape(b * t, c, h, w)
+    shrink = height < h or width < w
+    frames = nn.functional.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False,
+                                       antialias=shrink)
+    return frames.reshape(b, t, c, height, width).transpose(1, 2)
+
+
+class LatentConcat(Conditioner):
+    """Base of the concatenated conditions: null = zeros, `channels` latent channels."""
+
+    kind = "concat"
+
+    def __init__(self, channels: int, dropout: float = 0.0) -> None:
+        super().__init__(dropout)
+        self.channels = int(channels)
+
+    def null(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(raw)
+
+    def _check(self, value: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
+        want = (self.channels, *latent_shape[1:])
+        if tuple(value.shape[1:]) != want:
+            raise ValueError(f"{type(self).__name__}: condition {tuple(value.shape[1:])} does not fit the latent "
+                             f"grid {want} (check `channels` and the codec)")
+        return value
+
+
+class LowResolutionVideo(LatentConcat):
+    """The spatial upsampler's condition (see the module docstring). A batch may hold "source" [B, 3, T, h, w]
+    (`task=sample` on existing videos); otherwise v is made from "video" by bilinear downsampling by `scale`.
+
+    Args:
+        scale: r, the upsampling factor; degrade_noise: std of Gaussian noise on v in training.
+    """
+
+    def __init__(self, channels: int, scale: int = 2, degrade_noise: float = 0.0, dropout: float = 0.0) -> None:
+        super().__init__(channels, dropout)
+        self.scale, self.degrade_noise = int(scale), float(degrade_noise)
+
+    def low_resolution(self, video: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """v = Bilinear↓r(x) (+ noise in training)."""
+        h, w = video.shape[-2:]
+        if h % self.scale or w % self.scale:
+            raise ValueError(f"LowResolutionVideo: H, W = {h}, {w} must be multiples of scale={self.scale}")
+        low = resize_video(video.float(), h // self.scale, w // self.scale)
+        if train and self.degrade_noise > 0:
+            low = (low + self.degrade_noise * torch.randn_like(low)).clamp(-1, 1)
+        return low
+
+    def upsampled(self, batch: dict[str, Any], train: bool = False) -> torch.Tensor:
+        """Bilinear↑r(v): the baseline an upsampler has to beat, [B, 3, T, r·h, r·w]."""
+        low = batch["source"].float() if "source" in batch else self.low_resolution(batch["video"], train)
+        return resize_video(low, low.shape[-2] * self.scale, low.shape[-1] * self.scale)
+
+    def target_size(self, batch: dict[str, Any]) -> tuple[int, int, int] | None:
+        """(frames, H, W) of the output for a batch that holds only the low-resolution video."""
+        if "source" not in batch:
+            return None
+        _, _, t, h, w = batch["source"].shape
+        return t, h * self.scale, w * self.scale
+
+    def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return self._check(encode(self.upsampled(batch, train)), latent_shape)
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"bilinear": self.upsampled(batch)}
+
+
+class StillImage(LatentConcat):
+    """The first frame of "video" (or the batch's "image" [B, 3, H, W]), encoded, repeated over latent frames."""
+
+    def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
+        image = batch["image"].unsqueeze(2) if "image" in batch else batch["video"][:, :, :1]
+        with torch.no_grad():
+            latent = encode(image.float())
+        return self._check(latent[:, :, :1].expand(-1, -1, latent_shape[1], -1, -1).contiguous(), latent_shape)
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = batch["image"].unsqueeze(2) if "image" in batch else batch["video"][:, :, :1]
+        frames = int(batch.get("frames") or 1)
+        return {"image": image.float().expand(-1, -1, frames, -1, -1)}
+
+
+def random_box_masks(batch_size: int, frames: int, height: int, width: int, min_frac: float = 0.25,
+                     max_frac: float = 0.6, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, 1, T, H, W] masks (1 = to fill) of one axis-aligned box per clip, the same in every frame, with sides
+    between `min_frac` and `max_frac` of the frame."""
+    masks = torch.zeros(batch_size, 1, frames, height, width)
+    for i in range(batch_size):
+        frac = torch.empty(2).uniform_(min_frac, max_frac, generator=generator)
+        bh, bw = max(1, int(frac[0] * height)), max(1, int(frac[1] * width))
+        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator))
+        masks[i, :, :, top:top + bh, left:left + bw] = 1.0
+    return masks
+
+
+def batch_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's "mask" [B, 1, T, H, W] (1 = region to generate); random boxes when it has none. The core
+    stores the drawn mask back in the batch, so the mask and the masked video of one step agree."""
+    if "mask" not in batch:
+        b, _, t, h, w = batch["video"].shape
+        batch["mask"] = random_box_masks(b, t, h, w).to(batch["video"].device)
+    return batch["mask"].float()
+
+
+class Mask(LatentConcat):
+    """The inpainting mask on the latent grid (area-averaged), 1 channel."""
+
+    def __init__(self, channels: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(channels, dropout)
+
+    def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
+        mask = nn.functional.adaptive_avg_pool3d(batch_mask(batch), tuple(latent_shape[1:]))
+        return self._check(mask, latent_shape)
+
+
+class MaskedVideo(LatentConcat):
+    """Enc(x ⊙ (1 − mask)): the video with the region to fill blanked (0, mid-grey in [-1, 1])."""
+
+    def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
+        masked = batch["video"].float() * (1.0 - batch_mask(batch))
+        with torch.no_grad():
+            return self._check(encode(masked), latent_shape)
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"masked": batch["video"].float() * (1.0 - batch_mask(batch))}

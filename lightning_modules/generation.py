@@ -1,0 +1,528 @@
+"""THE generative LightningModule: every generative line is a configuration of it.
+
+    backbone      a network x_t, t, conditions → prediction (`nn.dit.DiT`; a UNet later)
+    codec         the latent space: `PixelCodec`, or a frozen TAE (`nn.codecs`); X_1 = (Enc(x) − mean) / std
+    conditioners  name → `conditioning.Conditioner` (text, concatenated latents, extra tokens, frame features),
+                  each with its own dropout and null value; assembled into `conditioning.Conditions`
+    objective     an affine path x_t = α_t·X_1 + σ_t·X_0 and what the backbone predicts (`generative.paths`)
+    time_sampler  training times (logit-normal with a shift, or uniform; `generative.timesteps`)
+    sampler       solver, schedule, guidance (a scale per condition), temporal windows (`generative.*`)
+    evaluators    metrics and sample writing in the test loop (`evaluation`), named in the config
+
+Training step (Movie Gen §3.1.2 for the flow-matching objective):
+
+    X_1 = latent of the batch;  raw_c = conditioner_c.inputs(batch), dropped to its null value w.p. p_c
+    t ~ time_sampler;  X_0 ~ N(0, I);  X_t = α_t·X_1 + σ_t·X_0
+    loss = mean ‖backbone(X_t, t, C) − target_t‖²      target = velocity, ε, data or v (the objective's)
+
+Sampling: noise from a seed per sample (seed + index, so a sample does not depend on its batch), the solver over
+the schedule, multi-condition classifier-free guidance over the conditions named in `sampler.guidance`:
+
+    p_0 = all guided conditions null, p_i = the first i on;   out = p_0 + Σ_i s_i·(p_i − p_{i−1})
+
+(one pass when every scale is 1), the backbone run on overlapping windows of latent frames fused
+MultiDiffusion-style when `sampler.window` is set.
+
+Batches follow the datamodules' schema: "video" [B, 3, T, H, W] in [-1, 1] (images: T = 1), "text", "fps",
+"meta"; or "latent" [B, C, T', H', W'] from a latent cache in place of "video". Logged: train/loss (and
+train/loss_image | train/loss_video), val/loss on a fixed grid of times with fixed noise (the paper's
+development proxy), media through `callbacks.media.MediaLogger` (`media_samples`), and the evaluators' metrics.
+Tasks: `task=sample` (a prompt file, and/or a folder of videos to condition on → mp4s) and `task=evaluate`
+(the test loop under the "eval/" prefix). The runner loads the checkpoint's (EMA) weights before either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from datamodules.media import decode_video, frames_to_video
+from lightning_modules.base import BaseModule, OptimizerFactory, SchedulerFactory
+from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
+from lightning_modules.conditioning import Conditioner, Conditions, assemble
+from lightning_modules.conditioning.text import batch_fps
+from lightning_modules.evaluation import Evaluator
+from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
+from lightning_modules.generative import guidance, multidiffusion, paths, solvers, timesteps
+from lightning_modules.nn.dit import grow_input_channels, grow_position_tables
+
+
+@dataclass
+class Objective:
+    """The affine path and the backbone's prediction type ("velocity", "epsilon", "data" or "v")."""
+
+    path: paths.AffinePath = field(default_factory=paths.FlowMatchingPath)
+    prediction: str = "velocity"
+
+    def __post_init__(self) -> None:
+        if self.prediction not in paths.PREDICTIONS:
+            raise ValueError(f"model.objective.prediction={self.prediction!r}; choose one of {paths.PREDICTIONS}")
+
+
+@dataclass
+class TimeSampler:
+    """Training times: "logit_normal", t = shift(sigmoid(n)), n ~ N(mean, std²); or "uniform" on (0, 1), shifted."""
+
+    kind: str = "logit_normal"
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+    def __call__(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        if self.kind == "logit_normal":
+            t = timesteps.logit_normal(batch_size, self.mean, self.std, device=device)
+        elif self.kind == "uniform":
+            t = timesteps.uniform_times(batch_size, device=device)
+        else:
+            raise ValueError(f"model.time_sampler.kind={self.kind!r}; choose logit_normal or uniform")
+        return timesteps.shift_time(t, self.shift) if self.shift != 1.0 else t
+
+
+@dataclass
+class SamplerConfig:
+    """How samples are drawn.
+
+    solver: euler | midpoint | ddim; schedule: linear_quadratic | uniform | shifted | leading | trailing |
+    linspace, with `steps` (emulating `emulated_steps` for linear_quadratic; `shift` for shifted);
+    guidance: condition name → scale, in the order of the passes (e.g. {video: 1.5, text: 7.5} is
+    InstructPix2Pix's); window / overlap / weighting: temporal windows in latent frames (null: none); seed.
+    """
+
+    solver: str = "euler"
+    schedule: str = "linear_quadratic"
+    steps: int = 50
+    emulated_steps: int = 1000
+    shift: float = 1.0
+    guidance: dict[str, float] = field(default_factory=lambda: {"text": 7.5})
+    window: int | None = None
+    overlap: int = 0
+    weighting: str = "uniform"
+    seed: int = 0
+
+
+@dataclass
+class MediaConfig:
+    """`media_samples` (for callbacks.media.MediaLogger): clips and solver steps."""
+
+    max_samples: int = 4
+    steps: int = 20
+
+
+@dataclass
+class SampleTaskConfig:
+    """`task=sample`: a prompts file (one per line) and/or `inputs` (a video file or folder of them, each with an
+    optional <name>.txt caption: the clips a conditioner reads as "source", e.g. the upsampler's input);
+    where to write; clip size and rate for prompts (frames = 1 writes images); batch size; seeds per prompt."""
+
+    prompts: str | None = None
+    inputs: str | None = None
+    output_dir: str | None = None
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    batch_size: int = 4
+    per_prompt: int = 1
+
+
+def _config(cls: type, value: Any, name: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(**dict(value or {}))
+    except TypeError as exc:
+        raise TypeError(f"model.{name}: {exc} (known keys: {sorted(cls.__dataclass_fields__)})") from exc
+
+
+def _channel_stat(value: float | list[float], channels: int, name: str) -> torch.Tensor:
+    values = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if values.numel() not in (1, channels):
+        raise ValueError(f"model.{name} has {values.numel()} values; give one or one per latent channel ({channels})")
+    return values.expand(channels).clone().view(1, channels, 1, 1, 1)
+
+
+class GenerationModule(BaseModule):
+    """See the module docstring.
+
+    Args:
+        net: the backbone; codec: the latent space; conditioners: name → Conditioner (order matters: context
+            tokens and concatenated channels follow it).
+        objective, time_sampler, sampler, media, sample: `Objective`, `TimeSampler`, `SamplerConfig`,
+            `MediaConfig`, `SampleTaskConfig` (or their fields).
+        evaluators: name → `evaluation.Evaluator` for the test loop.
+        latent_mean, latent_std: normalisation of the codec's latents (scalar or per channel).
+        val_times: size of the fixed validation time grid.
+        init_from: weights to start from (the previous stage): a checkpoint, or a folder whose newest
+            `**/checkpoints/last.ckpt` is used; position tables grow to this model's sizes and new input channels
+            start at zero. A missing one is an error, except under `trainer.fast_dev_run`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        codec: nn.Module,
+        conditioners: Mapping[str, Conditioner],
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
+        objective: dict | Objective | None = None,
+        time_sampler: dict | TimeSampler | None = None,
+        sampler: dict | SamplerConfig | None = None,
+        evaluators: Mapping[str, Evaluator | None] | None = None,
+        latent_mean: float | list[float] = 0.0,
+        latent_std: float | list[float] = 1.0,
+        val_times: int = 10,
+        media: dict | MediaConfig | None = None,
+        sample: dict | SampleTaskConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(optimizer, scheduler, scheduler_interval)
+        conditioners = {name: c for name, c in (conditioners or {}).items() if c is not None}
+        self.net, self.codec = net, codec
+        self.conditioners = nn.ModuleDict(conditioners)
+        self.objective = _config(Objective, objective, "objective")
+        self.time_sampler = _config(TimeSampler, time_sampler, "time_sampler")
+        self.sampler = _config(SamplerConfig, sampler, "sampler")
+        self.media = _config(MediaConfig, media, "media")
+        self.sample_cfg = _config(SampleTaskConfig, sample, "sample")
+        self.evaluators = {name: e for name, e in (evaluators or {}).items() if e is not None}
+        self.val_times, self.init_from = val_times, init_from
+        self._check_wiring()
+        self.register_buffer("latent_mean", _channel_stat(latent_mean, net.in_channels, "latent_mean"))
+        self.register_buffer("latent_std", _channel_stat(latent_std, net.in_channels, "latent_std"))
+        self._stage_prefix = "test"
+
+    def _check_wiring(self) -> None:
+        net = self.net
+        if self.codec.latent_channels != net.in_channels:
+            raise ValueError(f"model.net.in_channels={net.in_channels} must equal the codec's latent channels "
+                             f"({self.codec.latent_channels})")
+        concat = 0
+        for name, c in self.conditioners.items():
+            if c.kind in ("context", "tokens") and getattr(c, "dim", net.dim) != net.dim:
+                raise ValueError(f"model.conditioners.{name}: width {c.dim} must equal model.net.dim={net.dim}")
+            concat += c.channels if c.kind == "concat" else 0
+        if concat != getattr(net, "cond_channels", 0):
+            raise ValueError(f"model.net.cond_channels={getattr(net, 'cond_channels', 0)} must equal the channels of "
+                             f"the concatenated conditioners ({concat})")
+        if not any(c.kind == "context" for c in self.conditioners.values()):
+            raise ValueError("model.conditioners needs a context conditioner (text): the backbone cross-attends to it")
+        unknown = sorted(set(self.sampler.guidance) - set(self.conditioners))
+        if unknown:
+            raise ValueError(f"model.sampler.guidance names {unknown}, which are not conditioners "
+                             f"({sorted(self.conditioners)})")
+
+    # -- parallelism -------------------------------------------------------------------------------------------------
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP2 / activation-checkpointing units: the backbone's blocks and every conditioner with weights. The
+        backbone's other parameters belong to the root module, which FSDP2 gathers around `forward` only:
+        every use of the backbone goes through self(...)."""
+        return [*self.net.blocks, *(c for c in self.conditioners.values() if any(True for _ in c.parameters()))]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        """The backbone's prediction for x_t [B, C, T, H, W] at times t [B] under `conditions`."""
+        return self.net(x, t, **conditions.backbone_kwargs())
+
+    # -- starting from a previous stage ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from:
+            try:
+                path = newest_checkpoint(self.init_from)
+            except FileNotFoundError:
+                if self.trainer is not None and self.trainer.fast_dev_run:
+                    print(f"[generation] fast_dev_run: model.init_from={self.init_from} not found; starting from scratch")
+                    return
+                raise
+            self.load_stage_weights(path)
+
+    def load_stage_weights(self, path: str | Path) -> None:
+        """Load a previous stage's weights (not the optimizer): position tables grow, the input weights of new
+        concatenated channels start at zero; the weights of conditioners the previous stage did not have keep
+        their initialisation (zero output projections)."""
+        state = read_module_state(path)
+        state = grow_input_channels(grow_position_tables(state, self.net, prefix="net."), self.net, prefix="net.")
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        new = tuple(f"conditioners.{name}." for name in self.conditioners)
+        missing = [k for k in missing if not k.startswith(new)]
+        if missing or unexpected:
+            raise ValueError(f"model.init_from={path} does not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        print(f"[generation] initialised from {path}")
+
+    # -- latents and conditions --------------------------------------------------------------------------------------
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Normalised latent (Enc(x) − mean) / std of pixels [B, 3, T, H, W] in [-1, 1]."""
+        with torch.no_grad():
+            return (self.codec.encode(video.float()) - self.latent_mean) / self.latent_std
+
+    def to_latent(self, batch: dict[str, Any]) -> torch.Tensor:
+        """X_1 of a batch: its "latent" (a cache), normalised, or the encoding of its "video"."""
+        if "latent" in batch:
+            return (batch["latent"].float() - self.latent_mean) / self.latent_std
+        return self.encode(batch["video"])
+
+    def from_latent(self, x1: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] from a normalised latent."""
+        return self.codec.decode(x1 * self.latent_std + self.latent_mean, num_frames).clamp(-1.0, 1.0)
+
+    @staticmethod
+    def pixel_shape(batch: dict[str, Any]) -> tuple[int, int, int]:
+        """(frames, height, width) of the batch's clips (a latent batch reads them from its meta)."""
+        if "video" in batch:
+            return tuple(int(s) for s in batch["video"].shape[2:])
+        latent = (batch.get("meta") or [{}])[0].get("latent") or {}
+        if not latent:
+            raise ValueError("a latent batch needs meta[i]['latent'] with frames, height, width to be decoded")
+        return int(latent["frames"]), int(latent["height"]), int(latent["width"])
+
+    def condition_inputs(self, batch: dict[str, Any], latent_shape: tuple[int, ...], train: bool) -> dict[str, Any]:
+        """Each conditioner's raw condition of the batch (parameter-free)."""
+        return {name: c.inputs(batch, self.encode, latent_shape, train) for name, c in self.conditioners.items()}
+
+    def conditions(self, raw: dict[str, Any], fps: torch.Tensor, on: dict[str, bool | torch.Tensor]) -> Conditions:
+        """Conditions with each conditioner's raw value kept where `on[name]` (a bool, or a bool [B]), else null."""
+        b = fps.shape[0]
+        values = {}
+        for name, c in self.conditioners.items():
+            keep = on.get(name, True)
+            keep = keep if isinstance(keep, torch.Tensor) else torch.full((b,), bool(keep))
+            values[name] = c(c.drop(raw[name], keep))
+        return assemble(dict(self.conditioners), values, fps.to(self.device))
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any], t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             train: bool = False) -> torch.Tensor:
+        """The objective's loss on a batch at times t (default: the time sampler's); `train` applies each
+        conditioner's dropout and training-time degradations."""
+        batch = {**batch, "frames": self.pixel_shape(batch)[0]}
+        x1 = self.to_latent(batch)
+        b = x1.shape[0]
+        raw = self.condition_inputs(batch, tuple(x1.shape[1:]), train)
+        on = {name: torch.rand(b) >= c.dropout for name, c in self.conditioners.items()} if train else {}
+        conditions = self.conditions(raw, batch_fps(batch, b), on)
+        if t is None:
+            t = self.time_sampler(b, x1.device)
+        path, prediction = self.objective.path, self.objective.prediction
+        x0, x_t = path.sample(x1, t, noise)
+        return paths.flow_matching_loss(self(x_t, t, conditions), path.target(x0, x1, t, prediction))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, train=True)
+        b = len(batch["text"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log(f"train/loss_{'image' if self.pixel_shape(batch)[0] == 1 else 'video'}", loss, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Loss on the fixed grid t_k = (k + 0.5) / K with noise seeded by the batch index; cheap evaluators on
+        the first batch."""
+        x1 = self.to_latent(batch)
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        losses = []
+        for k in range(self.val_times):
+            t = torch.full((x1.shape[0],), (k + 0.5) / self.val_times, device=x1.device)
+            noise = torch.randn(x1.shape, generator=generator).to(x1)
+            losses.append(self.loss(batch, t=t, noise=noise))
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x1.shape[0])
+        quick = [e for e in self.evaluators.values() if e.on_validation]
+        if batch_idx == 0 and quick:
+            self._evaluate(batch, quick, "val", limit=self.media.max_samples, steps=self.media.steps)
+
+    # -- sampling ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
+        """[count, *shape] noise; sample i from its own generator seeded with seed + i."""
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+
+    def guidance_passes(self, scales: Mapping[str, float]) -> tuple[list[dict[str, bool]], list[float]]:
+        """The passes p_0..p_n (which conditions are on in each) and the scales s_1..s_n; one pass (all on) when
+        there is nothing to guide. Conditions not named in `scales` are on in every pass."""
+        scales = {name: float(s) for name, s in scales.items()}
+        if all(s == 1.0 for s in scales.values()):
+            return [{}], []
+        names = list(scales)
+        passes = [{name: i < k for i, name in enumerate(names)} for k in range(len(names) + 1)]
+        return passes, [scales[n] for n in names]
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], frames: int, height: int, width: int, *, steps: int | None = None,
+                 guidance_scales: Mapping[str, float] | None = None, schedule: str | None = None,
+                 seed: int | None = None, noise: torch.Tensor | None = None, return_latent: bool = False,
+                 ) -> torch.Tensor:
+        """Videos [B, 3, frames, height, width] in [-1, 1] for the conditions of `batch` (at least "text"; "fps";
+        what the other conditioners read); with `return_latent`, the normalised latent the solver reached."""
+        cfg = self.sampler
+        b = len(batch["text"])
+        fps = batch_fps(batch, b) if frames > 1 else torch.zeros(b)
+        batch = {**batch, "fps": fps, "frames": frames}
+        shape = tuple(self.codec.latent_shape(frames, height, width))
+        if noise is None:
+            noise = self.noise(shape, cfg.seed if seed is None else seed, b)
+        x0 = noise.to(self.device, torch.float32)
+        raw = self.condition_inputs(batch, shape, train=False)
+        passes, scales = self.guidance_passes(cfg.guidance if guidance_scales is None else guidance_scales)
+        conditions = Conditions.cat([self.conditions(raw, fps, on) for on in passes])
+
+        def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not cfg.window:
+                return self(x, t, conditions)
+
+            def one_window(piece: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+                return self(piece, t, conditions.window(*span))
+
+            return multidiffusion.fuse_windows(one_window, x, cfg.window, cfg.overlap, dim=2, weighting=cfg.weighting)
+
+        model_fn = guidance.guided(batched, scales) if scales else batched
+        grid = timesteps.schedule(schedule or cfg.schedule, steps or cfg.steps, cfg.emulated_steps, shift=cfg.shift,
+                                  train_steps=getattr(self.objective.path, "num_train_steps", 1000))
+        x1 = solvers.solve(cfg.solver, model_fn, x0, grid.to(self.device), path=self.objective.path,
+                           prediction=self.objective.prediction)
+        return x1 if return_latent else self.from_latent(x1, frames)
+
+    def previews(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The conditioners' previews of the batch (the upsampler's bilinear input, a masked video, ...)."""
+        batch = {**batch, "frames": self.pixel_shape(batch)[0]} if "video" in batch else batch
+        out: dict[str, torch.Tensor] = {}
+        for c in self.conditioners.values():
+            out.update(c.preview(batch))
+        return out
+
+    def _sample_batch(self, batch: dict[str, Any], limit: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Samples for (the first `limit` items of) a dataset batch, at its clips' size."""
+        n = len(batch["text"]) if limit is None else min(limit, len(batch["text"]))
+        part = {k: v[:n] if isinstance(v, torch.Tensor | list | tuple) else v for k, v in batch.items()}
+        frames, height, width = self.pixel_shape(part)
+        return self.generate(part, frames, height, width, **kwargs), part
+
+    @torch.no_grad()
+    def media_samples(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """{"sample": generated clips for the batch's conditions, "real": its clips, and the previews}."""
+        sample, part = self._sample_batch(batch, self.media.max_samples, steps=self.media.steps)
+        out = {"sample": sample}
+        if "video" in part:
+            out["real"] = part["video"].float()
+            out.update(self.previews(part))
+        return out
+
+    # -- evaluation: the test loop after fit, and task=evaluate -------------------------------------------------------
+    def _evaluate(self, batch: dict[str, Any], evaluators: list[Evaluator], stage: str, limit: int | None = None,
+                  **kwargs: Any) -> None:
+        """Sample the batch, update `evaluators`; at validation also compute and log them at once."""
+        sample, part = self._sample_batch(batch, limit, **kwargs)
+        extras = self.previews(part) if "video" in part else {}
+        if stage == "val":
+            for e in evaluators:
+                e.start(self, self.trainer)
+                e.update(sample, part, extras)
+                for name, value in e.compute().items():
+                    self.log(f"val/{name}", value, batch_size=sample.shape[0])
+            return
+        for e in evaluators:
+            e.update(sample, part, extras)
+
+    def on_test_start(self) -> None:
+        for e in self.evaluators.values():
+            e.start(self, self.trainer)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, list(self.evaluators.values()), self._stage_prefix,
+                       seed=self.sampler.seed + 1000 * batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        for e in self.evaluators.values():
+            for name, value in e.compute().items():
+                self.log(f"{self._stage_prefix}/{name}", value)
+
+    # -- custom tasks ------------------------------------------------------------------------------------------------
+    def run_task(self, name: str, trainer: L.Trainer, datamodule: L.LightningDataModule | None, cfg: Any) -> Any:
+        """`task=sample` (prompts and/or input videos → videos) and `task=evaluate` (the test loop as eval/*)."""
+        if name == "sample":
+            return self.sample_to_files(trainer)
+        if name == "evaluate":
+            self._stage_prefix = "eval"
+            try:
+                return trainer.test(self, datamodule=datamodule)
+            finally:
+                self._stage_prefix = "test"
+        raise ValueError(f"task={name!r} is not offered by {type(self).__name__}; it supports fit, validate, test, "
+                         "sample, evaluate")
+
+    def sample_requests(self) -> list[dict[str, Any]]:
+        """One batch of one item per request of `task=sample`: each prompt (× per_prompt), each input video."""
+        cfg = self.sample_cfg
+        requests: list[dict[str, Any]] = []
+        if cfg.prompts:
+            path = Path(cfg.prompts)
+            if not path.is_file():
+                raise FileNotFoundError(f"model.sample.prompts={cfg.prompts}: no such file")
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"model.sample.prompts={cfg.prompts} holds no prompts")
+            requests += [{"text": [p], "fps": torch.tensor([cfg.fps])} for p in prompts for _ in range(cfg.per_prompt)]
+        if cfg.inputs:
+            requests += read_input_videos(cfg.inputs)
+        if not requests:
+            raise ValueError("task=sample needs model.sample.prompts=<a text file, one prompt per line> and/or "
+                             "model.sample.inputs=<a video file or a folder of videos>")
+        return requests
+
+    def output_size(self, request: dict[str, Any]) -> tuple[int, int, int]:
+        """(frames, H, W) to generate for a request: a conditioner's (the upsampler: r × its input), else the
+        input video's, else the config's."""
+        for c in self.conditioners.values():
+            size = c.target_size(request) if hasattr(c, "target_size") else None
+            if size is not None:
+                return size
+        if "source" in request:
+            return tuple(int(s) for s in request["source"].shape[2:])
+        cfg = self.sample_cfg
+        return cfg.frames, cfg.height, cfg.width
+
+    @torch.no_grad()
+    def sample_to_files(self, trainer: L.Trainer) -> list[Path]:
+        """Write one clip per request to `sample.output_dir` (default <run dir>/samples); log them to MLflow."""
+        cfg = self.sample_cfg
+        self.to(trainer.strategy.root_device).eval()
+        folder = Path(cfg.output_dir) if cfg.output_dir else Path(trainer.default_root_dir) / "samples"
+        requests = self.sample_requests()
+        written: list[Path] = []
+        for index, request in enumerate(requests):
+            frames, height, width = self.output_size(request)
+            video = self.generate(request, frames, height, width, seed=self.sampler.seed + index)[0]
+            caption = request["text"][0]
+            stem = folder / f"{index:03d}_{slug(request.get('name') or caption)}"
+            written += write_clip(stem, video, caption, float(request["fps"][0]))
+            print(f"[generation] {index + 1}/{len(requests)} sampled: {stem.name}")
+        log_artifacts(trainer, written, "samples")
+        for logger in trainer.loggers:
+            if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_dict"):
+                logger.experiment.log_dict(logger.run_id, asdict(self.sampler), "samples/sampling.json")
+                logger.experiment.log_text(logger.run_id, "\n".join(r["text"][0] for r in requests) + "\n",
+                                           "samples/prompts.txt")
+        print(f"[generation] wrote {len(written) // 2} samples to {folder}")
+        return written
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+
+
+def read_input_videos(location: str) -> list[dict[str, Any]]:
+    """Requests from a video file or a folder of videos: {"source": [1, 3, T, H, W] in [-1, 1], "text": [the
+    caption in <name>.txt beside it, or ""], "fps": [its rate], "name": its stem}."""
+    path = Path(location)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise FileNotFoundError(f"model.sample.inputs={location}: no video file there ({', '.join(VIDEO_SUFFIXES)})")
+    requests = []
+    for file in files:
+        clip = decode_video(file)
+        caption_file = file.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        video = frames_to_video(torch.from_numpy(clip.frames))[None]
+        requests.append({"source": video, "text": [caption], "fps": torch.tensor([clip.fps]), "name": file.stem})
+    return requests
