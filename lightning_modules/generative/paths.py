@@ -56,6 +56,15 @@ def expand_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.ndim - 1)))
 
 
+def as_time(t: torch.Tensor | float) -> torch.Tensor:
+    """t as a floating tensor: a Python number becomes float64 (a VP knot time keeps its precision), an integer
+    tensor the default dtype, a floating tensor is kept."""
+    if isinstance(t, (int, float)):
+        return torch.tensor(float(t), dtype=torch.float64)
+    t = torch.as_tensor(t)
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
 def check_prediction(prediction: str) -> str:
     """`prediction` if it is one of PREDICTIONS, else a one-line ValueError."""
     if prediction not in PREDICTIONS:
@@ -100,12 +109,7 @@ class AffinePath(ABC):
 
     def expanded(self, t: torch.Tensor | float, like: torch.Tensor) -> Coefficients:
         """(α, σ, α', σ') as [B, 1, ..., 1] tensors in like's dtype; t is a scalar or [B]."""
-        if isinstance(t, (int, float)):
-            t = torch.tensor(float(t), dtype=torch.float64)  # a Python time keeps its precision (knots of VPPath)
-        else:
-            t = torch.as_tensor(t)
-            if not t.is_floating_point():
-                t = t.to(like.dtype)
+        t = as_time(t)
         if t.ndim == 0:
             t = t.expand(like.shape[0])
         if t.shape != (like.shape[0],):
@@ -185,9 +189,7 @@ class FlowMatchingPath(AffinePath):
 
     def coefficients(self, t: torch.Tensor | float) -> Coefficients:
         """(t, 1 − (1 − σ_min)·t, 1, −(1 − σ_min)), computed in t's dtype."""
-        t = torch.as_tensor(t)
-        if not t.is_floating_point():
-            t = t.to(torch.get_default_dtype())
+        t = as_time(t)
         slope = 1.0 - self.sigma_min
         return t, 1.0 - slope * t, torch.ones_like(t), torch.full_like(t, -slope)
 
@@ -302,8 +304,8 @@ class VPPath(AffinePath):
     def coefficients(self, t: torch.Tensor | float) -> Coefficients:
         """(α_t, σ_t, α'_t, σ'_t) by angle interpolation (class docstring); computed in float64 (float32 on MPS)
         so float32 knot times stay on their knots, returned in t's dtype."""
-        t = torch.as_tensor(t)
-        out_dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+        t = as_time(t)
+        out_dtype = t.dtype
         wide = torch.float32 if t.device.type == "mps" else torch.float64
         alpha_k, sigma_k, delta_k = self._knots_on(t.device, wide)
         n = self.num_train_steps
@@ -325,8 +327,7 @@ class VPPath(AffinePath):
     def step_of_time(self, t: torch.Tensor | float) -> torch.Tensor:
         """k = N − 1 − N·t, the (continuous) diffusion step a DDPM-style network takes as its timestep input;
         t = 1 gives −1, the virtual clean step."""
-        t = torch.as_tensor(t)
-        return (self.num_train_steps - 1) - self.num_train_steps * t
+        return (self.num_train_steps - 1) - self.num_train_steps * as_time(t)
 
     def __repr__(self) -> str:
         return (f"VPPath(schedule={self.schedule!r}, num_train_steps={self.num_train_steps}, beta_start={self.beta_start}, "

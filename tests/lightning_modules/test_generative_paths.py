@@ -86,7 +86,7 @@ def test_zero_terminal_snr_rescale(schedule: str) -> None:
         hand = ((math.sqrt(a[k].item()) - rl) * r0 / (r0 - rl)) ** 2
         assert b[k].item() == pytest.approx(hand, rel=1e-12)
     # betas stay consistent with ᾱ: Π(1 − β) = ᾱ, and the last β is 1
-    assert torch.allclose(torch.cumprod(1 - ztsnr.betas, 0), b, atol=1e-14)
+    assert torch.allclose(torch.cumprod(1 - ztsnr.betas, 0), b, rtol=0, atol=1e-14)
     assert ztsnr.betas[-1].item() == 1.0
     # continuous time: α(0) = 0, σ(0) = 1 exactly
     assert ztsnr.alpha(0.0).item() == 0.0 and ztsnr.sigma(0.0).item() == 1.0
@@ -110,7 +110,7 @@ def test_vp_continuous_time_knots_angle_and_derivatives(kwargs: dict) -> None:
     # VP everywhere
     t = torch.rand(200, dtype=torch.float64)
     alpha, sigma, d_alpha, d_sigma = path.coefficients(t)
-    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(t), atol=1e-14)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(t), rtol=0, atol=1e-14)
     # between knots the angle φ = acos(α) is linear: a quarter of the way from knot j (step N−1−j) to j+1
     phi = lambda ab: math.acos(math.sqrt(ab))
     for j in (0, n // 3, n - 2):
@@ -160,12 +160,12 @@ def test_targets_and_every_conversion_round_trip(case: str) -> None:
     hand = _hand_targets(path, x0, x1, t)
     for p in PREDICTIONS:
         target = path.target(x0, x1, t, p)
-        assert torch.allclose(target, hand[p], atol=1e-14), p
+        assert torch.allclose(target, hand[p], rtol=0, atol=1e-14), p
         # the pair (data, noise) is recovered exactly from any prediction
         d, e = path.to_data_noise(target, x_t, t, p)
-        assert torch.allclose(d, x1, atol=1e-9) and torch.allclose(e, x0, atol=1e-9), p
+        assert torch.allclose(d, x1, rtol=0, atol=1e-9) and torch.allclose(e, x0, atol=1e-9), p
     for p, q in itertools.product(PREDICTIONS, PREDICTIONS):
-        assert torch.allclose(path.convert(hand[p], x_t, t, p, q), hand[q], atol=1e-9), (p, q)
+        assert torch.allclose(path.convert(hand[p], x_t, t, p, q), hand[q], rtol=0, atol=1e-9), (p, q)
     # the velocity is the time derivative of the path (central difference of X_t at fixed x0, x1), away from the
     # VP knots at multiples of 1/1000 where the interpolated path has a kink
     tm, h = t + 3.7e-4, 1e-7
