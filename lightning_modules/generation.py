@@ -380,7 +380,7 @@ class GenerationModule(BaseModule):
         model_fn = guidance.guided(batched, scales) if scales else batched
         grid = timesteps.schedule(schedule or cfg.schedule, steps or cfg.steps, cfg.emulated_steps, shift=cfg.shift,
                                   train_steps=getattr(self.objective.path, "num_train_steps", 1000))
-        x1 = solvers.solve(cfg.solver, model_fn, x0, grid.to(self.device), path=self.objective.path,
+        x1 = solvers.solve(cfg.solver, model_fn, x0, grid, path=self.objective.path,
                            prediction=self.objective.prediction)
         return x1 if return_latent else self.from_latent(x1, frames)
 

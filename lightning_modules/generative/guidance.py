@@ -26,7 +26,8 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def combine(predictions: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
-    """p_0 + Σ_i s_i·(p_i − p_{i−1}) for predictions ordered p_0 (nothing on) .. p_n (all on); len = len(scales) + 1."""
+    """p_0 + Σ_i s_i·(p_i − p_{i−1}) for predictions ordered p_0 (nothing on) .. p_n (all on);
+    len(predictions) = len(scales) + 1."""
     if len(predictions) != len(scales) + 1 or not scales:
         raise ValueError(f"need len(predictions) = len(scales) + 1 >= 2, got {len(predictions)} and {len(scales)}")
     out = predictions[0]

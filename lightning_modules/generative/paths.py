@@ -291,7 +291,8 @@ class VPPath(AffinePath):
         alpha = abar.clamp(0.0, 1.0).sqrt()
         sigma = (1.0 - abar).clamp(0.0, 1.0).sqrt()
         # the angle between consecutive knots from the rotation (α_j, σ_j) → (α_{j+1}, σ_{j+1}): accurate near 0
-        delta = torch.atan2(sigma[1:] * alpha[:-1] - alpha[1:] * sigma[:-1], alpha[1:] * alpha[:-1] + sigma[1:] * sigma[:-1])
+        delta = torch.atan2(sigma[1:] * alpha[:-1] - alpha[1:] * sigma[:-1],
+                            alpha[1:] * alpha[:-1] + sigma[1:] * sigma[:-1])
         self._knots = (alpha, sigma, torch.cat([delta, delta[-1:]]))  # Δ_N := Δ_{N−1}: the left derivative at t = 1
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
@@ -318,7 +319,8 @@ class VPPath(AffinePath):
         alpha = a0 * cos - s0 * sin  # cos(φ_j + wΔ)
         sigma = s0 * cos + a0 * sin  # sin(φ_j + wΔ)
         dphi = n * delta
-        return tuple(c.to(out_dtype) for c in (alpha, sigma, -sigma * dphi, alpha * dphi))  # type: ignore[return-value]
+        coefficients = (alpha, sigma, -sigma * dphi, alpha * dphi)
+        return tuple(c.to(out_dtype) for c in coefficients)  # type: ignore[return-value]
 
     def time_of_step(self, k: torch.Tensor | int) -> torch.Tensor:
         """t = (N − 1 − k) / N (float64)."""
@@ -330,8 +332,8 @@ class VPPath(AffinePath):
         return (self.num_train_steps - 1) - self.num_train_steps * as_time(t)
 
     def __repr__(self) -> str:
-        return (f"VPPath(schedule={self.schedule!r}, num_train_steps={self.num_train_steps}, beta_start={self.beta_start}, "
-                f"beta_end={self.beta_end}, zero_terminal_snr={self.zero_terminal_snr})")
+        return (f"VPPath(schedule={self.schedule!r}, num_train_steps={self.num_train_steps}, "
+                f"beta_start={self.beta_start}, beta_end={self.beta_end}, zero_terminal_snr={self.zero_terminal_snr})")
 
 
 # -- a path by name ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
     Euler (Movie Gen §3.4):  X_{i+1} = X_i + (t_{i+1} − t_i)·u(X_i, t_i)
     midpoint:                X_{i+1} = X_i + h·u(X_i + (h/2)·u(X_i, t_i), t_i + h/2),   h = t_{i+1} − t_i
     DDIM, η = 0 (Song et al. 2021, eq. 12, in our notation):
-                             (X̂_1, X̂_0) = to_data_noise(model(X_i, t_i)),   X_{i+1} = α_{t_{i+1}}·X̂_1 + σ_{t_{i+1}}·X̂_0
+                             (X̂_1, X̂_0) = to_data_noise(model(X_i, t_i)),
+                             X_{i+1} = α(t_{i+1})·X̂_1 + σ(t_{i+1})·X̂_0
 
 DDIM keeps the predicted noise and re-noises the predicted data to the next level; it ends on X̂_1 when the last
 time has σ = 0 (t = 1 on VPPath and on FlowMatchingPath with σ_min = 0). When α_t and σ_t are affine in t (the flow-
@@ -66,7 +67,7 @@ def midpoint(model_fn: ModelFn, noise: torch.Tensor, timesteps: torch.Tensor,
 @torch.no_grad()
 def ddim(model_fn: ModelFn, noise: torch.Tensor, timesteps: torch.Tensor, path: AffinePath, prediction: str,
          callback: StepCallback | None = None) -> torch.Tensor:
-    """Deterministic DDIM (η = 0): X_{i+1} = α_{t_{i+1}}·X̂_1 + σ_{t_{i+1}}·X̂_0 with (X̂_1, X̂_0) the model's data and
+    """Deterministic DDIM (η = 0): X_{i+1} = α(t_{i+1})·X̂_1 + σ(t_{i+1})·X̂_0 with (X̂_1, X̂_0) the model's data and
     noise estimates at (X_i, t_i); from X_0 = noise, returns X_S. `callback(i, X_{i+1}, X̂_1)` gets the data estimate.
     Path coefficients are taken at the float64 times so VP knots are hit exactly; the model sees t in x's dtype."""
     times = _times(timesteps)
@@ -95,7 +96,8 @@ def solver(name: str) -> Callable[..., torch.Tensor]:
 
 
 def as_velocity(model_fn: ModelFn, path: AffinePath, prediction: str) -> ModelFn:
-    """model_fn predicting `prediction` → a velocity model u(x, t) = path.convert(model_fn(x, t), x, t, ·, "velocity")."""
+    """model_fn predicting `prediction` → a velocity model u(x, t) = path.convert(model_fn(x, t), x, t, prediction,
+    "velocity")."""
     check_prediction(prediction)
     if prediction == "velocity":
         return model_fn

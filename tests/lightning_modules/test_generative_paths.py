@@ -93,7 +93,8 @@ def test_zero_terminal_snr_rescale(schedule: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"schedule": "cosine"}, {"zero_terminal_snr": True},
-                                    {"schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_steps": 50}])
+                                    {"schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                                     "num_train_steps": 50}])
 def test_vp_continuous_time_knots_angle_and_derivatives(kwargs: dict) -> None:
     path = paths.VPPath(**kwargs)
     n = path.num_train_steps
@@ -152,7 +153,7 @@ def _hand_targets(path: paths.AffinePath, x0: torch.Tensor, x1: torch.Tensor, t:
 def test_targets_and_every_conversion_round_trip(case: str) -> None:
     path = PATH_CASES[case]()
     g = torch.Generator().manual_seed(3)
-    x0, x1 = torch.randn(6, 3, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, 5, generator=g, dtype=torch.float64)
+    x0, x1 = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64)
     t = torch.tensor([0.02, 0.2, 0.45, 0.5, 0.8, 0.97], dtype=torch.float64)
     x0_, x_t = path.sample(x1, t, noise=x0)
     alpha, sigma = path.alpha(t).view(-1, 1, 1), path.sigma(t).view(-1, 1, 1)
@@ -180,7 +181,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-12) -> bool:
 def test_conversions_by_hand_formulas() -> None:
     """A model output is not a target: check the inverse formulas on an arbitrary output at arbitrary X_t."""
     g = torch.Generator().manual_seed(4)
-    out, x_t = torch.randn(2, 7, generator=g, dtype=torch.float64), torch.randn(2, 7, generator=g, dtype=torch.float64)
+    out, x_t = torch.randn(2, 2, 7, generator=g, dtype=torch.float64)
     t = torch.tensor([0.3, 0.75], dtype=torch.float64)
     # flow matching: D = α σ' − σ α' = −t(1 − s) − (1 − (1 − s)t) = −1
     s = 1e-5
@@ -235,9 +236,7 @@ def test_make_path() -> None:
         paths.make_path("edm")
 
 
-# -- peer: Meta's flow_matching package -----------------------------------------------------------------------------
-fm_lib = pytest.importorskip("flow_matching")
-
+# -- peer: Meta's flow_matching package (a dev dependency) -------------------------------------------------------
 
 def _scheduler_from(path: paths.AffinePath):
     """Our coefficients as a flow_matching Scheduler (their conversions are written against any scheduler)."""
@@ -270,10 +269,11 @@ def _sigma_min_scheduler(sigma_min: float):
 
 
 def test_peer_flow_matching_path_and_target() -> None:
+    pytest.importorskip("flow_matching")
     from flow_matching.path import AffineProbPath, CondOTProbPath
 
     g = torch.Generator().manual_seed(5)
-    x0, x1 = torch.randn(8, 3, 4, generator=g, dtype=torch.float64), torch.randn(8, 3, 4, generator=g, dtype=torch.float64)
+    x0, x1 = torch.randn(2, 8, 3, 4, generator=g, dtype=torch.float64)
     t = torch.rand(8, generator=g, dtype=torch.float64)
     for ours, theirs in ((paths.FlowMatchingPath(0.0), CondOTProbPath()),
                          (paths.FlowMatchingPath(1e-5), AffineProbPath(_sigma_min_scheduler(1e-5))),
@@ -289,12 +289,13 @@ def test_peer_flow_matching_path_and_target() -> None:
 @pytest.mark.parametrize("case", ["fm", "vp_sd", "vp_cos_ztsnr"])
 def test_peer_prediction_conversions(case: str) -> None:
     """Their six conversions (x_1 ↔ ε ↔ velocity) on our coefficients equal our convert()."""
+    pytest.importorskip("flow_matching")
     from flow_matching.path import AffineProbPath
 
     path = PATH_CASES[case]()
     theirs = AffineProbPath(_scheduler_from(path))
     g = torch.Generator().manual_seed(6)
-    out, x_t = torch.randn(5, 2, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    out, x_t = torch.randn(2, 5, 2, 3, generator=g, dtype=torch.float64)
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
     te = t.view(-1, 1, 1)  # their converters do not broadcast t themselves
     pairs = {("data", "velocity"): theirs.target_to_velocity, ("epsilon", "velocity"): theirs.epsilon_to_velocity,

@@ -34,7 +34,8 @@ def exact_model(path: paths.AffinePath, mu: torch.Tensor, s: float, prediction: 
         var = a * a * s * s + sg * sg
         dev = x - a * mu
         data, noise = mu + a * s * s / var * dev, sg / var * dev
-        return {"data": data, "epsilon": noise, "velocity": da * data + dsg * noise, "v": a * noise - sg * data}[prediction]
+        outputs = {"data": data, "epsilon": noise, "velocity": da * data + dsg * noise, "v": a * noise - sg * data}
+        return outputs[prediction]
 
     return model_fn
 
@@ -74,12 +75,12 @@ def test_ddim_is_exact_for_point_mass_data_at_every_step(case: str, spacing: str
             continue  # ε cannot give the data where α = 0 (zero terminal SNR); the v model is the one to use there
         states: list[torch.Tensor] = []
         out = solvers.ddim(exact_model(path, mu, 0.0, prediction), z, grid, path, prediction,
-                           callback=lambda i, x, x1_hat: states.append(x))
+                           callback=lambda i, x, x1_hat, states=states: states.append(x))
         assert len(states) == steps
         for i, x in enumerate(states):
             expected = exact_flow(path, mu, 0.0, z, t0, grid[i + 1].item())
             assert torch.allclose(x, expected, rtol=0, atol=1e-9), (prediction, i)
-        assert torch.allclose(out, mu.expand_as(z), rtol=0, atol=1e-9), prediction  # t = 1 is clean: lands on the data
+        assert torch.allclose(out, mu.expand_as(z), rtol=0, atol=1e-9), prediction  # t = 1 is clean: on the data
 
 
 def test_one_ddim_step_on_gaussian_data_contracts_by_the_hand_factor() -> None:
@@ -140,7 +141,8 @@ def test_euler_on_vp_through_the_velocity_conversion_converges() -> None:
 def test_euler_midpoint_ddim_are_exact_for_point_mass_on_the_flow_path(sigma_min: float) -> None:
     path = paths.FlowMatchingPath(sigma_min)
     mu, z = _data(6)
-    for grid in (torch.tensor([0.05, 0.1, 0.7, 1.0], dtype=torch.float64), timesteps.linear_quadratic_schedule(8, 100).double()):
+    grids = (torch.tensor([0.05, 0.1, 0.7, 1.0], dtype=torch.float64), timesteps.linear_quadratic_schedule(8, 100).double())
+    for grid in grids:
         t0 = grid[0].item()
         expected = exact_flow(path, mu, 0.0, z, t0, 1.0)  # μ + σ_min·(z − t0 μ)/σ_{t0}
         for prediction in ("velocity", "data", "v") + (("epsilon",) if t0 > 0 else ()):
@@ -156,7 +158,8 @@ def test_ddim_equals_euler_on_the_flow_path(sigma_min: float) -> None:
     _, z = _data(7)
     model = lambda x, t: torch.tanh(2 * x) * (1 + paths.expand_time(t, x)) - 0.3 * x
     grid = timesteps.linear_quadratic_schedule(10, 200).double()
-    assert torch.allclose(solvers.ddim(model, z, grid, path, "velocity"), solvers.euler(model, z, grid), rtol=0, atol=1e-12)
+    ddim = solvers.ddim(model, z, grid, path, "velocity")
+    assert torch.allclose(ddim, solvers.euler(model, z, grid), rtol=0, atol=1e-12)
 
 
 def test_euler_first_and_midpoint_second_order_on_gaussian_data() -> None:
@@ -199,9 +202,10 @@ def test_solve_dispatch_callbacks_and_errors() -> None:
         solvers.solver("ddim")
 
 
-# -- peer: flow_matching's ODESolver (torchdiffeq) --------------------------------------------------------------------
+# -- peer: flow_matching's ODESolver (torchdiffeq) ----------------------------------------------------------------
 def test_peer_euler_and_midpoint_against_flow_matching_ode_solver() -> None:
-    pytest.importorskip("torchdiffeq")
+    pytest.importorskip("flow_matching")
+    pytest.importorskip("torchdiffeq")  # flow_matching's ODESolver integrates with torchdiffeq.odeint
     from flow_matching.solver import ODESolver
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # nonlinear in x and t; t scalar (theirs) or [B]
@@ -211,7 +215,8 @@ def test_peer_euler_and_midpoint_against_flow_matching_ode_solver() -> None:
         return torch.sin(3 * x) * torch.cos(2 * tt) + x * tt**2 - 0.5
 
     _, z = _data(10, batch=5, dim=6)
-    for grid in (timesteps.linear_quadratic_schedule(8, 100).double(), torch.tensor([0.0, 0.1, 0.15, 0.6, 1.0], dtype=torch.float64)):
+    grids = (timesteps.linear_quadratic_schedule(8, 100).double(), torch.tensor([0.0, 0.1, 0.15, 0.6, 1.0]).double())
+    for grid in grids:
         for method, ours in (("euler", solvers.euler), ("midpoint", solvers.midpoint)):
             theirs = ODESolver(velocity_model=lambda x, t: velocity(x, t)).sample(
                 x_init=z, step_size=None, method=method, time_grid=grid, return_intermediates=False)

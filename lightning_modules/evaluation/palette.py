@@ -1,0 +1,109 @@
+"""Pixels against the shapes world's known palette: colour distances, the background model of a prompt, and
+the segmentation of each prompted object as the pixels nearest its colour (no network).
+
+Pixels x ∈ [0, 1]³ (videos in [-1, 1] are mapped by x = (v + 1) / 2); colours are the world's uint8 RGB / 255.
+
+    d(x, c)          = ‖x − c‖₂                                            a palette colour c
+    d(x, [a, b])     = ‖x − (a + λ(b − a))‖₂,  λ = clamp(⟨x − a, b − a⟩ / ‖b − a‖², 0, 1)
+                                                                            a two-colour gradient a → b
+    d_bg(x)          = d(x, c₁) (plain), d(x, [c₁, c₂]) (gradient), τ_photo (photo: no colour model)
+    label(x)         = argmin over {objects i: d(x, c_i)} ∪ {background: d_bg(x)} ∪ {texture: min_w d(x, w)}
+    mask_i           = close₃ₓ₃(label = i)   (a 3x3 closing fills the holes that stripes, checks and dots punch)
+
+The texture class (white, black) keeps the secondary colours of textured objects out of the background and
+out of other objects; the closing puts them back inside their object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.synthetic.world import BACKGROUND_COLOURS, OBJECT_COLOURS, TEXTURE_COLOURS
+
+# The distance of a pixel to a photo background (which has no colour model): a pixel is an object's only if it
+# is nearer than this to the object's colour. Half the smallest distance between two object colours (0.28).
+PHOTO_DISTANCE = 0.14
+
+
+def rgb(name: str) -> torch.Tensor:
+    """The world's colour `name` (object, background or texture palette) as float [3] in [0, 1]."""
+    for table in (OBJECT_COLOURS, BACKGROUND_COLOURS, TEXTURE_COLOURS):
+        if name in table:
+            return torch.tensor(table[name], dtype=torch.float32) / 255.0
+    raise ValueError(f"unknown colour {name!r}")
+
+
+def palette(names: Sequence[str]) -> torch.Tensor:
+    """Colours [K, 3] in [0, 1] of `names`."""
+    return torch.stack([rgb(n) for n in names])
+
+
+def unit(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1] (clamped), float32."""
+    return ((video.float() + 1) / 2).clamp(0, 1)
+
+
+def colour_distance(pixels: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """d(x, c) = ‖x − c‖₂ for pixels [3, ...] and colours [K, 3] → [K, ...]."""
+    shape = pixels.shape[1:]
+    flat = pixels.reshape(3, -1)
+    return (flat[None] - colours.to(flat)[:, :, None]).norm(dim=1).reshape(len(colours), *shape)
+
+
+def segment_distance(pixels: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """d(x, [a, b]) = ‖x − (a + λ(b − a))‖₂, λ = clamp(⟨x − a, b − a⟩ / ‖b − a‖², 0, 1); pixels [3, ...] → [...]."""
+    shape = (3,) + (1,) * (pixels.dim() - 1)
+    a, b = a.to(pixels).view(shape), b.to(pixels).view(shape)
+    direction = b - a
+    lam = (((pixels - a) * direction).sum(0) / direction.pow(2).sum().clamp_min(1e-12)).clamp(0, 1)
+    return (pixels - (a + lam[None] * direction)).norm(dim=0)
+
+
+def background_distance(pixels: torch.Tensor, background: dict[str, Any]) -> torch.Tensor:
+    """d_bg(x) of pixels [3, ...] for a world background record ({"kind", "colours"}), see the module doc."""
+    kind, colours = background.get("kind"), list(background.get("colours") or [])
+    if kind == "plain" and colours:
+        return colour_distance(pixels, palette(colours[:1]))[0]
+    if kind == "gradient" and len(colours) >= 2:
+        return segment_distance(pixels, rgb(colours[0]), rgb(colours[1]))
+    return torch.full(pixels.shape[1:], PHOTO_DISTANCE, dtype=pixels.dtype, device=pixels.device)
+
+
+def close(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Morphological closing (dilation then erosion, square window) of bool masks [..., H, W]; the border
+    counts as outside for the erosion only where the mask does not reach it."""
+    if size <= 1:
+        return mask
+    shape = mask.shape
+    x = mask.reshape(-1, 1, *shape[-2:]).float()
+    pad = size // 2
+    dilated = F.max_pool2d(x, size, stride=1, padding=pad)
+    eroded = -F.max_pool2d(F.pad(-dilated, (pad,) * 4, value=-1.0), size, stride=1)
+    return (eroded > 0.5).reshape(shape)
+
+
+def object_distance(pixels: torch.Tensor, obj: dict[str, Any]) -> torch.Tensor:
+    """d_i(x) of pixels [3, ...] to an object record ({"colour", "texture"}): d(x, c) for a solid object,
+    min_w d(x, [c, w]) over the texture colours w (white, black) for a textured one."""
+    colour = rgb(obj["colour"])
+    if obj.get("texture", "solid") == "solid":
+        return colour_distance(pixels, colour[None])[0]
+    return torch.stack([segment_distance(pixels, colour, rgb(w)) for w in TEXTURE_COLOURS]).amin(0)
+
+
+def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3) -> torch.Tensor:
+    """Bool masks [N, T, H, W] of the N objects of a scene record (`meta["objects"]`, their "colour") in one
+    clip [3, T, H, W] in [-1, 1]: mask_i = close(label = i), see the module doc."""
+    pixels = unit(video)
+    objects = (meta or {}).get("objects") or []
+    if not objects:
+        raise ValueError("object_masks: the scene record has no 'objects'")
+    distances = [object_distance(pixels, o) for o in objects]
+    distances.append(background_distance(pixels, (meta or {}).get("background") or {}))
+    label = torch.stack(distances).argmin(0)
+    masks = torch.stack([label == i for i in range(len(objects))])
+    return close(masks, closing)
