@@ -1,8 +1,9 @@
 """Public ops: check the inputs, then run the Triton kernel (CUDA) or the PyTorch fallback (elsewhere).
 
-Every op takes ``backend``: ``"auto"`` (Triton on CUDA when the kernel supports the inputs, else PyTorch),
-``"torch"`` (always the fallback) or ``"triton"`` (always the kernel; on CPU only under ``TRITON_INTERPRET=1``,
-which the tests use). The Triton paths are torch custom ops (``torch.ops.mglab.*``) with registered autograd,
+Every op takes ``backend``: ``"auto"`` (on CUDA: PyTorch SDPA for dense ``attention``, the Triton kernel for
+the packed, guided and norm ops when it supports the inputs; PyTorch elsewhere; see ``runtime.AUTO_ON_CUDA``),
+``"torch"`` (always PyTorch: SDPA for attention) or ``"triton"`` (always the kernel; on CPU only under
+``TRITON_INTERPRET=1``, which the tests use). The Triton paths are torch custom ops (``torch.ops.mglab.*``) with registered autograd,
 so ``torch.compile`` traces through them without a graph break.
 """
 
@@ -51,6 +52,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
               scale: float | None = None, backend: Backend = "auto") -> torch.Tensor:
     """softmax(scale·Q·Kᵀ)·V over batched heads (non-causal), SDPA layout.
 
+    backend "auto" runs PyTorch SDPA (cuDNN / flash attention on GPU); "triton" our kernel (see the module
+    docstring).
+
     q: [B, H, Lq, D]; k, v: [B, H, Lk, D] (Lq ≠ Lk for cross-attention); key_padding_mask: bool [B, Lk],
     True = attend (text padding). scale defaults to 1/sqrt(D). Queries with no allowed key output 0.
     """
@@ -63,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
         raise ValueError(f"attention: key_padding_mask must be bool [B, Lk] = {[k.shape[0], k.shape[2]]}, got "
                          f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
     tau = _scale(scale, q.shape[-1])
-    if use_triton(backend, q, k, v, unsupported=_attention_unsupported(q)):
+    if use_triton("attention", backend, q, k, v, unsupported=_attention_unsupported(q)):
         return flash_attn_fwd(q, k, v, key_padding_mask, None, None, 0, 0, tau)[0]
     return reference.sdpa_attention(q, k, v, key_padding_mask, tau)
 
@@ -103,7 +107,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         max_seqlen_k = _max_seqlen(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
     tau = _scale(scale, q.shape[-1])
     cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
-    if use_triton(backend, q, k, v, unsupported=_attention_unsupported(q)):
+    if use_triton("varlen_attention", backend, q, k, v, unsupported=_attention_unsupported(q)):
         return flash_attn_fwd(q, k, v, None, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), tau)[0]
     return reference.sdpa_varlen_attention(q, k, v, cu_q, cu_k, tau)
 
@@ -140,7 +144,7 @@ def guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_anchor
         raise ValueError(f"guided_attention: anchor_frame {anchor_frame} is not a frame index in [0, {frames})")
     tau = _scale(scale, q.shape[-1])
     tensors = (q, k, v, k_anchor, v_anchor)
-    if use_triton(backend, *tensors, unsupported=_attention_unsupported(q)):
+    if use_triton("guided_attention", backend, *tensors, unsupported=_attention_unsupported(q)):
         blend = mode == "blend"
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         return guided_attn_fwd(*tensors, frame_len, float(weight), -1 if anchor_frame is None else anchor_frame,
@@ -176,6 +180,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, scale: torc
         unsupported = f"dtype {x.dtype}"
     elif channels > MAX_NORM_DIM:
         unsupported = f"{channels} channels > {MAX_NORM_DIM}"
-    if use_triton(backend, *tensors, unsupported=unsupported):
+    if use_triton("rms_norm", backend, *tensors, unsupported=unsupported):
         return rms_norm_fwd(x, weight, scale, shift, float(eps))[0]
     return reference.torch_rms_norm(x, weight, scale, shift, eps)

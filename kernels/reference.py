@@ -130,23 +130,31 @@ def sdpa_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 def sdpa_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_anchor: torch.Tensor,
                           v_anchor: torch.Tensor, frame_len: int, weight: float, mode: str, anchor_frame: int | None,
                           scale: float) -> torch.Tensor:
-    """Frames as a batch dimension: SDPA over [B, H, F, S, D] with the anchor broadcast to every frame."""
-    qf, kf, vf = (rearrange(t, "b h (f s) d -> b h f s d", s=frame_len) for t in (q, k, v))
-    frames = qf.shape[2]
-    ka, va = (repeat(t, "b h s d -> b h f s d", f=frames) for t in (k_anchor, v_anchor))
-    uses_anchor = torch.arange(frames, device=q.device) != (-1 if anchor_frame is None else anchor_frame)
+    """Guided attention as 4-D, maskless SDPA calls, so that SDPA can run its fused backends (flash / cuDNN
+    take [B, H, L, D] without an arbitrary mask; a 5-D layout or a boolean mask sends it to the math backend).
+
+    blend: own-frame attention with the frames folded into the batch ([B·F, H, S, D]); the anchor part needs no
+    folding (every query of a sample sees the same anchor keys): one call on [B, H, F·S, D] against the anchor.
+    concat: one call per frame over [K_f; K_a] ([B·F, H, S + S_a, D]); the queries of ``anchor_frame`` see their
+    own frame only, so they are recomputed alone instead of masking the anchor keys out for them.
+    """
+    frames = q.shape[2] // frame_len
+    fold = lambda t: rearrange(t, "b h (f s) d -> (b f) h s d", s=frame_len)
+    unfold = lambda t: rearrange(t, "(b f) h s d -> b h (f s) d", f=frames)
+    qf, kf, vf = (fold(t) for t in (q, k, v))
     if mode == "concat":
-        own = torch.ones(frames, frame_len, dtype=torch.bool, device=q.device)
-        anchor = repeat(uses_anchor, "f -> f s", s=k_anchor.shape[2])
-        mask = rearrange(torch.cat([own, anchor], dim=1), "f k -> f 1 k")
-        out = F.scaled_dot_product_attention(qf, torch.cat([kf, ka], 3), torch.cat([vf, va], 3), attn_mask=mask,
-                                             scale=scale)
-    else:
-        own = F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
-        anchor = F.scaled_dot_product_attention(qf, ka, va, scale=scale)
-        w = rearrange(uses_anchor.to(q.dtype) * weight, "f -> f 1 1")
-        out = (1 - w) * own + w * anchor
-    return rearrange(out, "b h f s d -> b h (f s) d")
+        ka, va = (repeat(t, "b h s d -> (b f) h s d", f=frames) for t in (k_anchor, v_anchor))
+        out = unfold(F.scaled_dot_product_attention(qf, torch.cat([kf, ka], 2), torch.cat([vf, va], 2), scale=scale))
+        if anchor_frame is None:
+            return out
+        rows = slice(anchor_frame * frame_len, (anchor_frame + 1) * frame_len)
+        own = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], scale=scale)
+        return torch.cat([out[:, :, : rows.start], own, out[:, :, rows.stop:]], dim=2)
+    own = unfold(F.scaled_dot_product_attention(qf, kf, vf, scale=scale))
+    anchor = F.scaled_dot_product_attention(q, k_anchor, v_anchor, scale=scale)
+    uses_anchor = torch.arange(frames, device=q.device) != (-1 if anchor_frame is None else anchor_frame)
+    w = repeat(uses_anchor.to(q.dtype) * weight, "f -> (f s) 1", s=frame_len)
+    return (1 - w) * own + w * anchor
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor | None,

@@ -8,8 +8,7 @@ and the hook for custom tasks (`task=sample`, `task=encode`, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L

@@ -29,17 +29,17 @@ from datamodules.synthetic.world import BACKGROUND_COLOURS, OBJECT_COLOURS, TEXT
 PHOTO_DISTANCE = 0.14
 
 
-def rgb(name: str) -> torch.Tensor:
-    """The world's colour `name` (object, background or texture palette) as float [3] in [0, 1]."""
-    for table in (OBJECT_COLOURS, BACKGROUND_COLOURS, TEXTURE_COLOURS):
-        if name in table:
-            return torch.tensor(table[name], dtype=torch.float32) / 255.0
-    raise ValueError(f"unknown colour {name!r}")
+def rgb(name: str, table: dict[str, tuple[int, int, int]] = OBJECT_COLOURS) -> torch.Tensor:
+    """Colour `name` of a world palette (OBJECT_COLOURS, BACKGROUND_COLOURS, TEXTURE_COLOURS: "white" differs
+    between the last two) as float [3] in [0, 1]."""
+    if name not in table:
+        raise ValueError(f"unknown colour {name!r}; choose from {sorted(table)}")
+    return torch.tensor(table[name], dtype=torch.float32) / 255.0
 
 
-def palette(names: Sequence[str]) -> torch.Tensor:
-    """Colours [K, 3] in [0, 1] of `names`."""
-    return torch.stack([rgb(n) for n in names])
+def palette(names: Sequence[str], table: dict[str, tuple[int, int, int]] = OBJECT_COLOURS) -> torch.Tensor:
+    """Colours [K, 3] in [0, 1] of `names` in `table`."""
+    return torch.stack([rgb(n, table) for n in names])
 
 
 def unit(video: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,9 @@ def background_distance(pixels: torch.Tensor, background: dict[str, Any]) -> tor
     """d_bg(x) of pixels [3, ...] for a world background record ({"kind", "colours"}), see the module doc."""
     kind, colours = background.get("kind"), list(background.get("colours") or [])
     if kind == "plain" and colours:
-        return colour_distance(pixels, palette(colours[:1]))[0]
+        return colour_distance(pixels, palette(colours[:1], BACKGROUND_COLOURS))[0]
     if kind == "gradient" and len(colours) >= 2:
-        return segment_distance(pixels, rgb(colours[0]), rgb(colours[1]))
+        return segment_distance(pixels, rgb(colours[0], BACKGROUND_COLOURS), rgb(colours[1], BACKGROUND_COLOURS))
     return torch.full(pixels.shape[1:], PHOTO_DISTANCE, dtype=pixels.dtype, device=pixels.device)
 
 
@@ -88,22 +88,38 @@ def close(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
 
 def object_distance(pixels: torch.Tensor, obj: dict[str, Any]) -> torch.Tensor:
     """d_i(x) of pixels [3, ...] to an object record ({"colour", "texture"}): d(x, c) for a solid object,
-    min_w d(x, [c, w]) over the texture colours w (white, black) for a textured one."""
+    min_w d(x, [c, (c + w) / 2]) over the texture colours w for a textured one (antialiased blends in which
+    the object's colour dominates)."""
     colour = rgb(obj["colour"])
     if obj.get("texture", "solid") == "solid":
         return colour_distance(pixels, colour[None])[0]
-    return torch.stack([segment_distance(pixels, colour, rgb(w)) for w in TEXTURE_COLOURS]).amin(0)
+    return torch.stack([segment_distance(pixels, colour, (colour + rgb(w, TEXTURE_COLOURS)) / 2)
+                        for w in TEXTURE_COLOURS]).amin(0)
 
 
-def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3) -> torch.Tensor:
-    """Bool masks [N, T, H, W] of the N objects of a scene record (`meta["objects"]`, their "colour") in one
-    clip [3, T, H, W] in [-1, 1]: mask_i = close(label = i), see the module doc."""
+def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Dilation of bool masks [..., H, W] by a size x size square."""
+    shape = mask.shape
+    x = mask.reshape(-1, 1, *shape[-2:]).float()
+    return (F.max_pool2d(x, size, stride=1, padding=size // 2) > 0.5).reshape(shape)
+
+
+def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3, reach: int = 5) -> torch.Tensor:
+    """Bool masks [N, T, H, W] of the N objects of a scene record (`meta["objects"]`: "colour", "texture") in
+    one clip [3, T, H, W] in [-1, 1], see the module doc."""
     pixels = unit(video)
     objects = (meta or {}).get("objects") or []
     if not objects:
         raise ValueError("object_masks: the scene record has no 'objects'")
     distances = [object_distance(pixels, o) for o in objects]
     distances.append(background_distance(pixels, (meta or {}).get("background") or {}))
+    distances.append(colour_distance(pixels, palette(list(TEXTURE_COLOURS), TEXTURE_COLOURS)).amin(0))
     label = torch.stack(distances).argmin(0)
-    masks = torch.stack([label == i for i in range(len(objects))])
-    return close(masks, closing)
+    texture = label == len(objects) + 1
+    masks = []
+    for i, obj in enumerate(objects):
+        mask = label == i
+        if obj.get("texture", "solid") != "solid":
+            mask = mask | (texture & dilate(mask, reach))
+        masks.append(close(mask, closing))
+    return torch.stack(masks)

@@ -1,8 +1,12 @@
 """The attention entry point of every model: multi-head attention over kernels' Triton / PyTorch ops.
 
 Models call ``attend`` (heads already split) or use the ``Attention`` module (projections included). Both
-run ``kernels.attention`` / ``kernels.varlen_attention`` / ``kernels.guided_attention``: the Triton kernels
-on CUDA, PyTorch SDPA elsewhere (``backend`` forces one; ``"triton"`` on CPU needs ``TRITON_INTERPRET=1``).
+run ``kernels.attention`` / ``kernels.varlen_attention`` / ``kernels.guided_attention``. ``backend="auto"``:
+dense attention (self, cross, with a padding mask) goes to PyTorch SDPA (cuDNN / flash on GPU); packed and
+guided attention to our Triton kernels on CUDA (SDPA has no varlen or guided form), PyTorch elsewhere.
+``"triton"`` runs our kernels for all of them (on CPU it needs ``TRITON_INTERPRET=1``), ``"torch"`` PyTorch
+only. Models expose it as a constructor argument (``DiT(attention_backend=...)``, ``model.net.attention_backend``
+in a config).
 
 Attention is softmax(QKᵀ/sqrt(d))·V, non-causal (Movie Gen and the U-Nets attend bidirectionally):
 - self-attention: keys from x; cross-attention: keys from ``context`` (text), with an optional

@@ -33,6 +33,7 @@ from einops import rearrange, reduce
 from torch import nn
 
 import kernels
+from kernels import Backend
 from lightning_modules.nn.attention import Attention
 
 
@@ -115,10 +116,11 @@ class PositionEmbedding3D(nn.Module):
 class Block(nn.Module):
     """One Movie Gen block (see the module docstring)."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, qk_norm: bool = False, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, heads: int, ffn_dim: int, qk_norm: bool = False, eps: float = 1e-6,
+                 attention_backend: Backend = "auto") -> None:
         super().__init__()
-        self.norm1, self.attn = RMSNorm(dim, eps), Attention(dim, heads, qk_norm=qk_norm)
-        self.norm2, self.cross = RMSNorm(dim, eps), Attention(dim, heads, qk_norm=qk_norm)
+        self.norm1, self.attn = RMSNorm(dim, eps), Attention(dim, heads, qk_norm=qk_norm, backend=attention_backend)
+        self.norm2, self.cross = RMSNorm(dim, eps), Attention(dim, heads, qk_norm=qk_norm, backend=attention_backend)
         self.norm3, self.ffn = RMSNorm(dim, eps), SwiGLU(dim, ffn_dim)
         self.modulation = nn.Parameter(torch.zeros(6, dim))  # per-block table added to the shared projection
 
@@ -157,12 +159,15 @@ class DiT(nn.Module):
         cond_channels: extra input channels concatenated to x (the upsampler's low-resolution latent); their
             patchify weights start at zero so a model initialised from a text-to-video checkpoint is unchanged.
         out_channels: predicted channels (default in_channels).
+        attention_backend: the kernels of every attention layer (`kernels.Backend`): "auto" = PyTorch SDPA for
+            the dense self- and cross-attention (cuDNN / flash on GPU) and our Triton kernels for what SDPA lacks;
+            "triton" = our Triton kernels everywhere (CUDA, or the interpreter); "torch" = PyTorch only.
     """
 
     def __init__(self, in_channels: int = 16, dim: int = 64, depth: int = 2, heads: int = 4, ffn_dim: int = 172,
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
-                 out_channels: int | None = None) -> None:
+                 out_channels: int | None = None, attention_backend: Backend = "auto") -> None:
         super().__init__()
         self.in_channels, self.cond_channels = in_channels, cond_channels
         self.out_channels = out_channels or in_channels
@@ -173,7 +178,8 @@ class DiT(nn.Module):
         self.time = TimestepEmbedder(dim)
         self.fps = TimestepEmbedder(dim, scale=1.0) if fps_embedding else None
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, ffn_dim, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, ffn_dim, qk_norm, attention_backend=attention_backend)
+                                    for _ in range(depth))
         self.norm_out = RMSNorm(dim)
         self.modulation_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.proj_out = nn.Linear(dim, math.prod(self.patch) * self.out_channels)

@@ -50,13 +50,13 @@ def test_fallback_rms_norm():
 
 def test_auto_backend_picks_triton_only_on_cuda():
     cpu = torch.zeros(1)
-    assert not use_triton("auto", cpu)
-    assert not use_triton("torch", cpu)
-    assert use_triton("triton", cpu)  # CPU tensors run through the interpreter in these tests
+    assert not use_triton("varlen_attention", "auto", cpu)
+    assert not use_triton("varlen_attention", "torch", cpu)
+    assert use_triton("varlen_attention", "triton", cpu)  # CPU tensors run through the interpreter in these tests
     with pytest.raises(ValueError, match="backend must be one of"):
-        use_triton("cuda", cpu)
+        use_triton("attention", "cuda", cpu)
     with pytest.raises(ValueError, match="cannot run these inputs: why"):
-        use_triton("triton", cpu, unsupported="why")
+        use_triton("attention", "triton", cpu, unsupported="why")
 
 
 def test_unsupported_inputs_fall_back_or_raise():

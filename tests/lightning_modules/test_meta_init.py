@@ -19,7 +19,13 @@ from lightning_modules.nn.codecs import TAECodec
 from lightning_modules.nn.dit import DiT
 from lightning_modules.nn.tae import TAE
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
-from lightning_modules.parallel import build_on_meta, has_meta_tensors, materialise, meta_build_guard, meta_init_config
+from lightning_modules.parallel import (
+    build_on_meta,
+    has_meta_tensors,
+    materialise,
+    meta_build_guard,
+    meta_init_config,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
