@@ -118,13 +118,14 @@ def sdpa_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     bounds_k = cu_seqlens_k.tolist()
     outs = []
     for i in range(len(bounds_q) - 1):
-        qi, ki, vi = (rearrange(t[a:b], "t h d -> h t d") for t, a, b in (
+        # [1, H, L, D]: SDPA's fused backends (flash, cuDNN, efficient) take 4-D inputs only
+        qi, ki, vi = (rearrange(t[a:b], "t h d -> 1 h t d") for t, a, b in (
             (q, bounds_q[i], bounds_q[i + 1]), (k, bounds_k[i], bounds_k[i + 1]), (v, bounds_k[i], bounds_k[i + 1])))
-        if ki.shape[1] == 0:
+        if ki.shape[2] == 0:
             outs.append(torch.zeros_like(qi))
         else:
             outs.append(F.scaled_dot_product_attention(qi, ki, vi, scale=scale))
-    return rearrange(torch.cat(outs, dim=1), "h t d -> t h d")
+    return rearrange(torch.cat(outs, dim=2), "1 h t d -> t h d")
 
 
 def sdpa_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_anchor: torch.Tensor,

@@ -9,6 +9,7 @@ import torch
 
 import kernels
 import kernels.ops
+import kernels.reference
 from kernels.runtime import AUTO_ON_CUDA, resolve_backend
 from lightning_modules.nn.attention import Attention
 from lightning_modules.nn.dit import DiT
@@ -78,3 +79,44 @@ def test_the_model_config_choice_reaches_every_attention_layer_and_both_paths_ag
     for (name, a), b in zip(auto.named_parameters(), triton.parameters()):
         torch.testing.assert_close(b.grad, a.grad, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
+
+
+@pytest.mark.parametrize("mode", ["blend", "concat"])
+@pytest.mark.parametrize("anchor_frame", [None, 1])
+def test_guided_sdpa_fallback_makes_only_4d_maskless_calls(monkeypatch: pytest.MonkeyPatch, mode, anchor_frame):
+    """On CUDA SDPA's flash and cuDNN backends take 4-D inputs without an arbitrary mask; a 5-D layout or a boolean
+    mask sends them to the math backend (the benchmark's guided SDPA baseline used to be both)."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.dim(), k.dim(), attn_mask is None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(kernels.reference.F, "scaled_dot_product_attention", recording)
+    q, k, v = (randn(2, 2, 48, 32, seed=s) for s in (1, 2, 3))
+    ka, va = randn(2, 2, 16, 32, seed=4), randn(2, 2, 16, 32, seed=5)
+    out = kernels.guided_attention(q, k, v, ka, va, frame_len=16, mode=mode, anchor_frame=anchor_frame,
+                                   backend="torch")
+    expected = kernels.reference.reference_guided_attention(
+        *(t.double() for t in (q, k, v, ka, va)), 16, 0.4, mode, anchor_frame)
+    torch.testing.assert_close(out.double(), expected, **tolerance(torch.float32))
+    assert calls and all(c == (4, 4, True) for c in calls), calls
+
+
+def test_packed_sdpa_fallback_makes_only_4d_calls(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.dim(), k.dim(), attn_mask is None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(kernels.reference.F, "scaled_dot_product_attention", recording)
+    cu_q = torch.tensor([0, 5, 5, 21], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 12, 12], dtype=torch.int32, device=DEVICE)
+    q, k, v = randn(21, 2, 16, seed=1), randn(12, 2, 16, seed=2), randn(12, 2, 16, seed=3)
+    out = kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch")
+    expected = kernels.reference.reference_varlen_attention(*(t.double() for t in (q, k, v)), cu_q, cu_k)
+    torch.testing.assert_close(out.double(), expected, **tolerance(torch.float32))
+    assert calls and all(c == (4, 4, True) for c in calls), calls

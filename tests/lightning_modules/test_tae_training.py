@@ -62,8 +62,8 @@ def test_short_training_lowers_reconstruction_loss_with_image_steps(world: Path)
     before = (model.reconstruct(x) - x).abs().mean().item()
     lengths: list[int] = []
     model.net.encoder.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[2]))
-    trainer(36).fit(model, datamodule(world))
-    assert lengths == [1, 8, 8] * 12  # every 3rd step is an image step: one random frame of each clip
+    trainer(60).fit(model, datamodule(world))
+    assert lengths == [1, 8, 8] * 20  # every 3rd step is an image step: one random frame of each clip
     model.eval()
     after = (model.reconstruct(x) - x).abs().mean().item()
     assert after < 0.75 * before, (before, after)
