@@ -123,3 +123,54 @@ def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3, re
             mask = mask | (texture & dilate(mask, reach))
         masks.append(close(mask, closing))
     return torch.stack(masks)
+
+
+def gradient_pairs() -> list[tuple[str, str]]:
+    """The unordered pairs of background colours a gradient can join (names in BACKGROUND_COLOURS order)."""
+    names = list(BACKGROUND_COLOURS)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def squared_distances(pixels: torch.Tensor, points: torch.Tensor, starts: torch.Tensor,
+                      ends: torch.Tensor) -> torch.Tensor:
+    """d² of pixels [N, 3] to points [P, 3] and to segments [starts_s, ends_s] ([S, 3] each) → [N, P + S], from
+    dot products only (one matmul): with a the start, d = b − a and λ = clamp((x·d − a·d) / ‖d‖², 0, 1),
+    ‖x − a − λd‖² = ‖x‖² − 2x·a + ‖a‖² − 2λ(x·d − a·d) + λ²‖d‖²."""
+    directions = ends - starts
+    basis = torch.cat([points, starts, directions]).to(pixels)
+    dots = pixels @ basis.T
+    p, s = len(points), len(starts)
+    x2 = pixels.pow(2).sum(1, keepdim=True)
+    to_points = x2 - 2 * dots[:, :p] + points.to(pixels).pow(2).sum(1)
+    along = dots[:, p + s:] - (starts * directions).sum(1).to(pixels)
+    length2 = directions.pow(2).sum(1).to(pixels).clamp_min(1e-12)
+    lam = (along / length2).clamp(0, 1)
+    to_starts = x2 - 2 * dots[:, p:p + s] + starts.to(pixels).pow(2).sum(1)
+    to_segments = to_starts - 2 * lam * along + lam.pow(2) * length2
+    return torch.cat([to_points, to_segments], dim=1).clamp_min(0)
+
+
+def colour_masks(video: torch.Tensor, closing: int = 3, reach: int = 5) -> torch.Tensor:
+    """Bool masks [B, K, T, H, W] of the K = 8 object colours in clips [B, 3, T, H, W] in [-1, 1] without a
+    prompt: label(x) = argmin over {each object colour k: min(d(x, c_k), d(x, [c_k, (c_k + w) / 2]) for the
+    texture colours w)} ∪ {background: min over the 7 plain colours and the 21 gradient segments} ∪
+    {texture: min_w d(x, w)}; mask_k = close(label = k ∪ (texture ∩ dilate_reach(label = k)))."""
+    b, _, t, h, w = video.shape
+    pixels = unit(video).permute(0, 2, 3, 4, 1).reshape(-1, 3)
+    objects = palette(list(OBJECT_COLOURS))
+    textures = palette(list(TEXTURE_COLOURS), TEXTURE_COLOURS)
+    backgrounds = palette(list(BACKGROUND_COLOURS), BACKGROUND_COLOURS)
+    k, n_tex, n_bg = len(objects), len(textures), len(backgrounds)
+    pairs = gradient_pairs()
+    starts = torch.cat([objects.repeat_interleave(n_tex, 0),
+                        torch.stack([rgb(a, BACKGROUND_COLOURS) for a, _ in pairs])])
+    ends = torch.cat([(objects[:, None] + textures[None]).reshape(-1, 3) / 2,
+                      torch.stack([rgb(e, BACKGROUND_COLOURS) for _, e in pairs])])
+    d2 = squared_distances(pixels, torch.cat([objects, backgrounds, textures]), starts, ends)
+    object_d = torch.minimum(d2[:, :k], d2[:, k + n_bg + n_tex:][:, : k * n_tex].reshape(-1, k, n_tex).amin(2))
+    background_d = torch.cat([d2[:, k:k + n_bg], d2[:, k + n_bg + n_tex + k * n_tex:]], 1).amin(1, keepdim=True)
+    texture_d = d2[:, k + n_bg:k + n_bg + n_tex].amin(1, keepdim=True)
+    label = torch.cat([object_d, background_d, texture_d], 1).argmin(1).reshape(b, t, h, w)
+    masks = label[:, None] == torch.arange(k, device=label.device).view(1, k, 1, 1, 1)
+    masks = masks | ((label == k + 1)[:, None] & dilate(masks, reach))
+    return close(masks, closing)

@@ -29,7 +29,8 @@ def test_smoke_mode_runs_every_variant_and_writes_json(tmp_path):
     result = json.loads(result_file.read_text())
     assert result["device"].startswith("cpu") and result["smoke"]
     rows = {(r["variant"], r["impl"]): r for r in result["rows"]}
-    assert set(rows) == {(v, i) for v in ("dense", "packed", "guided", "guided-concat") for i in ("ours", "sdpa", "flex")}
+    impls = ("ours", "sdpa", "sdpa-flash", "sdpa-math", "flex")  # SDPA also with its CPU backends pinned
+    assert set(rows) == {(v, i) for v in ("dense", "packed", "guided", "guided-concat") for i in impls}
     for (variant, impl), row in rows.items():
         assert row["fwd_ms"] is not None, (variant, impl)
         assert row["max_abs_err"] < 1e-4, (variant, impl, row["max_abs_err"])  # every baseline agrees with ours
@@ -44,3 +45,20 @@ def test_without_cuda_it_explains_and_exits_cleanly(tmp_path):
     assert done.returncode == 0
     assert "no CUDA device" in done.stdout and "--smoke" in done.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_targets_compare_with_the_fastest_pinned_sdpa_row():
+    sys.path.insert(0, str(ROOT))
+    from experiments.benchmarks.attention import Row, dense_verdict, targets
+
+    def row(impl: str, fwd: float | None, fwdbwd: float | None) -> Row:
+        return Row("dense", 128, 4096, 8, 16, impl, 1.0, fwd, 1.0, fwdbwd, 0.0)
+
+    rows = [row("ours", 400.0, 300.0), row("sdpa", 350.0, 250.0), row("sdpa-cudnn", 500.0, 280.0),
+            row("sdpa-flash", 330.0, None), row("flex", 900.0, 900.0)]
+    fwd, fwdbwd = targets(rows)
+    assert (fwd["baseline"], fwd["ratio"], fwd["met"]) == ("sdpa-cudnn", 0.8, False)
+    assert fwdbwd["baseline"] == "sdpa-cudnn" and fwdbwd["ratio"] == pytest.approx(300 / 280)
+    assert "stays SDPA" in dense_verdict([fwd, fwdbwd])
+    rows[2] = row("sdpa-cudnn", 390.0, 280.0)
+    assert "could move to Triton" in dense_verdict(targets(rows))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+import re
 import socket
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from lightning_modules.nn.dit import DiT
 from lightning_modules.parallel import ParallelConfig, apply_parallelism, local_parameter_bytes, materialise
 
 # ~12.7M parameters, 51 MB in fp32: large against the noise of a process's resident memory (a few MB).
-DIT = dict(in_channels=4, dim=384, depth=4, heads=4, ffn_dim=1536, max_t=2, max_h=4, max_w=4)
+DIT = dict(in_channels=4, dim=384, depth=4, heads=4, ffn_dim=1536, max_t=2, max_h=4, max_w=4, qk_norm=True,
+           fps_embedding=True, cond_channels=2)
 STEPS = 6
 
 
@@ -41,16 +42,23 @@ class Holder(nn.Module):
         self.net = net
         self.register_buffer("latent_std", torch.full((1, net.in_channels, 1, 1, 1), 2.0))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.net(x / self.latent_std, t, context)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(x / self.latent_std, t, context, cond=cond)
 
 
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _reset_peak_rss() -> None:
+    """Start the process's resident-memory high-water mark (VmHWM) again from now (Linux >= 4.0). Not
+    getrusage's ru_maxrss: a spawned process inherits its parent's (the pytest process's) peak through exec."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def _build_sharded(mesh, config: dict) -> tuple[Holder, object]:
@@ -71,13 +79,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     # so that the measurement below sees the model's memory only.
     _build_sharded(mesh, dict(DIT, dim=32, ffn_dim=64, depth=2))
 
+    _reset_peak_rss()
     rss_before = _rss()
     root, report = _build_sharded(mesh, DIT)
-    # The high-water mark of the process over its resident memory just before the build: an upper bound of
-    # what the build allocated at its peak.
+    # The resident-memory high-water mark during the build over the resident memory just before it: what the
+    # build held at its peak (plus any noise of the process, so an upper bound).
     build_peak_growth = _peak_rss() - rss_before
-    # The same measure around a normal build (not sharded), for comparison: it allocates the whole model, and
-    # its peak lies above the sharded build's, so the measure sees it.
+    # The same measure around a normal build (not sharded), for comparison: it allocates the whole model.
+    _reset_peak_rss()
     rss_before = _rss()
     normal = DiT(**DIT)
     normal_build_peak_growth = _peak_rss() - rss_before
@@ -87,17 +96,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     g = torch.Generator().manual_seed(1)
     x, target = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 4, 2, 8, 8, generator=g)
     t, context = torch.rand(2, generator=g), torch.randn(2, 5, DIT["dim"], generator=g)
+    cond = torch.randn(2, DIT["cond_channels"], 2, 8, 8, generator=g)
     optimizer = torch.optim.AdamW(root.parameters(), lr=1e-3)
     losses = []
     for _ in range(STEPS):
-        loss = nn.functional.mse_loss(root(x, t, context), target)
+        loss = nn.functional.mse_loss(root(x, t, context, cond), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
 
     if rank == 0:
-        stats = {name: {"zero": bool((v == 0).all()), "std": v.std().item(), "mean": v.mean().item(),
+        stats = {name: {"zero": bool((v == 0).all()), "one": bool((v == 1).all()), "std": v.std().item(),
                         "halves_equal": bool(v.shape[0] > 1 and torch.equal(v[: v.shape[0] // 2], v[v.shape[0] // 2: 2 * (v.shape[0] // 2)]))}
                  for name, v in full.items()}
     else:
@@ -109,6 +119,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "build_peak_growth": build_peak_growth,
         "normal_build_peak_growth": normal_build_peak_growth,
         "latent_std": root.latent_std.flatten().tolist(),
+        "condition_weights_zero": bool((full["net.patchify.weight"][:, DIT["in_channels"]:] == 0).all()),
+        "latent_weights_zero": bool((full["net.patchify.weight"][:, : DIT["in_channels"]] == 0).all()),
         "losses": losses,
         "stats": stats,
     }
@@ -142,9 +154,14 @@ def test_shards_are_initialised_like_a_normal_build_and_differ_between_ranks(res
     zero = {n for n, s in stats.items() if s["zero"]}
     expected_zero = {"net.patchify.bias", "net.modulation.1.weight", "net.modulation.1.bias",
                      "net.modulation_out.1.weight", "net.modulation_out.1.bias", "net.proj_out.weight",
-                     "net.proj_out.bias", "net.time.mlp.0.bias", "net.time.mlp.2.bias",
+                     "net.proj_out.bias", "net.time.mlp.0.bias", "net.time.mlp.2.bias", "net.fps.mlp.0.bias",
+                     "net.fps.mlp.2.weight", "net.fps.mlp.2.bias",
                      *(f"net.blocks.{i}._checkpoint_wrapped_module.modulation" for i in range(DIT["depth"]))}
     assert zero == expected_zero
+    ones = {n for n, s in stats.items() if s["one"]}
+    assert ones == {n for n in stats if n.endswith(("norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
+                                                    "q_norm", "k_norm"))}
+    assert results[0]["condition_weights_zero"] and not results[0]["latent_weights_zero"]
     for axis in "thw":
         assert stats[f"net.pos.{axis}"]["std"] == pytest.approx(0.02, rel=0.1)
     dim, ffn = DIT["dim"], DIT["ffn_dim"]
