@@ -28,8 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from callbacks.mlflow_logger import BufferedMLFlowLogger
 from callbacks.ema import load_ema_weights
+from callbacks.mlflow_logger import BufferedMLFlowLogger
 from callbacks.run_state import RunState, read_checkpoint_meta
 from experiments import tracking
 from lightning_modules.checkpoint_io import (

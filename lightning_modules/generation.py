@@ -225,8 +225,19 @@ class GenerationModule(BaseModule):
         every use of the backbone goes through self(...)."""
         return [*self.net.blocks, *(c for c in self.conditioners.values() if any(True for _ in c.parameters()))]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        """The backbone's prediction for x_t [B, C, T, H, W] at times t [B] under `conditions`."""
+    def forward(self, x: torch.Tensor | None, t: torch.Tensor | None, conditions: Conditions | None = None, *,
+                embed: tuple[dict[str, Any], torch.Tensor, dict[str, bool | torch.Tensor]] | None = None) -> Any:
+        """The backbone's prediction for x_t [B, C, T, H, W] at times t [B] under `conditions`; or, with
+        `embed=(raw, fps, on)` (x and t None), the Conditions themselves (see `conditions`). Both go through here
+        because FSDP2 gathers the root module's parameters, and initialises its units, around `forward` only."""
+        if embed is not None:
+            raw, fps, on = embed
+            values = {}
+            for name, c in self.conditioners.items():
+                keep = on.get(name, True)
+                keep = keep if isinstance(keep, torch.Tensor) else torch.full((fps.shape[0],), bool(keep))
+                values[name] = c(c.drop(raw[name], keep))
+            return assemble(dict(self.conditioners), values, fps.to(self.device))
         return self.net(x, t, **conditions.backbone_kwargs())
 
     # -- starting from a previous stage ----------------------------------------------------------------------------
@@ -286,13 +297,7 @@ class GenerationModule(BaseModule):
 
     def conditions(self, raw: dict[str, Any], fps: torch.Tensor, on: dict[str, bool | torch.Tensor]) -> Conditions:
         """Conditions with each conditioner's raw value kept where `on[name]` (a bool, or a bool [B]), else null."""
-        b = fps.shape[0]
-        values = {}
-        for name, c in self.conditioners.items():
-            keep = on.get(name, True)
-            keep = keep if isinstance(keep, torch.Tensor) else torch.full((b,), bool(keep))
-            values[name] = c(c.drop(raw[name], keep))
-        return assemble(dict(self.conditioners), values, fps.to(self.device))
+        return self(None, None, embed=(raw, fps, on))
 
     # -- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], t: torch.Tensor | None = None, noise: torch.Tensor | None = None,

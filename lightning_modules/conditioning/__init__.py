@@ -1,7 +1,13 @@
 """Conditioners: each turns part of a batch into what the backbone consumes, owns its dropout and null value."""
 
 from lightning_modules.conditioning.base import Conditioner, Conditions, assemble
-from lightning_modules.conditioning.concat import LowResolutionVideo, Mask, MaskedVideo, StillImage, resize_video
+from lightning_modules.conditioning.concat import (
+           LowResolutionVideo,
+           Mask,
+           MaskedVideo,
+           StillImage,
+           resize_video,
+)
 from lightning_modules.conditioning.frames import FrameFeatures
 from lightning_modules.conditioning.text import Text, fps_prompt
 from lightning_modules.conditioning.tokens import ReferenceImage, TaskTokens

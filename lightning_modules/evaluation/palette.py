@@ -17,6 +17,7 @@ out of other objects; the closing puts them back inside their object.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -150,13 +151,14 @@ def squared_distances(pixels: torch.Tensor, points: torch.Tensor, starts: torch.
     return torch.cat([to_points, to_segments], dim=1).clamp_min(0)
 
 
-def colour_masks(video: torch.Tensor, closing: int = 3, reach: int = 5) -> torch.Tensor:
-    """Bool masks [B, K, T, H, W] of the K = 8 object colours in clips [B, 3, T, H, W] in [-1, 1] without a
-    prompt: label(x) = argmin over {each object colour k: min(d(x, c_k), d(x, [c_k, (c_k + w) / 2]) for the
-    texture colours w)} ∪ {background: min over the 7 plain colours and the 21 gradient segments} ∪
-    {texture: min_w d(x, w)}; mask_k = close(label = k ∪ (texture ∩ dilate_reach(label = k)))."""
-    b, _, t, h, w = video.shape
-    pixels = unit(video).permute(0, 2, 3, 4, 1).reshape(-1, 3)
+BACKGROUND_LABEL, TEXTURE_LABEL = len(OBJECT_COLOURS), len(OBJECT_COLOURS) + 1
+LEVELS = 64  # quantisation of each channel for the label table (steps of 1/63: 4 of 255 levels)
+
+
+def nearest_labels(pixels: torch.Tensor) -> torch.Tensor:
+    """label(x) of pixels [N, 3] in [0, 1] without a prompt: k < 8 for object colour k (the nearest of d(x, c_k)
+    and d(x, [c_k, (c_k + w) / 2]) for the texture colours w), BACKGROUND_LABEL (a plain colour or a point of a
+    gradient segment between two background colours is nearest), TEXTURE_LABEL (white or black is)."""
     objects = palette(list(OBJECT_COLOURS))
     textures = palette(list(TEXTURE_COLOURS), TEXTURE_COLOURS)
     backgrounds = palette(list(BACKGROUND_COLOURS), BACKGROUND_COLOURS)
@@ -167,10 +169,34 @@ def colour_masks(video: torch.Tensor, closing: int = 3, reach: int = 5) -> torch
     ends = torch.cat([(objects[:, None] + textures[None]).reshape(-1, 3) / 2,
                       torch.stack([rgb(e, BACKGROUND_COLOURS) for _, e in pairs])])
     d2 = squared_distances(pixels, torch.cat([objects, backgrounds, textures]), starts, ends)
-    object_d = torch.minimum(d2[:, :k], d2[:, k + n_bg + n_tex:][:, : k * n_tex].reshape(-1, k, n_tex).amin(2))
-    background_d = torch.cat([d2[:, k:k + n_bg], d2[:, k + n_bg + n_tex + k * n_tex:]], 1).amin(1, keepdim=True)
-    texture_d = d2[:, k + n_bg:k + n_bg + n_tex].amin(1, keepdim=True)
-    label = torch.cat([object_d, background_d, texture_d], 1).argmin(1).reshape(b, t, h, w)
+    first_segment = k + n_bg + n_tex
+    object_d = torch.minimum(d2[:, :k], d2[:, first_segment:first_segment + k * n_tex].reshape(-1, k, n_tex).amin(2))
+    background_d = torch.cat([d2[:, k:k + n_bg], d2[:, first_segment + k * n_tex:]], 1).amin(1, keepdim=True)
+    texture_d = d2[:, k + n_bg:first_segment].amin(1, keepdim=True)
+    return torch.cat([object_d, background_d, texture_d], 1).argmin(1)
+
+
+@lru_cache(maxsize=1)
+def label_table() -> torch.Tensor:
+    """`nearest_labels` of every colour of a LEVELS³ grid (uint8 [LEVELS³]), computed once."""
+    axis = torch.arange(LEVELS, dtype=torch.float32) / (LEVELS - 1)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    return torch.cat([nearest_labels(chunk) for chunk in grid.split(65536)]).to(torch.uint8)
+
+
+def palette_labels(video: torch.Tensor) -> torch.Tensor:
+    """`nearest_labels` of clips [B, 3, T, H, W] in [-1, 1] → int64 [B, T, H, W], read from `label_table` at the
+    nearest grid colour (≤ 2 of 255 levels away per channel)."""
+    q = (unit(video) * (LEVELS - 1)).round().long()
+    index = (q[:, 0] * LEVELS + q[:, 1]) * LEVELS + q[:, 2]
+    return label_table().to(video.device)[index].long()
+
+
+def colour_masks(video: torch.Tensor, closing: int = 3, reach: int = 5) -> torch.Tensor:
+    """Bool masks [B, K, T, H, W] of the K = 8 object colours in clips [B, 3, T, H, W] in [-1, 1] without a
+    prompt: from label = `palette_labels`, mask_k = close(label = k ∪ (label = texture ∩ dilate_reach(label = k)))."""
+    label = palette_labels(video)
+    k = len(OBJECT_COLOURS)
     masks = label[:, None] == torch.arange(k, device=label.device).view(1, k, 1, 1, 1)
-    masks = masks | ((label == k + 1)[:, None] & dilate(masks, reach))
+    masks = masks | ((label == TEXTURE_LABEL)[:, None] & dilate(masks, reach))
     return close(masks, closing)

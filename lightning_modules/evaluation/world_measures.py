@@ -146,18 +146,24 @@ def direction_cosine(track: torch.Tensor, min_step: float = 0.0) -> float:
 
 def circle_fit(track: torch.Tensor, omegas: Sequence[float]) -> tuple[float, float, float]:
     """Least-squares circle at constant angular speed: z_t = o + ρ e^{i(θ₀ + ωt)}, z_t = x_t + i y_t, linear in
-    (o, ρe^{iθ₀}) for each ω in `omegas` (rad per frame, both signs tried). Returns (RMS residual, ω, ρ)."""
+    (o, w = ρe^{iθ₀}) for each ω in ±`omegas` (rad per frame). With e_t = e^{iωt}, n = T, S = Σ e_t and
+    r = (Σ z_t, Σ ē_t z_t), the normal equations [[n, S], [S̄, n]] (o, w) = r give the residual
+    Σ|z_t|² − rᴴ [[n, S], [S̄, n]]⁻¹ r. Returns (RMS residual, ω, ρ) of the best ω."""
     t = torch.arange(len(track), dtype=torch.float64)
     z = torch.complex(track[:, 0].double(), track[:, 1].double())
-    best = (float("inf"), 0.0, 0.0)
-    for omega in omegas:
-        for w in (omega, -omega):
-            basis = torch.stack([torch.ones_like(t, dtype=torch.complex128), torch.exp(1j * w * t)], dim=1)
-            solution = torch.linalg.lstsq(basis, z[:, None]).solution
-            residual = float((basis @ solution)[:, 0].sub(z).abs().pow(2).mean().sqrt())
-            if residual < best[0]:
-                best = (residual, w, float(solution[1, 0].abs()))
-    return best
+    w = torch.tensor(list(omegas), dtype=torch.float64)
+    w = torch.cat([w, -w])
+    e = torch.exp(1j * w[:, None] * t[None])  # [Ω, T]
+    n = float(len(track))
+    s = e.sum(1)
+    r0, r1 = z.sum().expand_as(s), (e.conj() * z).sum(1)
+    det = (n * n - s.abs().pow(2)).clamp_min(1e-9)
+    o = (n * r0 - s * r1) / det  # the inverse of [[n, S], [S̄, n]] applied to r
+    amp = (n * r1 - s.conj() * r0) / det
+    explained = (r0.conj() * o + r1.conj() * amp).real
+    residual = ((z.abs().pow(2).sum() - explained).clamp_min(0) / n).sqrt()
+    best = int(residual.argmin())
+    return float(residual[best]), float(w[best]), float(amp[best].abs())
 
 
 def line_residual(track: torch.Tensor) -> float:

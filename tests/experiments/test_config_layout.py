@@ -7,7 +7,6 @@ conf/trainer/ ...), picked with `- override /<group>: <option>`.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from experiments.run import CONFIG_DIR
 

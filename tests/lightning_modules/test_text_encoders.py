@@ -18,8 +18,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from experiments.compose import compose_config
 from experiments.runner import run
-from lightning_modules.nn.text import ByteEncoder, HFTextEncoder, TextConditioner, quoted_text
 from lightning_modules.generation import GenerationModule
+from lightning_modules.nn.text import ByteEncoder, HFTextEncoder, TextConditioner, quoted_text
 
 HF = "lightning_modules.nn.text.HFTextEncoder"
 
