@@ -32,6 +32,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
     `log_metrics` (Lightning logs a step's metrics after that step's checkpoint), so a run killed after a
     checkpoint has every metric up to it and a resumed run's history has no gap; also when the run ends and on
     `flush()`.
+
+    A resumed run (`run_id` given) replays the steps between its checkpoint and the kill, some of which the
+    killed run had already sent. A value equal to the one the store holds for the same metric and step is not
+    sent again, so the history has one value per step as an uninterrupted run's has; a different value (a
+    resume that is not exact, e.g. after a config change) is sent, and the first one is named on the console.
     """
 
     def __init__(self, *args: Any, flush_every_s: float = 5.0, **kwargs: Any) -> None:
@@ -39,14 +44,38 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self.flush_every_s = flush_every_s
         self._pending: list[Metric] = []
         self._last_flush = time.monotonic()
+        self._stored: dict[tuple[str, int], set[float]] | None = None if kwargs.get("run_id") else {}
+        self._warned_divergence = False
+
+    def _stored_values(self) -> dict[tuple[str, int], set[float]]:
+        """(metric, step) -> the values the store already holds for this run (read once, when resuming)."""
+        if self._stored is None:
+            stored: dict[tuple[str, int], set[float]] = {}
+            client = self.experiment
+            for key in client.get_run(self.run_id).data.metrics:
+                for m in client.get_metric_history(self.run_id, key):
+                    stored.setdefault((key, m.step), set()).add(m.value)
+            self._stored = stored
+        return self._stored
+
+    def _is_replay(self, metric: Metric) -> bool:
+        values = self._stored_values().get((metric.key, metric.step))
+        if not values:
+            return False
+        if metric.value in values:
+            return True
+        if not self._warned_divergence:
+            self._warned_divergence = True
+            print(f"[mlflow] resumed run: {metric.key} at step {metric.step} is {metric.value:.6g}, the killed run "
+                  f"logged {sorted(values)[0]:.6g}; both are kept (the resume is not exact)")
+        return False
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         timestamp_ms = int(time.time() * 1000)
-        self._pending.extend(
-            Metric(key=metric_name(key), value=float(value), timestamp=timestamp_ms, step=step or 0)
-            for key, value in metrics.items()
-        )
+        new = (Metric(key=metric_name(key), value=float(value), timestamp=timestamp_ms, step=step or 0)
+               for key, value in metrics.items())
+        self._pending.extend(m for m in new if not self._is_replay(m))
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -35,6 +37,11 @@ RECEIPT = "_receipt"  # the batch entry the datamodule commits as trained (see `
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # W decoding workers beside the training process: one thread each
+    # The worker's torch seed comes from the loader's seeded generator (see `ShardLoader._loader`); give
+    # NumPy and Python's `random` seeds derived from it too, so nothing in a worker depends on the fork's state.
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class ShardLoader:
@@ -80,6 +87,10 @@ class ShardLoader:
         dataset = copy.copy(self.dataset)
         dataset.plan = plan
         workers = self.num_workers
+        # The workers' seeds come from (seed, epoch, rank), not from the global generator: creating the
+        # iterator then draws nothing from the training stream, and a resumed epoch's workers are seeded as
+        # the uninterrupted run's were.
+        generator = torch.Generator().manual_seed(mix_seed(self.dataset.seed, plan.epoch, plan.rank, "workers") % 2**63)
         return DataLoader(
             dataset,
             batch_size=None,
@@ -88,6 +99,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             worker_init_fn=_worker_init if workers > 0 else None,
             multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
+            generator=generator,
         )
 
     def _account(self, info: dict) -> None:

@@ -242,7 +242,9 @@ def run(cfg: DictConfig) -> float | None:
         check_checkpoint_fits(ckpt_path, module)
 
     callbacks = instantiate_callbacks(cfg)
-    callbacks.append(RunState(cfg.logger.tracking_uri, cfg.experiment_name))
+    # First, so that the training stream's random state and logging step are back before any other callback's
+    # on_train_batch_start (e.g. the learning-rate monitor logs there).
+    callbacks.insert(0, RunState(cfg.logger.tracking_uri, cfg.experiment_name))
     if ckpt_path:
         # A resumed run keeps writing next to the checkpoint it came from.
         for cb in callbacks:

@@ -8,10 +8,14 @@ Pixels x ∈ [0, 1]³ (videos in [-1, 1] are mapped by x = (v + 1) / 2); colours
                                                                             a two-colour gradient a → b
     d_bg(x)          = d(x, c₁) (plain), d(x, [c₁, c₂]) (gradient), τ_photo (photo: no colour model)
     label(x)         = argmin over {objects i: d(x, c_i)} ∪ {background: d_bg(x)} ∪ {texture: min_w d(x, w)}
-    mask_i           = close₃ₓ₃(label = i)   (a 3x3 closing fills the holes that stripes, checks and dots punch)
+    mask_i           = close₃ₓ₃(label = i ∪ (label = texture ∩ dilate₅ₓ₅(label = i)))
+    soft mask_i      = mask_i, except on its boundary: α_i(x) = d_bg(x) / (d_bg(x) + d_i(x))
 
-The texture class (white, black) keeps the secondary colours of textured objects out of the background and
-out of other objects; the closing puts them back inside their object.
+For a textured object d_i is the distance to the segment from its colour halfway to white or black (blends in
+which the object's colour dominates); the texture class (white, black) keeps pure texture pixels out of the
+background and other objects, and the dilation and closing put them back inside their object. For a pixel
+blended from object and background, x = αc + (1 − α)b, the soft mask is α: antialiased edges count by their
+share, which makes centroids precise to a fraction of a pixel.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def colour_distance(pixels: torch.Tensor, colours: torch.Tensor) -> torch.Tensor
     """d(x, c) = ‖x − c‖₂ for pixels [3, ...] and colours [K, 3] → [K, ...]."""
     shape = pixels.shape[1:]
     flat = pixels.reshape(3, -1)
-    return (flat[None] - colours.to(flat)[:, :, None]).norm(dim=1).reshape(len(colours), *shape)
+    return (flat[None] - colours.to(flat)[:, :, None]).pow(2).sum(1).sqrt().reshape(len(colours), *shape)
 
 
 def segment_distance(pixels: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,7 @@ def segment_distance(pixels: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     a, b = a.to(pixels).view(shape), b.to(pixels).view(shape)
     direction = b - a
     lam = (((pixels - a) * direction).sum(0) / direction.pow(2).sum().clamp_min(1e-12)).clamp(0, 1)
-    return (pixels - (a + lam[None] * direction)).norm(dim=0)
+    return (pixels - (a + lam[None] * direction)).pow(2).sum(0).sqrt()
 
 
 def background_distance(pixels: torch.Tensor, background: dict[str, Any]) -> torch.Tensor:
@@ -105,9 +109,12 @@ def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
     return (F.max_pool2d(x, size, stride=1, padding=size // 2) > 0.5).reshape(shape)
 
 
-def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3, reach: int = 5) -> torch.Tensor:
-    """Bool masks [N, T, H, W] of the N objects of a scene record (`meta["objects"]`: "colour", "texture") in
-    one clip [3, T, H, W] in [-1, 1], see the module doc."""
+def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3, reach: int = 5,
+                 soft: bool = False) -> torch.Tensor:
+    """Masks [N, T, H, W] of the N objects of a scene record (`meta["objects"]`: "colour", "texture") in one clip
+    [3, T, H, W] in [-1, 1] (see the module doc): bool, or with `soft` float in [0, 1] with antialiased edges
+    counted by their share α_i(x) = d_bg(x) / (d_bg(x) + d_i(x)) on the masks' boundary (the pixels a 3x3
+    dilation adds or a 3x3 erosion removes)."""
     pixels = unit(video)
     objects = (meta or {}).get("objects") or []
     if not objects:
@@ -123,7 +130,13 @@ def object_masks(video: torch.Tensor, meta: dict[str, Any], closing: int = 3, re
         if obj.get("texture", "solid") != "solid":
             mask = mask | (texture & dilate(mask, reach))
         masks.append(close(mask, closing))
-    return torch.stack(masks)
+    hard = torch.stack(masks)
+    if not soft:
+        return hard
+    background = distances[len(objects)]
+    alpha = torch.stack([background / (background + d).clamp_min(1e-6) for d in distances[: len(objects)]])
+    boundary = dilate(hard, 3) & dilate(~hard, 3)
+    return torch.where(boundary, alpha, hard.float())
 
 
 def gradient_pairs() -> list[tuple[str, str]]:
@@ -182,6 +195,44 @@ def label_table() -> torch.Tensor:
     axis = torch.arange(LEVELS, dtype=torch.float32) / (LEVELS - 1)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     return torch.cat([nearest_labels(chunk) for chunk in grid.split(65536)]).to(torch.uint8)
+
+
+@lru_cache(maxsize=1)
+def alpha_table() -> torch.Tensor:
+    """α_k(x) = d_bg(x) / (d_bg(x) + d_k(x)) of every colour of the LEVELS³ grid for the 8 object colours
+    (float16 [LEVELS³, 8]): the share of object colour k in a pixel blended from it and the background, with
+    d_k and d_bg the distances of `nearest_labels`."""
+    axis = torch.arange(LEVELS, dtype=torch.float32) / (LEVELS - 1)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    return torch.cat([_alphas(chunk) for chunk in grid.split(65536)]).to(torch.float16)
+
+
+def _alphas(pixels: torch.Tensor) -> torch.Tensor:
+    objects = palette(list(OBJECT_COLOURS))
+    textures = palette(list(TEXTURE_COLOURS), TEXTURE_COLOURS)
+    backgrounds = palette(list(BACKGROUND_COLOURS), BACKGROUND_COLOURS)
+    k, n_tex, n_bg = len(objects), len(textures), len(backgrounds)
+    pairs = gradient_pairs()
+    starts = torch.cat([objects.repeat_interleave(n_tex, 0),
+                        torch.stack([rgb(a, BACKGROUND_COLOURS) for a, _ in pairs])])
+    ends = torch.cat([(objects[:, None] + textures[None]).reshape(-1, 3) / 2,
+                      torch.stack([rgb(e, BACKGROUND_COLOURS) for _, e in pairs])])
+    d = squared_distances(pixels, torch.cat([objects, backgrounds, textures]), starts, ends).sqrt()
+    first_segment = k + n_bg + n_tex
+    object_d = torch.minimum(d[:, :k], d[:, first_segment:first_segment + k * n_tex].reshape(-1, k, n_tex).amin(2))
+    background_d = torch.cat([d[:, k:k + n_bg], d[:, first_segment + k * n_tex:]], 1).amin(1, keepdim=True)
+    return background_d / (background_d + object_d).clamp_min(1e-6)
+
+
+def soft_colour_masks(video: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Soft masks [B, K, T, H, W] ∈ [0, 1]: 1 inside the hard masks [B, K, T, H, W] (`colour_masks`), α_k(x)
+    (`alpha_table`) on their boundary (the pixels a 3x3 dilation adds or a 3x3 erosion removes), 0 elsewhere:
+    antialiased edges count by their share, so centroids move by fractions of a pixel."""
+    q = (unit(video) * (LEVELS - 1)).round().long()
+    index = (q[:, 0] * LEVELS + q[:, 1]) * LEVELS + q[:, 2]  # [B, T, H, W]
+    alpha = alpha_table().to(video.device)[index].float().permute(0, 4, 1, 2, 3)  # [B, K, T, H, W]
+    boundary = dilate(masks, 3) & dilate(~masks, 3)
+    return torch.where(boundary, alpha, masks.float())
 
 
 def palette_labels(video: torch.Tensor) -> torch.Tensor:

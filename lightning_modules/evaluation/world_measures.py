@@ -1,5 +1,6 @@
 """Measures of clips of the shapes world that need no probe: the prompt's object is segmented per frame from the
-world's known colours (`palette.object_masks`), and its masks, centroid track and background are scored.
+world's known colours (`palette.object_masks`, soft: antialiased edges count by their share), and its masks,
+centroid track and background are scored.
 
 Notation: a clip of T frames, H x W pixels, `side` = min(H, W) pixels, frame rate f. For one object,
 M_t ∈ [0, 1]^{H×W} its mask in frame t, a_t = Σ M_t its area, c_t = Σ p·M_t(p) / a_t its centroid (pixels),
@@ -245,8 +246,9 @@ def classify_motion(track: torch.Tensor, height: int, width: int, fps: float) ->
     (pixels, NaN where the object was not found) has, from `track_features`:
 
         still   if speed < STILL_SPEED
-        orbit   if orbit < ORBIT_RESIDUAL (a circle at 1-4 rad/s fits), sharpness < SHARP_REVERSAL (no wall
-                bounce) and line > 1.5 (a straight line fits clearly worse)
+        orbit   if line > 1.5 (a straight line fits clearly worse than a circle at 1-4 rad/s) and either
+                orbit < ORBIT_RESIDUAL / 2 (the circle fits closely) or orbit < ORBIT_RESIDUAL and sharpness <
+                SHARP_REVERSAL (it fits and no axis reverses like a wall bounce)
         fall    if gravity > FALL_GRAVITY (the vertical acceleration between bounces is the world's gravity)
         bounce  otherwise (constant-speed straight moves reflected at the walls)
 
@@ -257,7 +259,8 @@ def classify_motion(track: torch.Tensor, height: int, width: int, fps: float) ->
     f = track_features(track, height, width, fps)
     if f["speed"] < STILL_SPEED:
         return "still"
-    if f["orbit"] < ORBIT_RESIDUAL and f["sharpness"] < SHARP_REVERSAL and f["line"] > 1.5:
+    if f["line"] > 1.5 and (f["orbit"] < ORBIT_RESIDUAL / 2
+                             or (f["orbit"] < ORBIT_RESIDUAL and f["sharpness"] < SHARP_REVERSAL)):
         return "orbit"
     if f["gravity"] > FALL_GRAVITY:
         return "fall"
@@ -308,7 +311,7 @@ def clip_measures(video: torch.Tensor, meta: dict[str, Any], fps: float) -> dict
     name → values (one per object for the object measures, one for the clip for the background ones; NaN where
     undefined, e.g. direction_cosine of a still object)."""
     _, _, height, width = video.shape
-    masks = object_masks(video, meta)
+    masks = object_masks(video, meta, soft=True)
     out: dict[str, list[float]] = {k: [] for k in ("consistency_iou", "coherence_iou", "area_cv", "direction_cosine",
                                                    "still_speed", "motion_accuracy")}
     side = float(min(height, width))
@@ -325,7 +328,7 @@ def clip_measures(video: torch.Tensor, meta: dict[str, Any], fps: float) -> dict
         out["still_speed"].append(speed)
         if obj.get("motion") in MOTIONS:
             out["motion_accuracy"].append(float(classify_motion(track, height, width, fps) == obj["motion"]))
-    region = background_region(masks)
+    region = background_region(masks > 0.5)
     if (meta.get("background") or {}).get("kind") in ("plain", "gradient"):  # a photo may pan: not static
         out["background_flicker"] = [background_flicker(video, region)]
         out["background_speckle"] = [background_speckle(video, region)]
