@@ -229,9 +229,9 @@ def test_quickstart_two_steps_with_byte_and_t5_encoders(t5_dir: Path, outputs: P
 
     (ckpt,) = (outputs / "fit").glob("checkpoints/last.ckpt")
     checkpoint = torch.load(ckpt, weights_only=True)
-    assert "text.projections.t5.0.weight" in checkpoint["state_dict"]
-    assert not any(k.startswith("text.encoders.t5") for k in checkpoint["state_dict"])
-    assert not any(k.startswith("text.encoders.t5") for k in checkpoint["callbacks"]["EMA"]["shadow"])
+    assert "conditioners.text.encoder.projections.t5.0.weight" in checkpoint["state_dict"]
+    assert not any(k.startswith("conditioners.text.encoder.encoders.t5") for k in checkpoint["state_dict"])
+    assert not any(k.startswith("conditioners.text.encoder.encoders.t5") for k in checkpoint["callbacks"]["EMA"]["shadow"])
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('A sign that says "HI".\n')
