@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,12 +56,16 @@ MEASURES = ("consistency_iou", "coherence_iou", "area_cv", "direction_cosine", "
 
 
 def quickstart() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(world options, datamodule options, probe options) of conf/experiment/quickstart.yaml and its model."""
-    experiment = OmegaConf.load(ROOT / "conf" / "experiment" / "quickstart.yaml")
-    model = OmegaConf.load(ROOT / "conf" / "model" / "moviegen_tiny.yaml")
-    probe = OmegaConf.to_container(model.evaluators.probe)
+    """(world options, datamodule options, probe options) of `experiment=quickstart`, as run.py composes them."""
+    from experiments.compose import compose_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(["experiment=quickstart"], Path(tmp))
+        world = OmegaConf.to_container(cfg.data.world, resolve=True)
+        data = {k: OmegaConf.to_container(cfg.data, resolve=False)[k] for k in ("sizes", "frames", "fps", "batch_size")}
+        probe = OmegaConf.to_container(cfg.model.evaluators.probe, resolve=False)
     options = {k: probe[k] for k in ("width", "features", "steps", "lr") if k in probe}
-    return OmegaConf.to_container(experiment.data.world), OmegaConf.to_container(experiment.data), options
+    return world, data, options
 
 
 def variants(video: torch.Tensor, noise: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -86,18 +91,21 @@ def held_out(world: Path, size: int, data: dict[str, Any]) -> list[dict[str, Any
 
 
 def run_size(world: Path, extra: Path | None, size: int, data: dict[str, Any], probe_options: dict[str, Any],
-             noise: float, cache_dir: str | None) -> dict[str, Any]:
+             noise: float, cache_dir: str) -> dict[str, Any]:
     dm = VideoDataModule(shards=str(world / "scenes" / "train"), val_shards=str(world / "scenes" / "val"),
                          sizes=[[size, size]], frames=data["frames"], fps=data["fps"], batch_size=data["batch_size"],
                          num_workers=0, seed=0)
+    cached = set(Path(cache_dir).glob("probe-*.pt"))
     start = time.perf_counter()
     cpu = time.process_time()
     probe_from_datamodule(dm, ProbeConfig(**probe_options), cache_dir)  # trains (and caches) the probe
     train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
+    trained = set(Path(cache_dir).glob("probe-*.pt")) != cached
     evaluator = ProbeEvaluator(cache_dir=cache_dir, **probe_options)
     trainer = SimpleNamespace(datamodule=dm, fast_dev_run=False)
     module = SimpleNamespace(device=torch.device("cpu"))
-    result: dict[str, Any] = {"probe_train_seconds": train_seconds, "probe_train_cpu_seconds": train_cpu}
+    result: dict[str, Any] = {"probe_trained_here": trained, "probe_train_seconds": train_seconds,
+                              "probe_train_cpu_seconds": train_cpu}
     sets = {"quickstart_val": held_out(world, size, data)}
     if extra is not None:
         sets["extra_val"] = held_out(extra, size, data)
@@ -195,8 +203,10 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    for size in args.sizes:
-        results["sizes"][str(size)] = run_size(world, extra, size, data, probe_options, args.noise, args.cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # without --cache-dir: train anew, once per size
+        for size in args.sizes:
+            results["sizes"][str(size)] = run_size(world, extra, size, data, probe_options, args.noise,
+                                                   args.cache_dir or tmp)
     print(table(results))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))

@@ -3,5 +3,6 @@
 from lightning_modules.evaluation.base import Evaluator
 from lightning_modules.evaluation.fidelity import Fidelity, psnr, ssim
 from lightning_modules.evaluation.samples import SampleWriter
+from lightning_modules.evaluation.world_measures import WorldMeasures
 
-__all__ = ["Evaluator", "Fidelity", "psnr", "ssim", "SampleWriter"]
+__all__ = ["Evaluator", "Fidelity", "psnr", "ssim", "SampleWriter", "WorldMeasures"]

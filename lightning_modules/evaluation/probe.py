@@ -24,7 +24,8 @@ The probe (`VideoProbe`) has a fixed front end and small trained heads:
     shape_k       a CNN on crops of M_k,t and of the foreground (label ≠ background: the outline of a textured
                   object survives there) centred on M_k,t's centroid and scaled by its radius of gyration, mean
                   log-softmax over frames (rotated and mirrored at random in training: shape is invariant to both)
-    motion_k      MLP(world_measures.track_features of the centroid track of M_k, area CV, log mean area)
+    motion_k      MLP(world_measures.track_features of the centroid track of M_k, area CV, log mean area, and the
+                  one-hot decision of the hand-made classifier world_measures.motion_rule)
     background    −α·r_m + β (+ γ·coverage_m for gradients) + MLP(features): r_m the mean distance of the
                   background pixels to each plain colour / gradient segment m, coverage_m = min(fraction near
                   a, fraction near b) of the pixels along the segment a → b, plus spatial std, Laplacian energy
@@ -73,7 +74,7 @@ from lightning_modules.evaluation.palette import (
     squared_distances,
     unit,
 )
-from lightning_modules.evaluation.world_measures import centroids, track_features
+from lightning_modules.evaluation.world_measures import centroids, motion_rule, track_features
 
 # ----------------------------------------------------------------------------------------------------------------
 # classes
@@ -184,7 +185,7 @@ def chance_alignment(targets: dict[str, torch.Tensor]) -> dict[str, float]:
 class ClipFeatures:
     """What the heads read of one clip: presence statistics [K, 4] of the K object colours; the candidate colours
     (the ones the shape and motion heads look at), their masks with the clip's foreground (not background)
-    [N, 2, T, H, W] and motion features [N, 8];
+    [N, 2, T, H, W] and motion features [N, MOTION_FEATURES];
     background features [BACKGROUND_FEATURES]; and, for training, the targets."""
 
     presence: torch.Tensor
@@ -285,19 +286,21 @@ def extract(video: torch.Tensor, metas: Sequence[dict[str, Any]] | None = None, 
     return out
 
 
-MOTION_FEATURES = 8
+MOTION_FEATURES = 9 + len(MOTIONS)
 
 
 def _motion_features(masks: torch.Tensor, height: int, width: int, fps: float) -> torch.Tensor:
-    """[speed, orbit, log line, sharpness, gravity, cosine, area CV, log mean area] of one colour's masks
-    [T, H, W] (see world_measures.track_features), clamped to moderate ranges."""
+    """[speed, orbit, log line, sharpness, gravity, cosine, speed CV, area CV, log mean area, one-hot motion_rule]
+    of one colour's masks [T, H, W] (see world_measures.track_features, motion_rule), clamped to moderate ranges."""
     track, area = centroids(masks)
     f = track_features(track, height, width, fps)
     fraction = area / (height * width)
     cv = float(area.std(unbiased=False) / area.mean()) if area.mean() > 0 else 2.0
+    rule = [float(motion_rule(f) == m) for m in MOTIONS]
     return torch.tensor([min(f["speed"], 3.0), min(f["orbit"], 2.0), math.log(min(max(f["line"], 1e-3), 1e3)),
-                         min(f["sharpness"], 3.0), max(min(f["gravity"], 3.0), -3.0), f["cosine"], min(cv, 2.0),
-                         math.log(float(fraction.mean()) + 1e-3)], dtype=torch.float32)
+                         min(f["sharpness"], 3.0), max(min(f["gravity"], 3.0), -3.0), f["cosine"],
+                         min(f["speed_cv"], 2.0), min(cv, 2.0),
+                         math.log(float(fraction.mean()) + 1e-3), *rule], dtype=torch.float32)
 
 
 def crops(masks: torch.Tensor, size: int, frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -588,7 +591,7 @@ def probe_from_datamodule(datamodule: Any, config: ProbeConfig, cache_dir: str |
     source = _video_source(datamodule)
     table = getattr(source.handler, "table", None)
     buckets = sorted(b.name for b in table.buckets.values()) if table is not None else []
-    key = json.dumps({"shards": source.shards, "buckets": buckets, "config": asdict(config), "version": 2},
+    key = json.dumps({"shards": source.shards, "buckets": buckets, "config": asdict(config), "version": 4},
                      sort_keys=True)
     path = Path(cache_dir) / f"probe-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt" if cache_dir else None
     if path is not None and path.is_file():

@@ -19,8 +19,8 @@ Motion (agreement with the prompt's motion):
     motion_accuracy  = [classify_motion(c) = the prompt's motion]   (see `classify_motion`)
 Background (pixels of no object in any frame, shrunk by one pixel away from the objects):
     background_flicker = mean_p std_t x_t(p)                  temporal std, pixels in [0, 1], mean over channels
-    background_speckle = mean_{p,t} |Δx_t(p)|                  Δ = the 3x3 Laplacian (4-neighbour), only where all
-                                                               5 taps are background: ~0 on plain and linear
+    background_speckle = mean_{p,t} |Δx_t(p)|                  Δ = the 4-neighbour Laplacian, only where the whole
+                                                               3x3 window is background: ~0 on plain and linear
                                                                gradients, high for speckle noise
 """
 
@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +43,9 @@ STILL_SPEED = 0.15  # side / s; the world's moving objects go 0.2 - 1.0 side / s
 ORBIT_SPEEDS = (1.0, 4.0)  # rad / s searched by the circle fit; the world's orbits turn 1.5 - 3 rad / s
 ORBIT_RESIDUAL = 0.2  # circle-fit RMS residual / RMS spread of the track below which a track may be an orbit
 SHARP_REVERSAL = 1.1  # (|step before| + |step after|) / largest step, at a reversal of one axis: a wall bounce
-FALL_GRAVITY = 0.6  # fitted vertical acceleration / the world's gravity above which a track is a fall
+FALL_GRAVITY = 0.6  # fitted vertical acceleration / the world's gravity above which a track may be a fall …
+FALL_SPEED_CV = 0.12  # … if its speed also varies by this much (a bounce keeps |v|: ~0.05 on real clips) …
+FALL_SPEED_CV_ALONE = 0.25  # … or is a fall by its varying speed alone (real falls: 0.25 - 0.55)
 MIN_STEP = 0.16  # side / s: moves shorter than this have no direction (direction_cosine ignores them)
 
 
@@ -169,10 +172,11 @@ def circle_fit(track: torch.Tensor, omegas: Sequence[float]) -> tuple[float, flo
 
 def line_residual(track: torch.Tensor) -> float:
     """RMS residual of the least-squares constant-velocity fit c_t = c₀ + v·t of a track [T, 2]."""
-    t = torch.arange(len(track), dtype=torch.float64)
-    basis = torch.stack([torch.ones_like(t), t], dim=1)
-    solution = torch.linalg.lstsq(basis, track.double()).solution
-    return float((basis @ solution - track.double()).norm(dim=1).pow(2).mean().sqrt())
+    t = np.arange(len(track), dtype=np.float64)
+    basis = np.stack([np.ones_like(t), t], axis=1)
+    points = track.double().numpy()
+    solution = np.linalg.lstsq(basis, points, rcond=None)[0]
+    return float(np.sqrt(((basis @ solution - points) ** 2).sum(1).mean()))
 
 
 def reversal_sharpness(track: torch.Tensor, min_step: float) -> float:
@@ -195,37 +199,47 @@ def reversal_sharpness(track: torch.Tensor, min_step: float) -> float:
 def gravity_fit(y: torch.Tensor) -> float:
     """Vertical acceleration (track units per frame²) of the least-squares fit y_t = a_s + b_s·t + ½g·t², with
     one (a_s, b_s) per segment between reversals of y (a floor or wall bounce) and one g; the frame at each
-    reversal is left out (the bounce happened on one side of it). 0 with fewer than 3 usable frames."""
+    reversal is left out (the bounce happened on one side of it), and so are segments of one frame (they say
+    nothing of g). 0 when no segment has 3 frames (g is not determined)."""
     steps = y[1:] - y[:-1]
     turns = {t + 1 for t in range(len(steps) - 1) if float(steps[t] * steps[t + 1]) < 0}
-    rows, segments, segment = [], [], 0
+    segments: list[list[int]] = [[]]
     for t in range(len(y)):
         if t in turns:
-            segment += 1
-            continue
-        rows.append(t)
-        segments.append(segment)
-    if len(rows) < 3:
+            segments.append([])
+        else:
+            segments[-1].append(t)
+    segments = [s for s in segments if len(s) >= 2]
+    if not any(len(s) >= 3 for s in segments):
         return 0.0
-    count = segments[-1] + 1
-    basis = torch.zeros(len(rows), 2 * count + 1, dtype=torch.float64)
-    for i, (t, s) in enumerate(zip(rows, segments)):
-        basis[i, 2 * s], basis[i, 2 * s + 1], basis[i, -1] = 1.0, t, 0.5 * t * t
-    solution = torch.linalg.lstsq(basis, y[rows].double()[:, None]).solution
-    return float(solution[-1, 0])
+    rows = [t for s in segments for t in s]
+    basis = np.zeros((len(rows), 2 * len(segments) + 1))
+    row = 0
+    for k, segment in enumerate(segments):
+        for t in segment:
+            basis[row, 2 * k], basis[row, 2 * k + 1], basis[row, -1] = 1.0, t, 0.5 * t * t
+            row += 1
+    # numpy's SVD-based solver: full rank here, and the same answer for the same track on every call
+    solution = np.linalg.lstsq(basis, y.double().numpy()[rows], rcond=None)[0]
+    return float(solution[-1])
 
 
 def track_features(track: torch.Tensor, height: int, width: int, fps: float) -> dict[str, float]:
-    """The features `classify_motion` reads from a centroid track [T, 2] (pixels), in the world's units:
+    """The features `motion_rule` reads from a centroid track [T, 2] (pixels), in the world's units:
     speed (side / s), orbit (circle RMS residual / RMS spread), line (constant-velocity RMS residual / circle
     residual), sharpness (`reversal_sharpness`), gravity (fitted g / the world's gravity), cosine
-    (`direction_cosine`, 0 when undefined)."""
+    (`direction_cosine`, 0 when undefined), speed_cv (median_t |s_t − s̃| / s̃ with s_t = ‖v_t‖, s̃ = median_t s_t:
+    a bounce or an orbit keeps its speed, a fall gains g/f per frame)."""
     side = float(min(height, width))
     track = fill_track(track.double()) / side
     if torch.isnan(track).any() or len(track) < 3:
-        return {"speed": 0.0, "orbit": 1.0, "line": 1.0, "sharpness": 0.0, "gravity": 0.0, "cosine": 0.0}
+        return {"speed": 0.0, "orbit": 1.0, "line": 1.0, "sharpness": 0.0, "gravity": 0.0, "cosine": 0.0,
+                "speed_cv": 0.0}
     per_frame = 1.0 / fps
-    speed = float((track[1:] - track[:-1]).norm(dim=-1).mean()) * fps
+    steps = (track[1:] - track[:-1]).norm(dim=-1)
+    speed = float(steps.mean()) * fps
+    typical = steps.median()
+    speed_cv = float((steps - typical).abs().median() / typical) if typical > 0 else 0.0
     omegas = torch.linspace(ORBIT_SPEEDS[0] * per_frame, ORBIT_SPEEDS[1] * per_frame, 16).tolist()
     residual, _, _ = circle_fit(track, omegas)
     spread = float((track - track.mean(0)).norm(dim=1).pow(2).mean().sqrt())
@@ -238,33 +252,39 @@ def track_features(track: torch.Tensor, height: int, width: int, fps: float) -> 
         "sharpness": reversal_sharpness(track, MIN_STEP * per_frame),
         "gravity": gravity_fit(track[:, 1]) / world_gravity,
         "cosine": 0.0 if math.isnan(cosine) else cosine,
+        "speed_cv": speed_cv,
     }
 
 
-def classify_motion(track: torch.Tensor, height: int, width: int, fps: float) -> str:
-    """The world's motion (still, bounce, fall, orbit) whose characteristic track this centroid track [T, 2]
-    (pixels, NaN where the object was not found) has, from `track_features`:
+def motion_rule(features: dict[str, float]) -> str:
+    """The motion whose characteristic track `track_features` describe:
 
         still   if speed < STILL_SPEED
         orbit   if line > 1.5 (a straight line fits clearly worse than a circle at 1-4 rad/s) and either
                 orbit < ORBIT_RESIDUAL / 2 (the circle fits closely) or orbit < ORBIT_RESIDUAL and sharpness <
                 SHARP_REVERSAL (it fits and no axis reverses like a wall bounce)
-        fall    if gravity > FALL_GRAVITY (the vertical acceleration between bounces is the world's gravity)
+        fall    if gravity > FALL_GRAVITY and speed_cv > FALL_SPEED_CV (the vertical acceleration between
+                bounces is the world's gravity, and the speed changes), or speed_cv > FALL_SPEED_CV_ALONE
         bounce  otherwise (constant-speed straight moves reflected at the walls)
-
-    "none" when the object is found in fewer than 2 frames.
     """
-    if int((~torch.isnan(track[:, 0])).sum()) < 2:
-        return "none"
-    f = track_features(track, height, width, fps)
-    if f["speed"] < STILL_SPEED:
+    if features["speed"] < STILL_SPEED:
         return "still"
-    if f["line"] > 1.5 and (f["orbit"] < ORBIT_RESIDUAL / 2
-                             or (f["orbit"] < ORBIT_RESIDUAL and f["sharpness"] < SHARP_REVERSAL)):
+    if features["line"] > 1.5 and (features["orbit"] < ORBIT_RESIDUAL / 2
+                                   or (features["orbit"] < ORBIT_RESIDUAL and features["sharpness"] < SHARP_REVERSAL)):
         return "orbit"
-    if f["gravity"] > FALL_GRAVITY:
+    if ((features["gravity"] > FALL_GRAVITY and features["speed_cv"] > FALL_SPEED_CV)
+            or features["speed_cv"] > FALL_SPEED_CV_ALONE):
         return "fall"
     return "bounce"
+
+
+def classify_motion(track: torch.Tensor, height: int, width: int, fps: float) -> str:
+    """The world's motion (still, bounce, fall, orbit) whose characteristic track this centroid track [T, 2]
+    (pixels, NaN where the object was not found) has: `motion_rule` of its `track_features`; "none" when the
+    object is found in fewer than 2 frames."""
+    if int((~torch.isnan(track[:, 0])).sum()) < 2:
+        return "none"
+    return motion_rule(track_features(track, height, width, fps))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +309,7 @@ def background_flicker(video: torch.Tensor, region: torch.Tensor) -> float:
 
 def background_speckle(video: torch.Tensor, region: torch.Tensor) -> float:
     """mean |Δx_t(p)| (4-neighbour Laplacian, per channel, x in [0, 1]) over frames and background pixels p whose
-    4 neighbours are background too; NaN if there are none."""
+    3x3 window is background; NaN if there are none."""
     x = unit(video).permute(1, 0, 2, 3)  # [T, 3, H, W]
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
     laplacian = F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), kernel[None, None]).reshape(*x.shape[:2],

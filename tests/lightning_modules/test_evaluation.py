@@ -1,0 +1,302 @@
+"""The shapes-world evaluator: each probe-free measure computed by hand on tiny tensors (so a planted bug fails),
+the measures separating real held-out clips from the same clips with shuffled frames or noise added, the probe
+scoring >= 0.95 per attribute on real held-out clips (trained once per module on a small world of the quickstart's
+options), and the Fréchet distance of noise "samples" above its real-vs-real floor."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from datamodules.media import frames_to_video
+from datamodules.synthetic.generate import realise
+from datamodules.synthetic.world import GRAVITY, Background, ObjectSpec, SceneSpec, simulate
+from datamodules.video import VideoDataModule
+from datamodules.write_shards import write_world
+from lightning_modules.evaluation.frechet import FrechetWithFloor, frechet_distance
+from lightning_modules.evaluation.palette import object_masks
+from lightning_modules.evaluation.probe import (
+    ATTRIBUTES,
+    BACKGROUND_CLASSES,
+    SHAPE_CLASS,
+    SHAPE_CLASSES,
+    ProbeEvaluator,
+    attribute_targets,
+    background_class,
+    chance_alignment,
+)
+from lightning_modules.evaluation.world_measures import (
+    WorldMeasures,
+    area_cv,
+    background_flicker,
+    background_speckle,
+    centroids,
+    circle_fit,
+    classify_motion,
+    coherence_iou,
+    consistency_iou,
+    direction_cosine,
+    gravity_fit,
+    reversal_sharpness,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+# The quickstart's world (conf/data/world/quickstart.yaml), fewer clips.
+WORLD = {"seed": 3, "max_objects": 1, "radius_range": [0.25, 0.35], "backgrounds": ["plain", "gradient"],
+         "sizes": [[32, 32]], "fps": [8.0], "durations": [1.0], "scenes": [256, 64]}
+PROBE = {"steps": 300, "clips": 256}  # ~40 s of training at 16x16 on one thread
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_world(tmp_path_factory.mktemp("world"), WORLD, kinds=["scenes"], progress=False)
+
+
+def datamodule(world: Path, size: int) -> VideoDataModule:
+    return VideoDataModule(shards=str(world / "scenes" / "train"), val_shards=str(world / "scenes" / "val"),
+                           sizes=[[size, size]], frames=[8], fps=8.0, batch_size=16, num_workers=0, seed=0)
+
+
+def held_out(world: Path, size: int) -> list[dict]:
+    dm = datamodule(world, size)
+    dm.setup("validate")
+    return list(dm.val_dataloader())
+
+
+def shuffled(video: torch.Tensor) -> torch.Tensor:
+    """Each clip's frames in a fixed scrambled order."""
+    order = torch.tensor([3, 0, 6, 1, 7, 4, 2, 5])[: video.shape[2]]
+    return video[:, :, order]
+
+
+def noisy(video: torch.Tensor, std: float = 0.3) -> torch.Tensor:
+    return (video + std * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# by hand
+
+
+def square_clip(xs: list[int], ys: list[int] | None = None, side: int = 4, size: int = 16) -> torch.Tensor:
+    """Masks [T, size, size] of a side x side square whose top-left corner is at (xs[t], ys[t])."""
+    ys = ys or [5] * len(xs)
+    masks = torch.zeros(len(xs), size, size)
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        masks[t, y:y + side, x:x + side] = 1.0
+    return masks
+
+
+def test_mask_measures_by_hand() -> None:
+    moving = square_clip([2, 3, 4, 5, 6, 7])  # right by 1 px per frame
+    track, area = centroids(moving)
+    assert torch.allclose(track[:, 0], torch.tensor([4.0, 5, 6, 7, 8, 9])) and torch.all(track[:, 1] == 7.0)
+    assert torch.all(area == 16)
+    assert consistency_iou(moving) == pytest.approx(1.0, abs=1e-5)
+    assert coherence_iou(moving) == pytest.approx(1.0, abs=1e-5)
+    assert area_cv(moving) == 0.0
+    assert direction_cosine(track) == pytest.approx(1.0)
+
+    # back and forth (what shuffled frames look like): every move reverses the last one
+    assert direction_cosine(centroids(square_clip([2, 3, 2, 3]))[0]) == pytest.approx(-1.0)
+    # a right angle: cos 0; moves shorter than min_step are ignored
+    assert direction_cosine(torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])) == pytest.approx(0.0)
+    assert math.isnan(direction_cosine(torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]), min_step=2.0))
+
+    # 4x4 then 4x2 with the same centroid: IoU 8 / 16 after alignment; areas 16, 8: CV = 4 / 12
+    squat = torch.zeros(2, 16, 16)
+    squat[0, 5:9, 2:6] = 1.0
+    squat[1, 6:8, 2:6] = 1.0
+    assert consistency_iou(squat) == pytest.approx(0.5)
+    assert area_cv(squat) == pytest.approx(4 / 12)
+
+    # steady to the right, then a jump of 4 px: the last move predicts frame 4 at x = 6, it is at 10 (no overlap)
+    jumpy = square_clip([2, 3, 4, 5, 10])
+    assert coherence_iou(jumpy) == pytest.approx((1 + 1 + 0) / 3, abs=1e-5)
+    assert consistency_iou(jumpy) == pytest.approx(1.0, abs=1e-5)  # the outline never changes
+
+    # the object lost in one frame: that pair scores 0
+    lost = square_clip([2, 3, 4])
+    lost[2] = 0
+    assert consistency_iou(lost) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_track_fits_by_hand() -> None:
+    t = torch.arange(8, dtype=torch.float64)
+    circle = torch.stack([10 + 3 * torch.cos(0.3 * t + 1), 12 + 3 * torch.sin(0.3 * t + 1)], dim=1)
+    residual, omega, radius = circle_fit(circle, [0.1, 0.2, 0.3, 0.4])
+    assert residual < 1e-5 and omega == pytest.approx(0.3) and radius == pytest.approx(3.0)
+    assert circle_fit(circle.flip(0), [0.3])[1] == pytest.approx(-0.3)  # the other way round
+
+    parabola = 3 + 0.5 * t + 0.5 * 0.7 * t**2
+    assert gravity_fit(parabola) == pytest.approx(0.7)
+    assert gravity_fit(torch.zeros(8, dtype=torch.float64)) == 0.0
+
+    # a wall bounce reverses a full step at once; a smooth turn does not
+    wall = torch.tensor([[0.0, 0], [2, 0], [4, 0], [3, 0], [1, 0]])
+    assert reversal_sharpness(wall, min_step=0.1) == pytest.approx((2 + 1) / 2)
+    assert reversal_sharpness(circle, min_step=0.1) < 0.5
+
+
+def world_track(motion: str, **kwargs) -> torch.Tensor:
+    """The exact centroid track [8, 2] of one object in a 32x32 clip at 8 fps, simulated by the world."""
+    obj = ObjectSpec(id=1, shape="circle", colour="red", radius=9.0, motion=motion, **kwargs)
+    scene = SceneSpec(32, 32, 8.0, 8, Background("plain", ["white"]), [obj])
+    return torch.from_numpy(simulate(scene).positions[0])
+
+
+def test_motion_classifier_on_the_worlds_physics() -> None:
+    assert classify_motion(world_track("still", position=(16.0, 16.0)), 32, 32, 8.0) == "still"
+    assert classify_motion(world_track("bounce", position=(12.0, 15.0), velocity=(22.0, 13.0)), 32, 32, 8.0) == "bounce"
+    assert classify_motion(world_track("fall", position=(14.0, 10.0), velocity=(4.0, 0.0)), 32, 32, 8.0) == "fall"
+    orbit = world_track("orbit", position=(20.0, 16.0), orbit_centre=(16.0, 16.0), orbit_radius=4.0, orbit_speed=2.5)
+    assert classify_motion(orbit, 32, 32, 8.0) == "orbit"
+    # the world's gravity (heights per second²), measured from a falling track with a floor bounce at frame 5:
+    # one parabola per side of the bounce, the frame of the bounce left out
+    fall = world_track("fall", position=(14.0, 10.0), velocity=(0.0, 0.0))
+    assert (fall[1:, 1] - fall[:-1, 1]).sign().tolist() == [1, 1, 1, 1, -1, -1, -1]
+    assert gravity_fit(fall[:, 1]) * 8.0**2 / 32 == pytest.approx(GRAVITY, rel=1e-6)
+    lost = torch.full((8, 2), float("nan"))
+    lost[0] = 5.0
+    assert classify_motion(lost, 32, 32, 8.0) == "none"
+
+
+def test_background_measures_by_hand() -> None:
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[2:6, 2:6] = True
+    still = torch.full((3, 4, 8, 8), 0.2)
+    assert background_flicker(still, region) == 0.0 and background_speckle(still, region) == 0.0
+    flicker = still.clone()
+    flicker[:, 1::2] = 0.6  # x in [0, 1] alternates 0.6 and 0.8: temporal std 0.1
+    assert background_flicker(flicker, region) == pytest.approx(0.1, abs=1e-6)
+    speckle = still.clone()
+    speckle[:, :, 3, 3] = 1.0  # one bright pixel: |Δx| = 4·0.4 there, 0.4 at its 4 neighbours (x in [0, 1])
+    # the Laplacian is read where all 4 neighbours are background: the 2x2 centre of the 4x4 region
+    assert background_speckle(speckle, region) == pytest.approx((1.6 + 0.4 + 0.4 + 0.0) / 4, abs=1e-6)
+
+
+def test_palette_segmentation_matches_the_label_map() -> None:
+    for shape, texture, background in (("circle", "solid", Background("plain", ["navy"])),
+                                       ("square", "stripes", Background("gradient", ["white", "teal"], angle=30.0))):
+        obj = ObjectSpec(id=1, shape=shape, colour="orange", texture=texture, radius=9.0, motion="bounce",
+                         position=(14.0, 15.0), velocity=(20.0, 8.0))
+        rendered = realise(SceneSpec(32, 32, 8.0, 8, background, [obj]))
+        video = frames_to_video(torch.from_numpy(rendered.frames))
+        meta = {"objects": [{"colour": "orange", "texture": texture}],
+                "background": {"kind": background.kind, "colours": background.colours}}
+        masks = object_masks(video, meta)[0]
+        truth = torch.from_numpy(rendered.labels) == 1
+        iou = (masks & truth).sum() / (masks | truth).sum()
+        assert iou > (0.99 if texture == "solid" else 0.9), (shape, float(iou))
+
+
+def test_classes_and_frechet_by_hand() -> None:
+    # the world's diamond is its square turned by 45°: one class; the other shapes are their own
+    assert SHAPE_CLASS["square"] == SHAPE_CLASS["diamond"] == "square/diamond"
+    assert len(SHAPE_CLASSES) == 4 and SHAPE_CLASS["circle"] == "circle"
+    assert len(BACKGROUND_CLASSES) == 7 + 21 + 2
+    # a gradient's colours are an unordered pair
+    assert background_class({"kind": "gradient", "colours": ["teal", "white"]}) == "white to teal gradient"
+    assert background_class({"kind": "gradient", "colours": ["white", "teal"]}) == "white to teal gradient"
+    assert background_class({"kind": "plain", "colours": ["navy"]}) == "plain navy"
+    metas = [{"objects": [{"shape": "diamond", "colour": "red", "motion": "fall"}],
+              "background": {"kind": "plain", "colours": ["grey"]}}]
+    targets = attribute_targets(metas)
+    assert targets["shape"][0, SHAPE_CLASSES.index("square/diamond")] == 1 and targets["shape"].sum() == 1
+    assert chance_alignment(targets) == pytest.approx({"shape": 1 / 4, "colour": 1 / 8, "motion": 1 / 4,
+                                                       "background": 1 / 30})
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 2.0], dtype=torch.float64)
+    assert frechet_distance(x, x + shift) == pytest.approx(9.0, abs=1e-6)  # equal covariances: ‖Δμ‖²
+    floor = FrechetWithFloor(6)
+    floor.add_real(x[:20])
+    floor.add_samples(x[20:30] + shift)
+    floor.add_reference(x[30:])
+    out = floor.compute()
+    assert out["fd_samples"] == 10 and out["fd_real_floor"] < out["fd"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on real clips
+
+
+def test_measures_separate_real_clips_from_shuffled_and_noisy_ones(world: Path) -> None:
+    batches = held_out(world, 16)
+    scores = {}
+    for variant, change in (("real", lambda v: v), ("shuffled", shuffled), ("noise", noisy)):
+        measures = WorldMeasures()
+        measures.start(None, None)
+        for batch in batches:
+            measures.add(change(batch["video"]), batch["meta"], batch["fps"])
+        scores[variant] = measures.compute()
+    real, mixed, noise = scores["real"], scores["shuffled"], scores["noise"]
+    # the outline and area hold from frame to frame (order does not matter to them, noise does)
+    assert real["consistency_iou"] > 0.8 and real["consistency_iou"] > noise["consistency_iou"] + 0.15, scores
+    assert real["area_cv"] < 0.05 and noise["area_cv"] > 2 * real["area_cv"], scores
+    # the last move predicts the next mask; the track keeps its direction; the motion is the prompt's
+    assert real["coherence_iou"] > mixed["coherence_iou"] + 0.3, scores
+    assert real["coherence_iou"] > noise["coherence_iou"] + 0.1, scores
+    assert real["direction_cosine"] > 0.5 and real["direction_cosine"] > mixed["direction_cosine"] + 0.8, scores
+    assert real["direction_cosine"] > noise["direction_cosine"] + 0.3, scores
+    assert real["motion_accuracy"] >= 0.9, scores
+    assert real["motion_accuracy"] > max(mixed["motion_accuracy"], noise["motion_accuracy"]) + 0.2, scores
+    assert real["still_speed"] < 0.05 < noise["still_speed"], scores
+    assert real["background_flicker"] < 0.02 < noise["background_flicker"], scores
+    assert real["background_speckle"] < 0.02 < noise["background_speckle"], scores
+
+
+@pytest.fixture(scope="module")
+def probe_evaluator_16(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ProbeEvaluator, SimpleNamespace]:
+    """The probe trained once for the module (cached: later `start` calls load it). One thread, as the tests
+    (a module fixture is set up before the `one_thread` fixture of its first test)."""
+    evaluator = ProbeEvaluator(cache_dir=str(tmp_path_factory.mktemp("probes")), **PROBE)
+    trainer = SimpleNamespace(datamodule=datamodule(world, 16), fast_dev_run=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evaluator.start(SimpleNamespace(device=torch.device("cpu")), trainer)
+    finally:
+        torch.set_num_threads(threads)
+    return evaluator, trainer
+
+
+def probe_scores(evaluator: ProbeEvaluator, trainer: SimpleNamespace, batches: list[dict], change=None) -> dict:
+    evaluator.start(SimpleNamespace(device=torch.device("cpu")), trainer)  # the trained probe comes from its cache
+    for batch in batches:
+        evaluator.update(change(batch["video"]) if change else batch["video"], batch, {})
+    return evaluator.compute()
+
+
+def test_probe_scores_real_held_out_clips_and_fd_floor(world: Path, probe_evaluator_16) -> None:
+    evaluator, trainer = probe_evaluator_16
+    batches = held_out(world, 16)
+    noise = probe_scores(evaluator, trainer, batches, lambda v: noisy(v, 0.5))
+    for a in ATTRIBUTES:
+        assert noise[f"alignment_real_{a}"] >= 0.95, (a, noise)
+    assert set(ATTRIBUTES) == {"shape", "colour", "motion", "background"}
+    assert noise["fd_samples"] == 64
+    assert noise["fd_real_floor"] < 0.5 * noise["fd"], noise
+    real = probe_scores(evaluator, trainer, batches)
+    assert real["alignment"] == pytest.approx(real["alignment_real"])  # the same clips, scored the same way
+    # identical sets: 0 up to the square root of a rank-deficient covariance product (64 clips, 32 features)
+    assert real["fd"] < 0.1 * real["fd_real_floor"], (real, noise)
+    assert noise["alignment"] < real["alignment"] - 0.2
+    print({"noise": noise, "real": real})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [16, 32])
+def test_probe_scores_real_held_out_clips_full(world: Path, size: int) -> None:
+    """The default probe (600 steps) at both sizes the experiments use."""
+    evaluator = ProbeEvaluator()
+    trainer = SimpleNamespace(datamodule=datamodule(world, size), fast_dev_run=False)
+    scores = probe_scores(evaluator, trainer, held_out(world, size))
+    for a in ATTRIBUTES:
+        assert scores[f"alignment_real_{a}"] >= 0.95, (a, scores)
