@@ -117,6 +117,9 @@ def build_case(variant: str, batch: int, heads: int, seqlen: int, head_dim: int,
     import kernels
     from kernels.reference import sdpa_guided_attention
 
+    # One compiled graph per shape x grad mode x mask: the default recompile limit (8) is hit within one head dim,
+    # after which dynamo falls back to the unfused kernel that materialises N x N scores (out of memory).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     compiled = flex_attention if smoke else torch.compile(flex_attention, dynamic=False)
 
     def flex(*tensors, **kw):  # FlexAttention refuses CPU inputs that require grad (no CPU backward)

@@ -1,6 +1,7 @@
 """Training throughput of the text-to-video model on this machine, against its measured matmul FLOP/s.
 
     OMP_NUM_THREADS=1 python experiments/benchmarks/t2v_throughput.py [--steps 20] [--threads 1] [key=value ...]
+    python experiments/benchmarks/t2v_throughput.py --device cuda --precision bf16      # a bf16 step on a GPU
 
 The model is the experiment's (default `experiment=quickstart`; further `key=value` are Hydra overrides).
 One step = text encoding + DiT forward + backward + AdamW on a batch of random clips of the data config's first
@@ -9,8 +10,11 @@ bucket, with the quickstart's captions. Reported:
 - tokens/s: video tokens (DiT patches) trained per second, and clips/s;
 - FLOP/s: FLOPs of a step counted by torch's FlopCounterMode (matmuls, convolutions and attention of the
   forward and backward, text encoder included), divided by the step time;
-- the fraction of the machine's measured matmul FLOP/s: the best of several fp32 [n, n] @ [n, n] products
-  (2n³ FLOPs each) with the same thread count.
+- the fraction of the machine's measured matmul FLOP/s: the best of several [n, n] @ [n, n] products
+  (2n³ FLOPs each) in the step's precision, with the same thread count on the CPU.
+
+`--precision bf16` runs the step under `torch.autocast(dtype=torch.bfloat16)` with fp32 weights and optimizer
+state, which is what Lightning's `trainer.precision=bf16-mixed` (conf/trainer/gpu.yaml) does.
 
 The CPUs may be shared with other work: the numbers are those of the moment (the load average is printed).
 """
@@ -36,14 +40,22 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from experiments.compose import compose_config  # noqa: E402
 
 
-def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    """Best FLOP/s of fp32 [n, n] @ [n, n] (2n³ FLOPs) over `repeats` runs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(n: int = 1024, repeats: int = 10, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of [n, n] @ [n, n] (2n³ FLOPs) over `repeats` runs."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -53,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--output", default=str(ROOT / "experiments/benchmarks/results/t2v_throughput.json"))
     args, overrides = parser.parse_known_args(argv)
     if args.threads:
@@ -61,20 +75,24 @@ def main(argv: list[str] | None = None) -> dict:
         overrides.insert(0, "experiment=quickstart")
     cfg = compose_config(overrides, Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "benchmark")
     torch.manual_seed(0)
-    module = hydra.utils.instantiate(cfg.model, _convert_="object")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    module = hydra.utils.instantiate(cfg.model, _convert_="object").to(device)
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
     (height, width), frames = cfg.data.sizes[0], cfg.data.frames[0]
     batch_size = int(cfg.data.batch_size)
-    batch = {"video": torch.rand(batch_size, 3, frames, height, width) * 2 - 1,
+    batch = {"video": torch.rand(batch_size, 3, frames, height, width, device=device) * 2 - 1,
              "text": ["A small red striped circle bounces around, on a plain white background."] * batch_size,
              "fps": torch.full((batch_size,), float(cfg.data.fps or 8.0))}
     tokens = batch_size * module.net.num_tokens(module.codec.latent_shape(frames, height, width))
 
-    def step() -> None:
-        loss = module.loss(batch, train=True)
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = module.loss(batch, train=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return loss.detach()
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -82,13 +100,17 @@ def main(argv: list[str] | None = None) -> dict:
     step_flops = counter.get_total_flops()
     for _ in range(args.warmup):
         step()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        loss = step()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
-    peak = matmul_flops()
+    peak = matmul_flops(4096 if device.type == "cuda" else 1024, device=device, dtype=dtype)
     result = {
-        "experiment": cfg.experiment_name, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "experiment": cfg.experiment_name, "overrides": overrides, "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else "cpu", "precision": args.precision, "last_loss": float(loss),
         "parameters": sum(p.numel() for p in module.parameters()), "batch": batch_size,
         "clip": [frames, height, width], "tokens_per_step": tokens, "step_seconds": seconds,
         "tokens_per_second": tokens / seconds, "clips_per_second": batch_size / seconds,
@@ -100,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"step {seconds * 1e3:.1f} ms: {result['tokens_per_second']:,.0f} tokens/s, "
           f"{result['clips_per_second']:.1f} clips/s; {step_flops / 1e9:.2f} GFLOP/step -> "
           f"{result['achieved_flops_per_second'] / 1e9:.2f} GFLOP/s = {100 * result['fraction_of_matmul']:.1f}% of the "
-          f"measured fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+          f"measured {args.precision} matmul {peak / 1e9:.1f} GFLOP/s on {result['device']}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
     return result
