@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class Checkpoint(ModelCheckpoint):
     """See the module docstring; every argument is ModelCheckpoint's."""
 
-    def __init__(self, *args: Any, save_last: bool | str | None = "link", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, save_last: bool | Literal["link"] | None = "link", **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
         self._save_after_validation = False
 
@@ -38,6 +38,8 @@ class Checkpoint(ModelCheckpoint):
         if every is not None and (trainer.current_epoch + 1) % every != 0:
             return False
         val = trainer.num_val_batches
+        if isinstance(val, list) and not val:
+            return True  # the validation loader is not loaded yet (it is before the first validation): assume one
         return bool(sum(val) if isinstance(val, list) else val)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -6,6 +6,7 @@ back, `callbacks.dp_monitor` names its per-group metrics with `metric_name`, and
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -37,10 +38,18 @@ class BufferedMLFlowLogger(MLFlowLogger):
     killed run had already sent. A value equal to the one the store holds for the same metric and step is not
     sent again, so the history has one value per step as an uninterrupted run's has; a different value (a
     resume that is not exact, e.g. after a config change) is sent, and the first one is named on the console.
+    Non-finite values (a skipped step's loss) are not sent.
+
+    `resumed_status`: the MLflow status of the run before this job resumed it. When this job fails before it
+    sent any new metric (e.g. a resume that cannot start), the run gets that status back instead of FAILED, so
+    a finished run is never turned into a failed one by a resume that did nothing.
     """
 
-    def __init__(self, *args: Any, flush_every_s: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, flush_every_s: float = 5.0, resumed_status: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.resumed_status = resumed_status
+        self.sent_new = False
         self.flush_every_s = flush_every_s
         self._pending: list[Metric] = []
         self._last_flush = time.monotonic()
@@ -75,7 +84,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
         timestamp_ms = int(time.time() * 1000)
         new = (Metric(key=metric_name(key), value=float(value), timestamp=timestamp_ms, step=step or 0)
                for key, value in metrics.items())
-        self._pending.extend(m for m in new if not self._is_replay(m))
+        # A non-finite value is not sent: MLflow would store inf as 1.8e308, a sentinel that reads as a value.
+        self._pending.extend(m for m in new if math.isfinite(m.value) and not self._is_replay(m))
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
@@ -84,6 +94,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         """Send the buffered metrics to the store (MLflow's async queue when `synchronous=False`)."""
         pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
+        self.sent_new = self.sent_new or bool(pending)
         for start in range(0, len(pending), MAX_METRICS_PER_BATCH):
             self.experiment.log_batch(
                 run_id=self.run_id, metrics=pending[start : start + MAX_METRICS_PER_BATCH], **self._log_batch_kwargs
@@ -98,4 +109,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         if self._initialized:
             self.flush()
+        if status == "failed" and self.resumed_status in ("FINISHED", "KILLED") and not self.sent_new:
+            if self._initialized:
+                self.experiment.set_terminated(self.run_id, self.resumed_status)
+            print(f"[mlflow] the resume failed before it logged anything: run {self.run_id} stays "
+                  f"{self.resumed_status}")
+            return
         super().finalize(status)

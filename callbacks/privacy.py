@@ -225,7 +225,11 @@ class DifferentialPrivacy(Callback):
         self._hook_owner = owner
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        planned = trainer.estimated_stepping_batches  # loads the training loader (through the hook above)
+        planned = trainer.estimated_stepping_batches  # loads the training loader (through the hook above) ...
+        if self.loader is None and self._hook_owner is not None and trainer.max_epochs == -1:
+            # ... except when the run is bounded by steps alone (trainer.max_epochs=-1): Lightning then
+            # answers from max_steps without loading anything, so build the loader here.
+            self._hook_owner.train_dataloader()
         if self.loader is None:
             raise DPConfigError(
                 "the training data did not come from the datamodule's or module's train_dataloader hook (was a "
@@ -294,7 +298,7 @@ class DifferentialPrivacy(Callback):
                 f"the run is at step {trainer.global_step} but the privacy ledger recorded {self.ledger.num_steps} "
                 "private steps (a checkpoint of a non-private or differently configured run?)"
             )
-        self.loader.sampler.resumed_at = trainer.global_step
+        self.loader.sampler.resume_at(trainer.global_step)
         if self.step_budget is not None:
             loop = trainer.fit_loop.epoch_loop
             if loop.max_steps == -1 or loop.max_steps > self.step_budget:

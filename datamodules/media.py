@@ -1,7 +1,8 @@
 """Media decoding and encoding with PyAV (FFmpeg); the one module that reads and writes video, audio and images.
 
 Reading (bytes or a path in, torch tensors out):
-  - `probe_video`, `probe_audio`, `probe_image`: container metadata without decoding the whole stream.
+  - `probe_video`, `probe_audio`, `probe_image`: container metadata without decoding the whole stream;
+    `count_decodable_frames`: decode a whole video stream (the shard writer's check).
   - `decode_video`: frames sampled at a target fps, `num_frames` long, starting at `start` seconds. Frame k of
     the clip is the source frame nearest to t_k = start + k / fps (ties to the earlier one; a target fps
     above the native one repeats frames). Returns uint8 [T, H, W, 3] and the source frame indices.
@@ -146,6 +147,28 @@ def probe_video(source: Source, decode_first_frame: bool = False) -> VideoInfo:
     if width <= 0 or height <= 0:
         raise MediaDecodeError(UNDECODABLE, f"size {width}x{height}")
     return VideoInfo(width, height, fps, frames, duration, audio_rate, audio_channels)
+
+
+def count_decodable_frames(source: Source) -> int:
+    """Decode every frame of the first video stream; the number decoded. A frame that cannot be decoded raises
+    MediaDecodeError(UNDECODABLE) saying after how many good frames of how many stated (used when writing
+    shards: a file whose first frames decode may still break later)."""
+    count = 0
+    with _open(source) as container:
+        if not container.streams.video:
+            raise MediaDecodeError(NO_STREAM, "no video stream")
+        stream = container.streams.video[0]
+        stated = int(stream.frames) if stream.frames else None
+        try:
+            for _ in container.decode(stream):
+                count += 1
+        except av.FFmpegError as exc:
+            of = f" of {stated}" if stated else ""
+            raise MediaDecodeError(UNDECODABLE, f"frame {count + 1}{of} cannot be decoded (frames 1-{count} can): "
+                                                f"{exc}") from exc
+    if count == 0:
+        raise MediaDecodeError(ZERO_LENGTH, "no frames decoded")
+    return count
 
 
 def probe_audio(source: Source) -> AudioInfo:

@@ -9,7 +9,8 @@ It turns shard specs (`datamodules.shards`) into the shard stream's loaders (`da
     a pass of any source (`datamodules.shard_schedule.epoch_batches`), so samples are disjoint within an epoch.
   - the training loader is a `ResumableShardLoader` (its state goes into Lightning checkpoints); batches are
     committed as trained in `on_before_batch_transfer`, which also logs the skip counters (data/...) to the
-    trainer's loggers every `log_every_n_steps` steps.
+    trainer's loggers every `log_every_n_steps` steps; after fit (`teardown`) the final counters are logged and
+    one line says how many training samples were skipped, by reason.
 """
 
 from __future__ import annotations
@@ -211,6 +212,32 @@ class ShardDataModule(L.LightningDataModule):
     def metrics(self) -> dict[str, float]:
         """The training stream's skip counters (data/seen, data/skipped, ...; see datamodules.stream_dataset)."""
         return self._train_loader.metrics() if self._train_loader is not None else {}
+
+    def teardown(self, stage: str) -> None:
+        """After fit: the final data/ counters go to the loggers (the periodic logging misses the last interval)
+        and one line to the console, e.g. "data: skipped 14 of 56 training samples: 8 no caption, 6 undecodable"."""
+        trainer = self.trainer
+        if stage != "fit" or self._train_loader is None or trainer is None:
+            return
+        metrics = self.metrics()
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero:
+            print(skip_summary(metrics), flush=True)
+
+
+def skip_summary(metrics: dict[str, float]) -> str:
+    """One line from the data/ counters: how many training samples were skipped of how many, by reason."""
+    seen, skipped = int(metrics.get("data/seen", 0)), int(metrics.get("data/skipped", 0))
+    if not skipped:
+        return f"data: {seen} training samples read, none skipped"
+    reasons = sorted(((int(v), k[len("data/skipped/"):]) for k, v in metrics.items()
+                      if k.startswith("data/skipped/") and v), reverse=True)
+    where = "; bad_shard counts the samples lost in broken tars" if any(r == "bad_shard" for _, r in reasons) else ""
+    return (f"data: skipped {skipped} of {seen} training samples: "
+            + ", ".join(f"{n} {reason.replace('_', ' ')}" for n, reason in reasons) + where)
 
 
 def _mean_batch(source: Source) -> float:

@@ -16,7 +16,8 @@ sources (e.g. videos and images) are mixed per batch: before each batch a seeded
 probability equal to its weight.
 
 Bad samples: a corrupt/undecodable video or audio, a zero-length clip, a sample without caption, a
-truncated or unreadable tar are skipped and counted by reason; "too_short" (no bucket fits) counts as
+truncated or unreadable tar are skipped and counted by reason (a broken tar counts every sample it loses: the
+shard's count in index.json minus those read before the break; 1 when the count is unknown); "too_short" (no bucket fits) counts as
 filtered, not bad. Counts are exposed by `ShardLoader.metrics()` as data/seen, data/bad, data/filtered,
 data/skipped, data/bad_fraction, data/skipped/<reason>. Once at least `min_samples` were seen, a bad
 fraction above `max_bad_fraction` stops the run with `BadDataError` naming the shard and the sample key of
@@ -41,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.media import MediaDecodeError
 from datamodules.shard_schedule import mix_seed, shard_schedule
-from datamodules.shards import ShardReadError, read_shard
+from datamodules.shards import ShardReadError, read_shard, shard_sample_counts
 from datamodules.sources import SkipSample, Source
 
 FILTER_REASONS = frozenset({"too_short"})  # skip reasons that count as filtered, not bad
@@ -107,6 +108,10 @@ class _SlotStream:
                     if len(buffer) >= size:
                         yield emit(pop())
             except ShardReadError as exc:
+                # Every sample the shard holds beyond those read is lost: the one being read at the break and
+                # all after it (the count comes from the shard set's index; unknown: at least the one).
+                expected = ds.shard_counts(self.source_index)  # read only when a shard breaks
+                exc.lost = max(1, (expected[shard] if expected else 0) - got)
                 self.errors.append(exc)
             empty_urls = set() if got else empty_urls | {urls[shard]}
             if len(empty_urls) == len(set(urls)):
@@ -142,6 +147,13 @@ class StreamDataset(IterableDataset):
         self.max_bad_fraction, self.min_samples = float(max_bad_fraction), int(min_samples)
         self.samples_hint = samples_hint
         self.plan = Plan()
+        self._counts: dict[int, list[int] | None] = {}
+
+    def shard_counts(self, source_index: int) -> list[int] | None:
+        """Samples per shard of a source (from its index.json, or by listing local tars; None if unknown)."""
+        if source_index not in self._counts:
+            self._counts[source_index] = shard_sample_counts(self.sources[source_index].shards)
+        return self._counts[source_index]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -160,9 +172,10 @@ class StreamDataset(IterableDataset):
         limit = 2 * (self.samples_hint or 50000) + 1000
         index = 0
 
-        def record(source: int, ordinal: int | None, url: str, key: str | None, reason: str, detail: str) -> None:
-            counts[f"skipped/{reason}"] += 1
-            counts["filtered" if reason in FILTER_REASONS else "bad"] += 1
+        def record(source: int, ordinal: int | None, url: str, key: str | None, reason: str, detail: str,
+                   n: int = 1) -> None:
+            counts[f"skipped/{reason}"] += n
+            counts["filtered" if reason in FILTER_REASONS else "bad"] += n
             events.append({"source": source, "ordinal": ordinal, "url": url, "key": key, "reason": reason,
                            "detail": detail[:300]})
             bad, seen = counts["bad"], max(1, counts["seen"])
@@ -177,8 +190,9 @@ class StreamDataset(IterableDataset):
                 ordinal, sample = next(iterators[s])
                 for error in streams[s].errors:
                     if not fast:
-                        counts["seen"] += 1
-                        record(s, None, error.url, error.key, "bad_shard", error.detail)
+                        lost = getattr(error, "lost", 1)
+                        counts["seen"] += lost
+                        record(s, None, error.url, error.key, "bad_shard", f"{error.detail}; {lost} samples lost", lost)
                 streams[s].errors.clear()
                 seen_since_batch += 1
                 if seen_since_batch > limit:

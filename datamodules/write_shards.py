@@ -22,7 +22,8 @@ Nothing in a shard is ever unpickled: readers decode only the extensions above.
 
 `index.json`: {"format", "num_samples", "num_shards", "shards": [{"name", "num_samples", "bytes"}],
 "stats": {kinds, captions, missing_captions, seconds, fps, sizes, audio_rates}, "skipped": [{"path",
-"reason"}]}. Shard names are relative to the index's folder.
+"reason", "detail"}]}; a folder's index also has "missing_caption" (the policy), "empty_captions" and
+"ignored" (files that are not media). Shard names are relative to the index's folder.
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ from typing import Any
 
 import webdataset as wds
 
-from datamodules.media import MediaDecodeError, decode_audio, decode_image, probe_audio, probe_video
+from datamodules.media import (
+    MediaDecodeError,
+    count_decodable_frames,
+    decode_audio,
+    decode_image,
+    probe_audio,
+    probe_video,
+)
 
 SCHEMA = "mediagen-shards/1"
 VIDEO_EXTENSIONS = ("mp4", "webm", "mov", "mkv")
@@ -49,6 +57,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 AUDIO_EXTENSIONS = ("wav", "flac")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "captions.jsonl", "captions.csv")
 INDEX = "index.json"
+MISSING_CAPTION_POLICIES = ("skip", "empty", "fail")
+
+
+class MissingCaptionError(ValueError):
+    """A media file without a caption under missing_caption=fail; the message names the file."""
 
 
 def parse_size(value: int | float | str) -> int:
@@ -164,16 +177,34 @@ class ShardSink:
 
 @dataclass
 class FolderReport:
-    """What `folder_to_shards` did: the index it wrote and every file it skipped, with the reason."""
+    """What `folder_to_shards` did: the index it wrote, every file it skipped (path, reason, detail), the
+    samples written with an empty caption, and the files it ignored (not media)."""
 
     index: dict
     skipped: list[dict] = field(default_factory=list)
+    empty_captions: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def reasons(self) -> Counter:
+        """Skipped files by reason (undecodable, zero_length, no_stream, no_caption, unreadable, duplicate)."""
+        return Counter(s["reason"] for s in self.skipped)
 
     def summary(self) -> str:
-        lines = [f"wrote {self.index['num_samples']} samples in {self.index['num_shards']} shards"]
+        """The console report: one line of totals and reasons, then every skipped file with why."""
+        files = self.index["num_samples"] + len(self.skipped)
+        line = f"wrote {self.index['num_samples']} samples in {self.index['num_shards']} shards"
         if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} files:")
-            lines += [f"  {s['path']}: {s['reason']}" for s in self.skipped]
+            reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in self.reasons().most_common())
+            line += f"; skipped {len(self.skipped)} of {files} media files: {reasons}"
+        if self.empty_captions:
+            line += f"; {len(self.empty_captions)} written with an empty caption (missing_caption=empty)"
+        lines = [line]
+        lines += [f"  skipped {s['path']}: {s['reason']}" + (f" ({s['detail']})" if s.get("detail") else "")
+                  for s in self.skipped]
+        lines += [f"  empty caption: {p}" for p in self.empty_captions]
+        if self.ignored:
+            lines.append(f"  ignored {len(self.ignored)} files that are not media: {', '.join(self.ignored[:10])}"
+                         + (" ..." if len(self.ignored) > 10 else ""))
         return "\n".join(lines)
 
 
@@ -223,10 +254,12 @@ def _media_kind(path: Path) -> str | None:
 
 
 def probe_file(data: bytes, kind: str) -> dict:
-    """Metadata of one media payload; raises MediaDecodeError if it cannot be decoded."""
+    """Metadata of one media payload; raises MediaDecodeError if it cannot be decoded. A video is decoded to
+    its last frame (a file can break after frames that decode), and its frame count is the decoded one."""
     if kind == "video":
         info = probe_video(data, decode_first_frame=True)
-        return {"width": info.width, "height": info.height, "fps": info.fps, "num_frames": info.num_frames,
+        frames = count_decodable_frames(data)
+        return {"width": info.width, "height": info.height, "fps": info.fps, "num_frames": frames,
                 "duration": info.duration, "audio_rate": info.audio_rate, "audio_channels": info.audio_channels}
     if kind == "image":
         image = decode_image(data)
@@ -253,15 +286,21 @@ def folder_to_shards(
     maxsize: int | str = "1GB",
     metadata: str | Path | None = None,
     progress: bool = True,
+    missing_caption: str = "skip",
 ) -> FolderReport:
     """Probe every video/image/audio file under `input_dir` and write the readable ones as shards.
 
     Files with the same stem in the same folder form one sample (e.g. clip.mp4 + clip.wav + clip.txt); the
     caption is `<stem>.txt` beside the file or the metadata table's caption. Files that cannot be read or
-    decoded are skipped and reported with the reason; a sample is written if any of its media files is good.
+    decoded (videos are decoded to their last frame) are skipped and reported with the reason; a sample is
+    written if any of its media files is good. A sample without a caption: `missing_caption="skip"` leaves it
+    out (reported as no_caption), "empty" writes it with an empty caption, "fail" stops with
+    MissingCaptionError naming the file. Files that are not media are listed as ignored.
     """
     from tqdm import tqdm
 
+    if missing_caption not in MISSING_CAPTION_POLICIES:
+        raise ValueError(f"missing_caption={missing_caption!r}; choose one of {', '.join(MISSING_CAPTION_POLICIES)}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder not found: {input_dir}")
@@ -269,11 +308,16 @@ def folder_to_shards(
         raise ValueError(f"output {output_dir} must not be inside the input folder {input_dir}")
     table = load_metadata(input_dir, metadata)
     groups: dict[Path, list[Path]] = {}
+    ignored: list[str] = []
+    captions = set(METADATA_FILES)
     for path in sorted(input_dir.rglob("*")):
         if path.is_file() and _media_kind(path):
             groups.setdefault(path.with_suffix(""), []).append(path)
+        elif path.is_file() and path.suffix.lower() != ".txt" and path.name not in captions:
+            ignored.append(path.relative_to(input_dir).as_posix())
     sink = ShardSink(output_dir, maxcount=maxcount, maxsize=maxsize)
     skipped: list[dict] = []
+    empty_captions: list[str] = []
     keys: set[str] = set()
     for stem, files in tqdm(groups.items(), desc="probing", unit="sample", disable=not progress):
         sample: dict[str, Any] = {}
@@ -287,11 +331,15 @@ def folder_to_shards(
                 if not data:
                     raise MediaDecodeError("zero_length", "empty file")
                 info = probe_file(data, kind)
-            except (OSError, MediaDecodeError) as exc:
-                skipped.append({"path": relative, "reason": str(exc)})
+            except MediaDecodeError as exc:
+                skipped.append({"path": relative, "reason": exc.reason, "detail": exc.detail})
+                continue
+            except OSError as exc:
+                skipped.append({"path": relative, "reason": "unreadable", "detail": str(exc)})
                 continue
             if ext in sample:
-                skipped.append({"path": relative, "reason": f"a second {ext} file for the sample {stem.name}"})
+                skipped.append({"path": relative, "reason": "duplicate",
+                                "detail": f"a second {ext} file for the sample {stem.name}"})
                 continue
             sample[ext] = data
             sources = meta["source"] + [relative]
@@ -310,11 +358,23 @@ def folder_to_shards(
         caption = caption or str(meta.get("caption") or "").strip()
         if caption:
             sample["txt"] = meta["caption"] = caption
+        elif missing_caption == "fail":
+            raise MissingCaptionError(
+                f"{', '.join(meta['source'])}: no caption ({caption_file.name} beside it or a caption in the "
+                "metadata table); add one, or set missing_caption=skip or missing_caption=empty")
+        elif missing_caption == "skip":
+            skipped += [{"path": source, "reason": "no_caption",
+                         "detail": f"no {caption_file.name} and no caption in the metadata"} for source in meta["source"]]
+            continue
+        else:
+            sample["txt"] = meta["caption"] = ""
+            empty_captions.append(", ".join(meta["source"]))
         sample["json"] = meta
         sample["__key__"] = _key_for(stem.relative_to(input_dir), keys)
         sink.write(sample)
-    index = sink.close(skipped=skipped, source=str(input_dir))
-    return FolderReport(index, skipped)
+    index = sink.close(skipped=skipped, source=str(input_dir), missing_caption=missing_caption,
+                       empty_captions=empty_captions, ignored=ignored)
+    return FolderReport(index, skipped, empty_captions, ignored)
 
 
 # ----------------------------------------------------------------------------------------------------------------

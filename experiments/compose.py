@@ -10,13 +10,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.run import CONFIG_DIR, list_experiments
+from experiments.run import CONFIG_DIR, list_experiments, register_resolvers
 
 EXPERIMENTS = list_experiments()
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The job config for `overrides`, with HydraConfig set and the job's output folder at `output_dir`."""
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)

@@ -23,6 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
@@ -30,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from callbacks.ema import load_ema_weights
 from callbacks.mlflow_logger import BufferedMLFlowLogger
+from callbacks.progress import ProgressBar
 from callbacks.run_state import RunState, read_checkpoint_meta
 from experiments import tracking
+from experiments.config_check import check_config
 from lightning_modules.checkpoint_io import (
     is_sharded_checkpoint,
     newest_checkpoint,
@@ -149,13 +152,20 @@ def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str
     }
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
+    resumed_status = None  # the run's status before this resume: a resume that fails at once gives it back
+    if run_id is not None:
+        try:
+            resumed_status = MlflowClient(tracking_uri).get_run(run_id).info.status
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # the checkpoint's run is not in this store (deleted): a new run
     if run_id is None:
         # Create the experiment with an absolute artifact folder before Lightning's logger can create it
         # without one (artifacts would then land relative to the working directory).
         tracking.get_or_create_experiment(MlflowClient(tracking_uri), cfg.experiment_name, cfg.logger.artifact_location)
     return BufferedMLFlowLogger(
         experiment_name=cfg.experiment_name,
-        run_name=cfg.run_name,
+        run_name=cfg.run_name or tracking.unique_run_name(cfg.experiment_name),
+        resumed_status=resumed_status,
         tracking_uri=tracking_uri,
         tags=tags if run_id is None else None,
         artifact_location=None if tracking.is_remote(tracking_uri) else cfg.logger.artifact_location,
@@ -203,22 +213,38 @@ def _log_config(logger: MLFlowLogger, cfg: DictConfig, resuming: bool) -> None:
 
 
 @rank_zero_only
-def _print_summary(trainer: L.Trainer, logger: MLFlowLogger | None, cfg: DictConfig, status: str) -> None:
+def _print_summary(trainer: L.Trainer, logger: MLFlowLogger | None, cfg: DictConfig, status: str,
+                   failure: BaseException | None = None) -> None:
+    from experiments.console import advice
+
     checkpoint_dirs = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath})
-    last = [cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+    last = [cb.last_model_path for cb in trainer.checkpoint_callbacks
+            if getattr(cb, "last_model_path", "") and Path(cb.last_model_path).exists()]
     print(f"\n== run {status} ==")
-    print(f"outputs:     {cfg.paths.output_dir}")
+    print(f"outputs:     {cfg.paths.output_dir}  (console: run.log)")
     print(f"checkpoints: {', '.join(checkpoint_dirs) or '-'}{'  (last: ' + last[0] + ')' if last else ''}")
     print(f"mlflow run:  {logger.run_id if logger is not None and trainer.logger is logger else '- (fast_dev_run logs nothing)'}  experiment '{cfg.experiment_name}' at {cfg.logger.tracking_uri}")
     print(f"compare:     {tracking.ui_command(cfg.logger.tracking_uri)}")
-    if last:
-        again = [o for o in _task_overrides() if not o.startswith("ckpt_path=")]
-        print(f"resume:      python experiments/run.py {' '.join(again)} ckpt_path={last[0]}")
+    again = [o for o in _task_overrides() if not o.startswith("ckpt_path=")]
+    if failure is not None:
+        where = f" at step {trainer.global_step}" if cfg.task == "fit" else ""
+        print(f"failed:      {type(failure).__name__}{where} (the message is below; the traceback in run.log)")
+    todo = advice(failure)
+    if not last:
+        if failure is not None:
+            print("resume:      nothing to resume (no checkpoint was written)" + (f"; {todo}" if todo else ""))
+        return
+    command = f"python experiments/run.py {' '.join(again)} ckpt_path={last[0]}"
+    if todo is None:
+        print(f"resume:      {command}")
+    else:
+        print(f"resume:      not as is: {todo}; then\n             {command}")
 
 
 # -- the job ------------------------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> float | None:
     """Run one job of the composed config; return `cfg.optimized_metric` (for sweepers) when set."""
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     threads_before = torch.get_num_threads()
     if cfg.get("threads"):
@@ -250,6 +276,8 @@ def run(cfg: DictConfig) -> float | None:
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint):
                 cb.dirpath = str(Path(ckpt_path).parent)
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(cb, ProgressBarBase) for cb in callbacks):
+        callbacks.append(ProgressBar())
     logger = make_logger(cfg, resume_meta, _sweep_parent_run_id())
     if logger is None:  # ranks > 0 have no logger, and LearningRateMonitor refuses to run without one
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
@@ -261,16 +289,19 @@ def run(cfg: DictConfig) -> float | None:
     _rewrite_argv_for_ddp_children()
 
     launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
-    status = "FAILED"
+    status, failure = "FAILED", None
     try:
         result = _run_task(cfg, trainer, module, datamodule, ckpt_path)
         status = "FINISHED"
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         if logger is not None:
             logger.flush()
         mlflow.flush_async_logging()
         torch.set_num_threads(threads_before)  # the next job of an in-process sweep starts clean
-        _print_summary(trainer, logger, cfg, status)
+        _print_summary(trainer, logger, cfg, status, failure)
         if _is_multirun():
             _reset_ddp_launch(launch_env)
     return result

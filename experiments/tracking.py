@@ -5,7 +5,9 @@ that uses them."""
 
 from __future__ import annotations
 
+import secrets
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,12 @@ def git_commit(repo_dir: str | Path) -> str:
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def unique_run_name(experiment: str) -> str:
+    """A readable run name that differs between runs: `<experiment>-<MMDD-HHMMSS>-<4 hex>`. MLflow's own names
+    come from Python's `random`, which the run has seeded: every run would get the same one."""
+    return f"{experiment}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def is_remote(tracking_uri: str) -> bool:

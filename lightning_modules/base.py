@@ -8,6 +8,7 @@ and the hook for custom tasks (`task=sample`, `task=encode`, ...).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_modules.parallel import ParallelConfig, apply_parallelism, has_meta_tensors, materialise
+from lightning_modules.schedules import fill_length
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -75,11 +77,30 @@ class BaseModule(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def schedule_length(self) -> int:
+        """Scheduler steps of this fit (optimizer steps, or epochs for an "epoch" interval), from the trainer; what
+        a schedule's unset length (`total_steps` / `T_max` None or < 1) becomes (see `lightning_modules.schedules`)."""
+        trainer = self._trainer
+        if trainer is None:
+            raise ValueError("model.scheduler: its length is unset and there is no trainer to take it from")
+        if self.scheduler_interval == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            return int(trainer.max_epochs)
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("model.scheduler: its length is unset and the run has no end (trainer.max_steps=-1, "
+                             "trainer.max_epochs=-1); set one of them")
+        if self.scheduler_interval == "epoch":
+            if not math.isfinite(trainer.num_training_batches):  # the loader is not loaded yet: load it now,
+                trainer.fit_loop.setup_data()  # as Lightning's estimated_stepping_batches does
+            per_epoch = max(1.0, trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+            return math.ceil(steps / per_epoch)
+        return int(steps)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = fill_length(self.scheduler_factory, self.schedule_length)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
     # -- custom tasks ----------------------------------------------------------------------------------------

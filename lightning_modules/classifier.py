@@ -6,6 +6,8 @@ Logged: `<stage>/loss`, `<stage>/acc`, and at validation and test `<stage>/acc_c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +67,18 @@ class Classifier(BaseModule):
     def on_train_epoch_end(self) -> None:
         self.log("train/acc", self.metrics["train_acc"].compute(), sync_dist=True)
         self.metrics["train_acc"].reset()
+
+    # The epoch's training accuracy accumulates in a torchmetrics state that the module's state_dict leaves out;
+    # kept in checkpoints beside it, so a run resumed mid-epoch reports the accuracy of the whole epoch.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        metric = self.metrics["train_acc"]
+        checkpoint["train_acc_state"] = {name: value.detach().cpu().clone() for name, value in metric.metric_state.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        metric = self.metrics["train_acc"]
+        for name, value in (checkpoint.get("train_acc_state") or {}).items():
+            setattr(metric, name, value.to(getattr(metric, name).device))
+            metric._update_count = max(metric._update_count, 1)  # its state holds updates: compute() may run
 
     def on_validation_epoch_end(self) -> None:
         self._log_per_class("val")

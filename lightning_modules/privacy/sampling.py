@@ -28,8 +28,9 @@ class PoissonBatchSampler(DistributedSampler):
     """Yields this rank's share of one Poisson batch per step (a list of dataset indices).
 
     It is a DistributedSampler (each rank gets its own part of the data) so Lightning does not replace it;
-    `set_epoch` (called by Lightning every epoch) changes the masks, and so does `resumed_at` (the global step
-    a resumed run starts from), so a resumed run never reuses the masks of steps it already took.
+    `set_epoch` (called by Lightning every epoch) changes the masks. The masks of step i of epoch e are a
+    function of (seed, e, i): `resume_at(global_step)` makes a resumed run's epoch skip the steps it already
+    took, so the run goes on with exactly the masks an uninterrupted run would have drawn.
     """
 
     def __init__(
@@ -47,12 +48,22 @@ class PoissonBatchSampler(DistributedSampler):
         self.dataset_size = len(dataset)  # type: ignore[arg-type]
         self.sample_rate = sample_rate
         self.num_steps = num_steps
-        self.resumed_at = 0
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, global_step: int) -> None:
+        """A resumed run continues at `global_step`: the epoch it falls in (every epoch is `num_steps` steps)
+        skips the steps already taken, so the masks after a resume are those an uninterrupted run draws."""
+        self._resume = divmod(int(global_step), self.num_steps)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.resumed_at)) % 2**63)
-        for _ in range(self.num_steps):
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start, self._resume = self._resume[1], None
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, 0)) % 2**63)
+        for step in range(self.num_steps):
             mask = torch.rand(self.dataset_size, generator=generator) < self.sample_rate
+            if step < start:  # taken before the resume: drawn only to keep the generator in step
+                continue
             indices = mask.nonzero().flatten()
             yield indices[self.rank :: self.num_replicas].tolist()
 
