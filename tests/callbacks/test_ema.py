@@ -68,12 +68,13 @@ class Recorder(Callback):
 def test_update_rule_by_hand_and_validation_uses_the_ema(tmp_path: Path) -> None:
     model = Regression()
     start = model.net.weight.detach().clone()
-    recorder, ema = Recorder(), EMA(decay=0.5, warmup=False)
+    # decay 0.8, not 0.5: at 0.5 a rule with d and 1 − d swapped gives the same average
+    recorder, ema = Recorder(), EMA(decay=0.8, warmup=False)
     # the recorder runs first, so it sees the weights after each step; validation after 4 steps
     fit(model, [recorder, ema], 4, tmp_path, val_check_interval=4, enable_checkpointing=False)
     expected = start
     for w in recorder.after_step:
-        expected = 0.5 * expected + 0.5 * w  # θ̄ ← d·θ̄ + (1 − d)·θ
+        expected = 0.8 * expected + 0.2 * w  # θ̄ ← d·θ̄ + (1 − d)·θ
     assert ema.num_updates == 4
     assert torch.allclose(ema.shadow["net.weight"], expected, atol=1e-6)
     assert torch.allclose(recorder.in_validation[0], expected, atol=1e-6), "validation runs with the EMA"

@@ -123,6 +123,28 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
     assert m["data/skipped"] == 7
 
 
+def test_filtered_samples_never_trip_the_bad_data_stop(tmp_path):
+    """Twelve too-short clips in a row are filtered, not bad: with min_samples=4 and max_bad_fraction=5% the run
+    reads on; twelve undecodable clips in the same places stop it (so the stop rule is live at these settings)."""
+    good = [video_sample(f"g{i}", i) for i in range(8)]
+    short = [video_sample(f"short{i}", 30 + i, frames=4) for i in range(12)]
+    broken = [{**video_sample(f"broken{i}", 50 + i), "mp4": b"\x00not an mp4" * 50} for i in range(12)]
+
+    def loader(samples: list[dict], name: str):
+        shard = str(write_tar(tmp_path / name, samples))
+        dm = VideoDataModule(shards=[shard], val_shards=[shard], frames=[8], sizes=[[32, 32]], batch_size=2,
+                             num_workers=0, val_batches=4, max_bad_fraction=0.05, min_samples=4)
+        dm.setup()
+        return dm.val_dataloader()
+
+    filtered = loader(short + good, "short.tar")
+    assert [k for batch in filtered for k in batch["key"]] == [f"g{i}" for i in range(8)]
+    m = filtered.metrics()
+    assert m["data/filtered"] == 12 and m["data/skipped/too_short"] == 12 and m["data/bad"] == 0
+    with pytest.raises(BadDataError, match="broken"):
+        list(loader(broken + good, "broken.tar"))
+
+
 def test_undecodable_audio_is_skipped_and_counted(tmp_path):
     bad = video_sample("badaudio", 5)
     bad["wav"] = b"RIFF\x00\x00garbage" * 20

@@ -12,6 +12,7 @@ from lightning_modules.tae_losses import (
     RandomFeatureLoss,
     StructureLoss,
     TAELoss,
+    frames,
     outlier_penalty_loss,
     outlier_stats,
     ssim,
@@ -132,6 +133,27 @@ def test_discriminator_starts_late_and_gradients_do_not_cross() -> None:
     g_net = torch.autograd.grad(terms["d_hinge"], list(net.parameters()), retain_graph=True, allow_unused=True)
     assert all(g is None or g.abs().max() == 0 for g in g_net)
     assert all(p.requires_grad for p in d_params)  # unfrozen again
+
+
+class MeanLogit(torch.nn.Module):
+    """A discriminator with a known answer: each frame's logit map is its channel mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frames(x).mean(dim=1, keepdim=True)
+
+
+def test_adversarial_terms_by_hand() -> None:
+    """With D(x) = 0.5 on real frames and D(x̂) = −0.25 on reconstructions: L_G = −mean D(x̂) = +0.25 and the
+    hinge mean relu(1 − D(x)) + mean relu(1 + D(x̂)) = 0.5 + 0.75 = 1.25 (swapped real/fake would give 2.75)."""
+    loss = TAELoss(perceptual="none", kl_weight=0.0, opl=False, disc_weight=2.0, disc_channels=8, disc_layers=2,
+                   adaptive_disc_weight=False)
+    loss.discriminator = MeanLogit()
+    x, x_hat = torch.full((2, 3, 4, 8, 8), 0.5), torch.full((2, 3, 4, 8, 8), -0.25)
+    posterior = DiagonalGaussian(torch.zeros(2, 4, 1, 2, 2), torch.zeros(2, 4, 1, 2, 2))
+    total, terms = loss(x, x_hat, posterior, step=0)
+    assert terms["g_adv"].item() == pytest.approx(0.25)
+    assert terms["d_hinge"].item() == pytest.approx(1.25)
+    assert total.item() == pytest.approx(terms["rec"].item() + 2.0 * 0.25 + 1.25)
 
 
 def test_loss_runs_in_float32_under_bf16_autocast() -> None:
