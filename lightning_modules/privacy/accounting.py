@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from opacus.accountants import create_accountant
 
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "gdp")  # Opacus's accountants (it has no PLD one)
 COUNT_ACCOUNTING = ("joint", "separate")
 
 
@@ -73,7 +73,7 @@ class PrivacyLedger:
     Args:
         sample_rate: Poisson sampling rate q = expected batch size / dataset size.
         delta: the delta of the reported (epsilon, delta).
-        accountant: "rdp" or "prv" (Opacus).
+        accountant: "rdp", "prv" or "gdp" (Opacus).
     """
 
     def __init__(self, sample_rate: float, delta: float, accountant: str = "rdp") -> None:
