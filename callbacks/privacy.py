@@ -77,7 +77,8 @@ class DifferentialPrivacy(Callback):
         noise_multiplier: sigma of the gradient release; null to calibrate it from target_epsilon.
         target_epsilon: the budget; with noise_multiplier null sigma is calibrated to spend it over the planned
             steps, otherwise training stops before the step that would exceed it.
-        delta: the delta of (epsilon, delta). accountant: rdp | prv.
+        delta: the delta of (epsilon, delta). accountant: rdp | prv | gdp (Opacus's accountants; Opacus has no PLD
+            accountant, PRV is its numerical privacy-loss-distribution one).
         max_grad_norm: C0. grad_sample_mode: hooks | functorch (how Opacus computes per-sample gradients).
         poisson_sampling: must be true (both accountants assume it).
         expected_batch_size: global expected batch n; null: the training loader's batch size x world size.
@@ -86,7 +87,9 @@ class DifferentialPrivacy(Callback):
         num_groups, count_noise_multiplier: DPSGD-F's groups and sigma_c; sigma2 for Global-Adapt.
         count_accounting: joint | separate, how count releases are charged (accounting.py).
         z: DPSGD-Global's Z. z0, z_lr, z_threshold, z_min, z_max, count_denominator: Global-Adapt's Z0, eta_Z,
-            gamma, clamps, and the count's denominator (expected | actual).
+            gamma, clamps (z_min null: C0, the paper's floor), and the count's denominator (actual, the paper's
+            |B| | expected).
+        dpsgd_f_rule: paper (Alg. 4, m~ / |B|) | noisy_total (m~ / b~) | mean_ratio (the authors' code).
         log_every_n_steps: how often epsilon and the method's scalars are logged.
     """
 
@@ -112,7 +115,8 @@ class DifferentialPrivacy(Callback):
         z_threshold: float = 0.7,
         z_min: float | None = None,
         z_max: float | None = None,
-        count_denominator: str = "expected",
+        count_denominator: str = "actual",
+        dpsgd_f_rule: str = "paper",
         log_every_n_steps: int = 10,
     ) -> None:
         if method not in METHODS:
@@ -150,7 +154,7 @@ class DifferentialPrivacy(Callback):
         self.count_accounting = count_accounting
         self.method_kwargs: dict[str, Any] = {
             "dpsgd": {},
-            "dpsgd_f": {"num_groups": num_groups, "count_noise_multiplier": count_noise_multiplier},
+            "dpsgd_f": {"num_groups": num_groups, "count_noise_multiplier": count_noise_multiplier, "bound_rule": dpsgd_f_rule},
             "dpsgd_global": {"z": z},
             "dpsgd_global_adapt": {"z0": z0, "z_lr": z_lr, "z_threshold": z_threshold, "z_min": z_min, "z_max": z_max,
                                    "count_noise_multiplier": count_noise_multiplier, "count_denominator": count_denominator},

@@ -11,7 +11,9 @@ Privacy cost and excessive risk gaps are paired by seed with the non-private run
     R_k(s)  = loss_s(k) - loss_none,s(k)    ERG(s) = |R_a(s) - R_b(s)|
 
 The table gives mean ± sample standard deviation over seeds (accuracies and PCG in percent). Plots: test accuracy
-per group (mean over seeds) per method, and the monitor's direction error of groups a and b over training.
+per group (mean over seeds) per method, and the monitor's direction error of groups a and b over training
+(fair/direction_error/group_<k>: cos(g_Dk, g_B) - cos(g_Dk, clipped g_B) against the full-training-set gradient
+g_Dk of the group, callbacks/dp_monitor.py).
 """
 
 from __future__ import annotations

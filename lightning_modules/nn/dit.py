@@ -6,7 +6,7 @@ optionally the frame rate fps [B] and channel-concatenated conditioning latents 
 
     tokens  = Patchify(x)                      3D conv, kernel = stride = (1, 2, 2) → [B, N, dim], N = T·(H/2)·(W/2)
     pe      = E_t[t] + E_h[h] + E_w[w]         factorized learnable absolute tables, summed
-    e       = MLP(sinusoid(t)) (+ MLP(sinusoid(fps)))
+    e       = MLP(sinusoid(t)) (+ MLP(sinusoid(fps))) (+ W_p · mean_masked(P) with `pooled_text`; not the paper's)
     m       = Linear(SiLU(e)) → 6·dim          one shared time projection, plus a learnable table per block
 
     per block (modulation (s1, b1, g1, s2, b2, g2) = table_l + m):
@@ -159,6 +159,9 @@ class DiT(nn.Module):
         cond_channels: extra input channels concatenated to x (the upsampler's low-resolution latent); their
             patchify weights start at zero so a model initialised from a text-to-video checkpoint is unchanged.
         out_channels: predicted channels (default in_channels).
+        pooled_text: also add a projection of the masked mean of the text sequence to the time embedding, so the
+            text steers every block's adaLN modulation (as in SD3 / PixArt-style pooled conditioning; not in Movie
+            Gen, which conditions through cross-attention only: off by default). Its weights start at zero.
         attention_backend: the kernels of every attention layer (`kernels.Backend`): "auto" = PyTorch SDPA for
             the dense self- and cross-attention (cuDNN / flash on GPU) and our Triton kernels for what SDPA lacks;
             "triton" = our Triton kernels everywhere (CUDA, or the interpreter); "torch" = PyTorch only.
@@ -167,7 +170,7 @@ class DiT(nn.Module):
     def __init__(self, in_channels: int = 16, dim: int = 64, depth: int = 2, heads: int = 4, ffn_dim: int = 172,
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
-                 out_channels: int | None = None, attention_backend: Backend = "auto") -> None:
+                 out_channels: int | None = None, attention_backend: Backend = "auto", pooled_text: bool = False) -> None:
         super().__init__()
         self.in_channels, self.cond_channels = in_channels, cond_channels
         self.out_channels = out_channels or in_channels
@@ -177,6 +180,7 @@ class DiT(nn.Module):
         self.pos = PositionEmbedding3D(dim, max_t, max_h, max_w)
         self.time = TimestepEmbedder(dim)
         self.fps = TimestepEmbedder(dim, scale=1.0) if fps_embedding else None
+        self.text_pool = nn.Linear(dim, dim) if pooled_text else None
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(dim, heads, ffn_dim, qk_norm, attention_backend=attention_backend)
                                     for _ in range(depth))
@@ -191,7 +195,7 @@ class DiT(nn.Module):
 
         Position tables ~ N(0, 0.02²), norms 1, Xavier-uniform linears and patchify, zero biases; zero
         (adaLN-Zero) for the per-block modulation tables, the shared time projections, the output layer, the
-        fps embedding's last layer and the patchify weights of condition channels."""
+        fps embedding's last layer, the pooled-text projection and the patchify weights of condition channels."""
         self.pos.init_weights()
         self.norm_out.init_weights()
         for block in self.modules():  # through activation-checkpoint wrappers
@@ -214,6 +218,9 @@ class DiT(nn.Module):
         if self.fps is not None:
             nn.init.zeros_(self.fps.mlp[-1].weight)
             nn.init.zeros_(self.fps.mlp[-1].bias)
+        if self.text_pool is not None:
+            nn.init.zeros_(self.text_pool.weight)
+            nn.init.zeros_(self.text_pool.bias)
 
     def grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """(t, h, w) in patches of a latent [.., T, H, W]; a clear error when it does not divide."""
@@ -250,6 +257,8 @@ class DiT(nn.Module):
         emb = self.time(t)
         if self.fps is not None:
             emb = emb + self.fps(torch.zeros_like(t) if fps is None else fps.to(t))
+        if self.text_pool is not None:
+            emb = emb + self.text_pool(pooled(context.to(emb.dtype), context_mask))
         modulation = rearrange(self.modulation(emb), "b (six d) -> b six d", six=6)
         for block in self.blocks:
             tokens = block(tokens, pe, modulation, context.to(tokens.dtype), context_mask)
@@ -257,6 +266,14 @@ class DiT(nn.Module):
         out = self.proj_out(self.norm_out(tokens, scale=scale, shift=shift))
         kt, kh, kw = self.patch
         return rearrange(out, "b (t h w) (c kt kh kw) -> b c (t kt) (h kh) (w kw)", t=gt, h=gh, w=gw, kt=kt, kh=kh, kw=kw)
+
+
+def pooled(context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of context [B, L, d] over its real tokens (mask bool [B, L], True = real; None: all) → [B, d]."""
+    if mask is None:
+        return context.mean(dim=1)
+    weights = mask.to(context.dtype)[..., None]
+    return (context * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def grow_position_tables(state: dict[str, torch.Tensor], model: DiT, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -63,20 +63,40 @@ def group_clip_counts(norms: Tensor, groups: Tensor, max_grad_norm: float, num_g
     return m, o
 
 
-def dpsgd_f_bounds(clipped: Tensor, unclipped: Tensor, max_grad_norm: float) -> Tensor:
+DPSGD_F_RULES = ("paper", "noisy_total", "mean_ratio")
+
+
+def dpsgd_f_bounds(
+    clipped: Tensor, unclipped: Tensor, max_grad_norm: float, batch_size: float | None = None, rule: str = "paper"
+) -> Tensor:
     """DPSGD-F (Xu et al., paper Alg. 4) per-group bounds from the noisy counts m~_k (clipped), o~_k (unclipped).
 
-    b~_k = m~_k + o~_k,  m~ = sum_k m~_k,  b~ = sum_k b~_k,
-    C_k = C0 * (1 + (m~_k / b~_k) / (m~ / b~)),
-    with the ratio term 0 where b~_k = 0 or m~ = 0 (a group that clips more than average gets a larger
-    bound). The paper divides m~ by the actual |B|; we use the noisy total b~ so |B| itself is never used.
+    b~_k = m~_k + o~_k,  r_k = m~_k / b~_k (r_k = 1 for a group with b~_k = 0),  m~ = sum_k m~_k:
+
+    - "paper" (the default, Alg. 4):      C_k = C0 * (1 + r_k / (m~ / |B|)),  |B| = `batch_size`, the actual
+      batch size;
+    - "noisy_total" (this project's earlier variant): C_k = C0 * (1 + r_k / (m~ / b~)), b~ = sum_k b~_k, so
+      |B| itself is never used; an empty group gets r_k = 0 (bound C0);
+    - "mean_ratio" (the authors' code): C_k = C0 * (1 + r_k / (mean_k r_k + 1e-8)).
+
+    With no (noisy) clipped example at all (m~ = 0) or an empty batch, every bound is C0 ("paper",
+    "noisy_total"): nothing is clipped by the counts' account, and the ratio would divide by zero.
     """
+    if rule not in DPSGD_F_RULES:
+        raise ValueError(f"dp.dpsgd_f_rule={rule!r}; choose one of {DPSGD_F_RULES}")
     batch = clipped + unclipped
     total_clipped, total = clipped.sum(), batch.sum()
+    empty_ratio = 0.0 if rule == "noisy_total" else 1.0
+    ratio = torch.where(batch > 0, clipped / batch.clamp(min=1e-12), torch.full_like(batch, empty_ratio))
+    if rule == "mean_ratio":
+        return max_grad_norm * (1.0 + ratio / (ratio.mean() + 1e-8))
+    if rule == "paper":
+        if batch_size is None:
+            raise ValueError("the paper's DPSGD-F rule needs the actual batch size |B|")
+        total = torch.as_tensor(float(batch_size), dtype=clipped.dtype)
     if total_clipped <= 0 or total <= 0:
         return torch.full_like(clipped, max_grad_norm)
-    group_rate = torch.where(batch > 0, clipped / batch.clamp(min=1e-12), torch.zeros_like(batch))
-    return max_grad_norm * (1.0 + group_rate / (total_clipped / total))
+    return max_grad_norm * (1.0 + ratio / (total_clipped / total))
 
 
 def dpsgd_f_factors(norms: Tensor, groups: Tensor, bounds: Tensor) -> Tensor:
@@ -91,7 +111,10 @@ def noisy_counts(counts: Tensor, noise_multiplier: float, generator: torch.Gener
 
 
 def next_z(z: float, noisy_fraction: float, z_lr: float, z_min: float | None = None, z_max: float | None = None) -> float:
-    """Global-Adapt's geometric update Z <- Z * exp(-eta_Z + b~), optionally clamped to [z_min, z_max].
+    """Global-Adapt's geometric update Z <- Z * exp(-eta_Z + b~), clamped to [z_min, z_max] where given.
+
+    The optimizer passes z_min = C0 unless the config sets another floor (the paper requires Z >= C0: below
+    C0, f_i = C0 / max(||g_i||, Z) > 1 would scale small gradients UP).
 
     b~ is the noisy fraction of the batch with ||g_i|| > gamma Z; in expectation log Z moves by
     frac - eta_Z, so Z settles where a fraction eta_Z of per-sample norms exceeds gamma Z.

@@ -163,13 +163,19 @@ class PrivateOptimizer(DPOptimizer):
 class DPSGDFOptimizer(PrivateOptimizer):
     """DPSGD-F: per-group bounds C_k from noisy clip counts (clipping.dpsgd_f_bounds), noise std sigma * max_k C_k.
 
-    Needs each example's group a_i (`self.groups`, from batch["group"]) in [0, num_groups).
+    Needs each example's group a_i (`self.groups`, from batch["group"]) in [0, num_groups). `bound_rule`:
+    "paper" (Alg. 4: C_k = C0 (1 + (m~_k / b~_k) / (m~ / |B|)), |B| the actual batch size over all ranks),
+    "noisy_total" (m~ / b~ instead of m~ / |B|) or "mean_ratio" (the authors' code); see clipping.dpsgd_f_bounds.
     """
 
     method = "dpsgd_f"
 
-    def __init__(self, optimizer: Optimizer, *, num_groups: int, count_noise_multiplier: float = 8.0, **kwargs) -> None:
+    def __init__(self, optimizer: Optimizer, *, num_groups: int, count_noise_multiplier: float = 8.0,
+                 bound_rule: str = "paper", **kwargs) -> None:
         super().__init__(optimizer, **kwargs)
+        if bound_rule not in clipping.DPSGD_F_RULES:
+            raise ValueError(f"dp.dpsgd_f_rule={bound_rule!r}; choose one of {clipping.DPSGD_F_RULES}")
+        self.bound_rule = bound_rule
         if not num_groups or num_groups < 1:
             raise ValueError("dpsgd_f needs dp.num_groups (the number of groups, e.g. 10 for digit classes)")
         if count_noise_multiplier <= 0:
@@ -190,7 +196,9 @@ class DPSGDFOptimizer(PrivateOptimizer):
             raise ValueError(f"{len(groups)} group labels for {len(norms)} per-sample gradients")
         m, o = clipping.group_clip_counts(norms, groups, self.max_grad_norm, self.num_groups)
         noisy = self.release_count(torch.cat([m, o]), self._count_sigma).floor().clamp(min=0)
-        self.bounds = clipping.dpsgd_f_bounds(noisy[: self.num_groups], noisy[self.num_groups :], self.max_grad_norm)
+        batch_size = float(self._all_reduce(torch.tensor([float(len(norms))], dtype=torch.float64)))
+        self.bounds = clipping.dpsgd_f_bounds(noisy[: self.num_groups], noisy[self.num_groups :], self.max_grad_norm,
+                                              batch_size=batch_size, rule=self.bound_rule)
         factors = clipping.dpsgd_f_factors(norms, groups, self.bounds.to(norms.device))
         return factors, norms > self.bounds.to(norms.device, norms.dtype)[groups]
 
@@ -222,12 +230,17 @@ class DPSGDGlobalOptimizer(PrivateOptimizer):
 class DPSGDGlobalAdaptOptimizer(PrivateOptimizer):
     """DPSGD-Global-Adapt: f_i = C0 / max(||g_i||, Z); after each step Z <- Z exp(-eta_Z + b~).
 
-    b~ = (#{i in B: ||g_i|| > gamma Z} + N(0, sigma2^2)) / d, with d the expected batch size n
-    (count_denominator="expected", keeps |B| private) or the actual |B| ("actual", the paper's code).
+    b~ = (#{i in B: ||g_i|| > gamma Z} + N(0, sigma2^2)) / d, with d the actual |B| (count_denominator="actual",
+    the paper's Alg. 2 and code; the default) or the expected batch size n ("expected", which keeps |B| private:
+    dividing by the actual |B| releases it, a leak the paper and Opacus's adaptive clipping ignore).
+
+    Z never goes below C0 unless z_min says otherwise (the paper requires Z >= C0; below it f_i > 1 would scale
+    small gradients up). `last_fraction_above_threshold` is the (noise-free) fraction #{||g_i|| > gamma Z} / |B|
+    of the last step, distinct from the clip fraction #{||g_i|| > Z} / |B| (StepStats.clipped).
 
     Args:
         z0: initial Z (>= C0). z_lr: eta_Z (also the long-run fraction above gamma Z). z_threshold: gamma.
-        count_noise_multiplier: sigma2. z_min, z_max: optional clamps of Z.
+        count_noise_multiplier: sigma2. z_min: floor of Z (None: C0; set lower only deliberately). z_max: cap.
     """
 
     method = "dpsgd_global_adapt"
@@ -242,7 +255,7 @@ class DPSGDGlobalAdaptOptimizer(PrivateOptimizer):
         count_noise_multiplier: float = 10.0,
         z_min: float | None = None,
         z_max: float | None = None,
-        count_denominator: str = "expected",
+        count_denominator: str = "actual",
         **kwargs,
     ) -> None:
         super().__init__(optimizer, **kwargs)
@@ -256,8 +269,12 @@ class DPSGDGlobalAdaptOptimizer(PrivateOptimizer):
         self.z_lr = z_lr
         self.z_threshold = z_threshold
         self._count_sigma = count_noise_multiplier
-        self.z_min, self.z_max = z_min, z_max
+        self.z_min = self.max_grad_norm if z_min is None else z_min
+        self.z_max = z_max
+        if self.z_max is not None and self.z_max < self.z_min:
+            raise ValueError(f"dp.z_max={z_max} is below the floor of Z ({self.z_min})")
         self.count_denominator = count_denominator
+        self.last_fraction_above_threshold = float("nan")
 
     @property
     def count_noise_multiplier(self) -> float:
@@ -270,15 +287,15 @@ class DPSGDGlobalAdaptOptimizer(PrivateOptimizer):
         assert self.last is not None
         norms = self.last.norms
         above = (norms > self.z_threshold * self.z).sum().to(torch.float64).reshape(1)
+        batch_size = float(self._all_reduce(torch.tensor([float(len(norms))], dtype=torch.float64)))
+        self.last_fraction_above_threshold = float(self._all_reduce(above.clone())) / max(batch_size, 1.0)
         noisy_count = float(self.release_count(above, self._count_sigma))
-        if self.count_denominator == "expected":
-            denominator = self.expected_batch_size
-        else:
-            denominator = max(float(self._all_reduce(torch.tensor([float(len(norms))], dtype=torch.float64))), 1.0)
+        denominator = self.expected_batch_size if self.count_denominator == "expected" else max(batch_size, 1.0)
         self.z = clipping.next_z(self.z, noisy_count / denominator, self.z_lr, self.z_min, self.z_max)
 
     def scalars(self) -> dict[str, float]:
-        return {"Z": self.z}
+        """Z and the fraction of the last batch above gamma Z (what drives Z; the clip fraction is above Z)."""
+        return {"Z": self.z, "frac_above_gamma_Z": self.last_fraction_above_threshold}
 
 
 METHODS: dict[str, type[PrivateOptimizer]] = {

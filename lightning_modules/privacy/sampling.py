@@ -71,7 +71,7 @@ class PoissonBatchSampler(DistributedSampler):
         return self.num_steps
 
 
-class _IndexListDataset(Dataset):
+class IndexListDataset(Dataset):
     """dataset[list of indices] -> list of examples (the DataLoader then collates the list)."""
 
     def __init__(self, dataset: Dataset) -> None:
@@ -129,7 +129,7 @@ def poisson_loader(
     sampler = PoissonBatchSampler(dataset, sample_rate, steps_per_epoch(num_examples, expected_batch_size), seed,
                                   num_replicas, rank)
     return DataLoader(
-        _IndexListDataset(dataset),
+        IndexListDataset(dataset),
         sampler=sampler,
         batch_size=None,
         collate_fn=_EmptySafeCollate(loader.collate_fn, dataset[0]),

@@ -17,9 +17,11 @@ from lightning_modules.nn.text import (
     PAD,
     ByteEncoder,
     TextConditioner,
+    WordEncoder,
     byte_tokens,
     pad_context,
     quoted_text,
+    words,
 )
 
 
@@ -101,6 +103,22 @@ def test_fps_embedding_and_condition_channels() -> None:
         conditioned(x, t, ctx)
 
 
+def test_pooled_text_starts_at_zero_and_then_conditions_the_modulation() -> None:
+    plain = randomise(tiny())
+    pooled = tiny(pooled_text=True)
+    pooled.load_state_dict(plain.state_dict(), strict=False)  # text_pool stays at its zero start
+    x, t, ctx = torch.randn(2, 12, 2, 4, 4), torch.rand(2), torch.randn(2, 5, 32)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    assert torch.allclose(pooled(x, t, ctx, mask), plain(x, t, ctx, mask), atol=1e-6)
+    pooled = randomise(pooled)
+    a = pooled(x, t, ctx, mask)
+    assert torch.allclose(a[1], pooled(x, t, torch.cat([ctx[:, :2], torch.randn(2, 3, 32)], 1), mask)[1], atol=1e-6)
+    # without cross-attention the text still reaches the output through the pooled vector
+    for block in pooled.blocks:
+        block.cross.forward = lambda x, *args, **kwargs: torch.zeros_like(x)
+    assert not torch.allclose(pooled(x, t, ctx, mask), pooled(x, t, ctx * 2, mask))
+
+
 def test_clear_errors_for_bad_shapes() -> None:
     net = tiny(max_t=2)
     ctx = torch.randn(1, 3, 32)
@@ -162,6 +180,29 @@ def test_byte_tokens_and_encoder() -> None:
     # padding does not leak into real tokens
     alone, _ = enc([""])
     assert torch.allclose(h[1, :1], alone[0, :1], atol=1e-5)
+
+
+def test_word_tokens_and_encoder() -> None:
+    assert words("FPS-8 A polka-dot Star, on a plain background.") == [
+        "fps-8", "a", "polka-dot", "star", ",", "on", "a", "plain", "background", "."]
+    enc = WordEncoder(dim=16, depth=1, heads=2, max_length=6, vocab=["a", "red", "star", "A"], buckets=8)
+    assert len(enc.vocab) == 3 and enc.embed.num_embeddings == 2 + 3 + 8
+    ids, mask = enc.tokens(["A red star", "", "a blue moon x y z"])
+    assert ids[0].tolist() == [0, 2, 3, 4, 1, 1] and mask.tolist()[1] == [True, False, False, False, False, False]
+    assert ids.shape == (3, 6)  # cut to max_length
+    unknown = ids[2, 2:4].tolist()  # hashed words: stable ids after the vocabulary
+    assert all(5 <= i < 13 for i in unknown) and enc.tokens(["a blue moon"])[0][0, 2:].tolist() == unknown
+    h, m = enc(["a red star", ""])
+    assert h.shape == (2, 4, 16) and m.sum(1).tolist() == [4, 1]
+    alone, _ = enc([""])
+    assert torch.allclose(h[1, :1], alone[0, :1], atol=1e-5)  # padding does not leak into real tokens
+    (h * torch.randn_like(h)).sum().backward()  # (a plain sum of LayerNorm outputs has no gradient)
+    assert enc.embed.weight.grad[2:5].abs().sum() > 0
+    with pytest.raises(ValueError, match="buckets"):
+        WordEncoder(buckets=0)
+    cond = TextConditioner({"word": enc, "byte": ByteEncoder(16, 0, 2, 8)}, dim=32)
+    tokens, mask = cond(["a red star"])
+    assert tokens.shape == (1, 4 + 8, 32)
 
 
 def test_conditioner_projects_norms_and_concatenates_encoders() -> None:

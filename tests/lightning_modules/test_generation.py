@@ -26,7 +26,7 @@ from lightning_modules.evaluation.probe import (
     probe_from_datamodule,
     topk_alignment,
 )
-from lightning_modules.generation import GenerationModule
+from lightning_modules.generation import GenerationModule, TimeSampler
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.dit import DiT
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
@@ -289,3 +289,14 @@ def test_upsampler_experiment_upsamples_a_video_file(outputs: Path, tmp_path: Pa
     assert out.name == "000_clip.mp4"
     assert decode_video(out).frames.shape == (8, 32, 32, 3)
     assert (tmp_path / "up" / "000_clip.txt").read_text().strip() == "A small red circle bounces around."
+
+
+def test_time_sampler_uniform_fraction_covers_the_low_noise_end() -> None:
+    torch.manual_seed(0)
+    shifted = TimeSampler(shift=6.0)(20_000)
+    mixed = TimeSampler(shift=6.0, uniform_fraction=0.25)(20_000)
+    assert (shifted > 0.9).float().mean() < 1e-3  # shift 6 leaves the low-noise end untrained
+    assert (mixed > 0.9).float().mean() == pytest.approx(0.025, abs=0.006)  # 25% uniform: 10% of them above 0.9
+    assert mixed.min() >= 0 and mixed.max() < 1
+    with pytest.raises(ValueError, match="uniform_fraction"):
+        TimeSampler(uniform_fraction=1.5)(4)

@@ -132,8 +132,30 @@ def test_classifier_free_guidance_by_hand() -> None:
         return torch.cat([2 * x[:b], x[b:]])
 
     fn = guidance.classifier_free_guidance(paired, 3.0)
-    x = torch.tensor([[1.0], [2.0]])
-    assert torch.allclose(fn(x, torch.zeros(2)), x + 3.0 * (2 * x - x))
+    x = torch.tensor([[1.0], [2.0], [-4.0]])  # three rows: a doubled batch of 6 splits only one way into halves
+    assert torch.allclose(fn(x, torch.zeros(3)), x + 3.0 * (2 * x - x))
+
+
+def test_two_condition_guidance_in_one_batched_pass_by_hand() -> None:
+    """InstructPix2Pix's formula through `guided`: pass i of the repeated batch answers x·(1, 2, 5)[i], so with
+    s_I = 1.5, s_T = 3: p = x + 1.5·(2x − x) + 3·(5x − 2x) = 11.5x. Also t is repeated per pass, and one call."""
+    calls = []
+
+    def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], t.clone()))
+        b = x.shape[0] // 3
+        return torch.cat([x[:b], 2 * x[b : 2 * b], 5 * x[2 * b :]])
+
+    x, t = torch.tensor([[1.0], [-2.0]]), torch.tensor([0.25, 0.75])
+    assert torch.allclose(guidance.guided(batched, [1.5, 3.0])(x, t), 11.5 * x)
+    assert len(calls) == 1 and calls[0][0] == 6 and torch.equal(calls[0][1], t.repeat(3))
+    assert torch.allclose(guidance.combine([x, 2 * x, 5 * x], [1.5, 3.0]), 11.5 * x)
+    with pytest.raises(ValueError, match="at least one scale"):
+        guidance.guided(batched, [])
+    with pytest.raises(ValueError, match="expected 2 x 2"):
+        guidance.guided(lambda x, t: x[:2], [1.0])(x, t)  # returned one pass instead of two
+    with pytest.raises(ValueError, match="len\\(predictions\\)"):
+        guidance.combine([x], [])
 
 
 # -- multidiffusion -----------------------------------------------------------------------------------------------

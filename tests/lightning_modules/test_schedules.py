@@ -3,13 +3,14 @@ schedule's progress but not its length (a finished run extended with a larger bu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 
-from lightning_modules.schedules import Cosine, OneCycle
+from lightning_modules.schedules import Cosine, OneCycle, fill_length
 
 
 def adamw() -> torch.optim.Optimizer:
@@ -41,6 +42,7 @@ def test_one_cycle_is_torch_one_cycle_where_torch_works(total: int) -> None:
         assert a.get_last_lr() == b.get_last_lr()
         assert ours.param_groups[0]["betas"] == theirs.param_groups[0]["betas"]
         ours.step(), theirs.step(), a.step(), b.step()
+    assert a.get_last_lr() == b.get_last_lr()  # the last step's rate (torch's final value) too
 
 
 def test_a_checkpoint_restores_progress_not_length() -> None:
@@ -64,3 +66,35 @@ def test_cosine_any_length_and_constant_after(t_max: int) -> None:
 def test_an_unset_length_is_named() -> None:
     with pytest.raises(ValueError, match="model.scheduler.total_steps=-1"):
         OneCycle(adamw(), max_lr=2e-3, total_steps=-1)
+
+
+def test_a_resume_of_the_same_length_changes_nothing(capsys: pytest.CaptureFixture) -> None:
+    first = OneCycle(adamw(), max_lr=2e-3, total_steps=60, pct_start=0.05)
+    run(first, 30)
+    again = OneCycle(adamw(), max_lr=2e-3, total_steps=60, pct_start=0.05)
+    again.optimizer.param_groups[0]["lr"] = 1.0  # the optimizer's own restored state is left alone
+    again.load_state_dict(first.state_dict())
+    assert again.last_epoch == 30 and again.optimizer.param_groups[0]["lr"] == 1.0
+    assert "[schedule]" not in capsys.readouterr().out
+
+
+def test_fill_length_sets_only_an_unset_length() -> None:
+    calls = []
+
+    def length() -> int:
+        calls.append(1)
+        return 40
+
+    for unset in (None, 0, -1):
+        filled = fill_length(functools.partial(OneCycle, max_lr=1.0, total_steps=unset), length)
+        assert filled.keywords["total_steps"] == 40
+    assert fill_length(functools.partial(Cosine, T_max=1), length).keywords["T_max"] == 1
+    assert fill_length(functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3), length).keywords == {
+        "step_size": 3}
+    assert fill_length(Cosine, length) is Cosine and len(calls) == 3
+
+
+def test_a_zero_length_warm_up_starts_at_the_peak() -> None:
+    # 20 steps at 5%: the warm-up ends at step 0.05·20 − 1 = 0, where OneCycleLR divides by zero
+    lrs = run(OneCycle(adamw(), max_lr=2e-3, total_steps=20, pct_start=0.05), 2)
+    assert lrs[0] == pytest.approx(2e-3) and lrs[1] < lrs[0]

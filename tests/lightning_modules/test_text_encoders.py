@@ -1,6 +1,6 @@
 """The pretrained Hugging Face text encoder for real, offline: tiny models built from configs here, saved with
 `save_pretrained` and loaded by `HFTextEncoder` as a user's config would; its combination with the byte-level
-encoder (`TextConditioner`); and the quickstart trained and sampled with byte + T5 encoders from the command-line
+encoder (`TextConditioner`); and the quickstart trained and sampled with its word-level + T5 encoders from the command-line
 overrides. Any network access fails the test (HF_HUB_OFFLINE=1 and a socket guard)."""
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def test_conditioner_combines_byte_and_t5_encoders(t5_dir: Path, outputs: Path) 
                           f"+model.conditioners.text.encoder.encoders.t5.path={t5_dir}", "+model.conditioners.text.encoder.encoders.t5.max_length=32"],
                          outputs / "job")
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
-    assert list(module.conditioners['text'].encoder.encoders) == ["byte", "t5"] and isinstance(module.conditioners['text'].encoder.encoders["t5"], HFTextEncoder)
+    # the quickstart's own encoder (word-level) first, then the T5
+    assert list(module.conditioners['text'].encoder.encoders) == ["word", "t5"] and isinstance(module.conditioners['text'].encoder.encoders["t5"], HFTextEncoder)
     assert module.conditioners['text'].encoder.projections["t5"][0].in_features == 32
     assert module.conditioners['text'].encoder.projections["t5"][0].out_features == cfg.model.net.dim
 
@@ -201,11 +202,11 @@ SMALL = ["experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_pro
          "data.world.scenes=[8,4]", "data.world.images=[2,1]", "+data.world.seed=9", "data.batch_size=2",
          "data.epoch_batches=2", "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0",
          "test_after_fit=false", "callbacks.media=null", "model.net.dim=32", "model.net.depth=1",
-         "model.net.heads=2", "model.net.ffn_dim=64", "model.conditioners.text.encoder.encoders.byte.dim=32",
-         "model.conditioners.text.encoder.encoders.byte.depth=1", "model.conditioners.text.encoder.encoders.byte.heads=2", "model.sampler.steps=2"]
+         "model.net.heads=2", "model.net.ffn_dim=64", "model.conditioners.text.encoder.encoders.word.dim=32",
+         "model.conditioners.text.encoder.encoders.word.depth=1", "model.conditioners.text.encoder.encoders.word.heads=2", "model.sampler.steps=2"]
 
 
-def test_quickstart_two_steps_with_byte_and_t5_encoders(t5_dir: Path, outputs: Path, tmp_path: Path,
+def test_quickstart_two_steps_with_word_and_t5_encoders(t5_dir: Path, outputs: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two optimizer steps of the quickstart with the combined encoders, from overrides (two: the DiT's
     zero-initialised outputs pass no gradient to the text in the first); the T5 stays frozen and out of the

@@ -181,6 +181,7 @@ def test_opacus_epsilon_matches_the_closed_form_integer_order_bound(q, sigma, st
     assert full <= ours + 1e-9 and ours - full < 0.02 + 0.03 * ours
 
 
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
 def test_other_opacus_accountants_are_offered():
     rdp, prv, gdp = (compute_epsilon({1.0: 1000}, 0.01, 1e-5, acc) for acc in ("rdp", "prv", "gdp"))
     assert prv < rdp and prv == pytest.approx(rdp, rel=0.25)  # PRV: numerical, tighter than RDP

@@ -34,7 +34,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     nn.init.zeros_(model.weight)
     hooks = GradSampleHooks(model, loss_reduction="mean")
     opt = DPSGDGlobalAdaptOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=SIGMA, max_grad_norm=1.0,
-                                    expected_batch_size=N_EXPECTED, z0=5.0, count_noise_multiplier=2.0,
+                                    expected_batch_size=N_EXPECTED, z0=5.0, count_noise_multiplier=2.0, count_denominator="expected",
                                     world_size=2, rank=rank)
     opt.zero_grad()
     model(torch.zeros(6 + rank, 100)).mean().backward()  # zero per-example gradients, uneven local batches

@@ -71,9 +71,9 @@ def test_direction_error_on_a_constructed_case():
     grads = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
     factors, clipped = torch.tensor([0.1, 1.0]), torch.tensor([True, False])
     stats = fairness_stats(group_gradient_sums(grads, factors, clipped, torch.tensor([0, 1]), num_groups=3))
-    assert stats["direction_error"][0].item() == pytest.approx(10 / math.sqrt(101) - 1 / math.sqrt(2), abs=1e-6)
-    assert stats["direction_error"][1].item() == pytest.approx(1 / math.sqrt(101) - 1 / math.sqrt(2), abs=1e-6)
-    assert math.isnan(stats["direction_error"][2].item())  # group 2 is not in the batch
+    assert stats["direction_error_in_batch"][0].item() == pytest.approx(10 / math.sqrt(101) - 1 / math.sqrt(2), abs=1e-6)
+    assert stats["direction_error_in_batch"][1].item() == pytest.approx(1 / math.sqrt(101) - 1 / math.sqrt(2), abs=1e-6)
+    assert math.isnan(stats["direction_error_in_batch"][2].item())  # group 2 is not in the batch
     assert stats["clip_fraction"][:2].tolist() == [1.0, 0.0]
     assert stats["magnitude_ratio"][:2].tolist() == pytest.approx([0.1, 1.0])
     assert stats["grad_norm"][:2].tolist() == pytest.approx([10.0, 1.0])
@@ -86,7 +86,7 @@ def test_no_direction_error_when_every_example_is_scaled_alike():
     grads = torch.randn(32, 50)
     stats = fairness_stats(group_gradient_sums(grads, torch.full((32,), 0.2), torch.zeros(32, dtype=torch.bool),
                                                torch.arange(32) % 4, num_groups=4))
-    assert stats["direction_error"].abs().max() < 1e-5
+    assert stats["direction_error_in_batch"].abs().max() < 1e-5
     assert stats["magnitude_ratio"].tolist() == pytest.approx([0.2] * 4)
     assert cosine(torch.zeros(3), torch.ones(3)).item() == 0.0
 

@@ -30,15 +30,60 @@ def test_factors_by_hand():
     assert torch.allclose(clipping.global_adapt_factors(norms, C0, 3.0), torch.tensor([1 / 3, 1 / 3, 1 / 4]))
 
 
-def test_dpsgd_f_bounds_by_hand():
+def test_dpsgd_f_bounds_paper_rule_by_hand():
+    # Alg. 4: C_k = C0 (1 + (m~_k / b~_k) / (m~ / |B|)), an empty group keeps ratio 1.
+    # group 0: 3 clipped of 4; group 1: 1 clipped of 5; group 2: empty; m~ = 4; actual |B| = 10 (the noisy
+    # counts sum to 9): m~ / |B| = 0.4 -> C = 2 (1 + 0.75 / 0.4), 2 (1 + 0.2 / 0.4), 2 (1 + 1 / 0.4)
+    clipped, unclipped = torch.tensor([3.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 0.0])
+    bounds = clipping.dpsgd_f_bounds(clipped, unclipped, 2.0, batch_size=10)
+    assert torch.allclose(bounds, torch.tensor([2 * (1 + 0.75 / 0.4), 2 * (1 + 0.5), 2 * (1 + 2.5)]))
+    assert torch.allclose(clipping.dpsgd_f_bounds(clipped, unclipped, 2.0, batch_size=10, rule="paper"), bounds)
+    # no noisy clipped example, or an empty batch: every bound is C0
+    assert torch.allclose(clipping.dpsgd_f_bounds(torch.zeros(3), torch.ones(3), 2.0, batch_size=3), torch.full((3,), 2.0))
+    assert torch.allclose(clipping.dpsgd_f_bounds(clipped, unclipped, 2.0, batch_size=0), torch.full((3,), 2.0))
+    # the authors' code: ratios (0.75, 0.2, 1), mean 0.65: C = 2 (1 + r_k / 0.65)
+    mean_ratio = clipping.dpsgd_f_bounds(clipped, unclipped, 2.0, rule="mean_ratio")
+    assert torch.allclose(mean_ratio, 2 * (1 + torch.tensor([0.75, 0.2, 1.0]) / 0.65), rtol=1e-6)
+    with pytest.raises(ValueError, match="actual batch size"):
+        clipping.dpsgd_f_bounds(clipped, unclipped, 2.0)
+    with pytest.raises(ValueError, match="dpsgd_f_rule"):
+        clipping.dpsgd_f_bounds(clipped, unclipped, 2.0, batch_size=10, rule="nope")
+
+
+def test_dpsgd_f_bounds_noisy_total_rule_by_hand():
+    # the earlier variant: m~ / b~ instead of m~ / |B|, an empty group gets ratio 0.
     # group 0: 3 clipped of 4; group 1: 1 clipped of 4; group 2: empty. m~ = 4, b~ = 8 -> overall rate 1/2
     clipped, unclipped = torch.tensor([3.0, 1.0, 0.0]), torch.tensor([1.0, 3.0, 0.0])
-    bounds = clipping.dpsgd_f_bounds(clipped, unclipped, 2.0)
+    bounds = clipping.dpsgd_f_bounds(clipped, unclipped, 2.0, rule="noisy_total")
     # C_k = C0 (1 + rate_k / (1/2)): 2 (1 + 1.5), 2 (1 + 0.5), 2 (1 + 0)
     assert torch.allclose(bounds, torch.tensor([5.0, 3.0, 2.0]))
-    assert torch.allclose(clipping.dpsgd_f_bounds(torch.zeros(3), torch.ones(3), 2.0), torch.full((3,), 2.0))
+    assert torch.allclose(clipping.dpsgd_f_bounds(torch.zeros(3), torch.ones(3), 2.0, rule="noisy_total"),
+                          torch.full((3,), 2.0))
     norms, groups = torch.tensor([10.0, 1.0, 10.0]), torch.tensor([0, 0, 1])
     assert torch.allclose(clipping.dpsgd_f_factors(norms, groups, bounds), torch.tensor([0.5, 1.0, 0.3]))
+
+
+def test_global_adapt_z_never_falls_below_c0():
+    """No example above gamma Z and a noiseless count: log Z falls by eta_Z per step, but stops at C0."""
+    model = nn.Linear(3, 1, bias=False)
+    hooks = GradSampleHooks(model, loss_reduction="mean")
+    c0 = 0.5
+    opt = DPSGDGlobalAdaptOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=c0,
+                                    expected_batch_size=4.0, z0=1.0, z_lr=0.5, z_threshold=1.0, count_noise_multiplier=1e-9)
+    zs = []
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.full((4, 3), 1e-3)).mean().backward()  # ||g_i|| ~ 1.7e-3, far below gamma Z
+        opt.step()
+        zs.append(opt.z)
+        assert opt.last.factors.max() <= 1.0 + 1e-12  # f_i = C0 / max(||g_i||, Z) <= 1: nothing is scaled up
+    assert min(zs) == pytest.approx(c0) and zs[0] == pytest.approx(math.exp(-0.5))
+    assert opt.count_denominator == "actual" and opt.scalars()["frac_above_gamma_Z"] == 0.0
+    # a floor below C0 only when asked for
+    opt_low = DPSGDGlobalAdaptOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=c0,
+                                        expected_batch_size=4.0, z0=1.0, z_min=0.1, count_noise_multiplier=1.0)
+    assert opt_low.z_min == 0.1
+    hooks.cleanup()
 
 
 def test_next_z_by_hand():
@@ -62,7 +107,7 @@ def test_clipped_norms_never_exceed_the_bound(rule):
         factors, bound = clipping.global_adapt_factors(norms, C0, 50.0), C0
     else:
         m, o = clipping.group_clip_counts(norms, groups, C0, 4)
-        bounds = clipping.dpsgd_f_bounds(m, o, C0)
+        bounds = clipping.dpsgd_f_bounds(m, o, C0, batch_size=len(norms))
         factors, bound = clipping.dpsgd_f_factors(norms, groups, bounds), float(bounds.max())
         assert ((factors[:, None] * grads).norm(dim=1) <= bounds[groups].float() * (1 + 1e-6)).all()
     clipped_norms = (factors[:, None] * grads).norm(dim=1)
@@ -112,7 +157,13 @@ def test_global_adapt_step_and_z_update_by_hand():
                    z_threshold=0.5, count_noise_multiplier=1e-9)
     # f = C0 / max(||x||, 3) = (1/3, 1/3, 1/4)
     assert torch.allclose(w, -torch.tensor([0.5 / 3, 2 / 3, 1.0]) / 2)
-    # b = #{||x|| > 0.5 * 3} = 2, b~ = 2 / n = 1: Z = 3 exp(-0.1 + 1)
+    # b = #{||x|| > 0.5 * 3} = 2, b~ = 2 / |B| = 2/3 (the paper's actual batch size): Z = 3 exp(-0.1 + 2/3)
+    assert opt.z == pytest.approx(3.0 * math.exp(-0.1 + 2 / 3), rel=1e-6)
+    assert opt.scalars()["frac_above_gamma_Z"] == pytest.approx(2 / 3)
+    assert opt.last.clipped.tolist() == [False, False, True]  # the clip fraction counts ||g|| > Z, not > gamma Z
+    # dividing by the expected batch size n = 2 instead: b~ = 1, Z = 3 exp(-0.1 + 1)
+    _, opt = _step(DPSGDGlobalAdaptOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z0=3.0, z_lr=0.1,
+                   z_threshold=0.5, count_noise_multiplier=1e-9, count_denominator="expected")
     assert opt.z == pytest.approx(3.0 * math.exp(0.9), rel=1e-6)
 
 
@@ -125,7 +176,10 @@ def test_dpsgd_f_step_by_hand():
     # the count noise the optimizer drew: the first draw of its generator
     noise = torch.normal(0.0, sigma_c, size=(4,), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     counts = (torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64) + noise).floor().clamp(min=0)  # m_0 m_1 o_0 o_1
-    bounds = clipping.dpsgd_f_bounds(counts[:2], counts[2:], C0)
+    # the paper's rule with the actual |B| = 3, by hand: r_k = m~_k / (m~_k + o~_k) (1 for an empty group)
+    m, o = counts[:2], counts[2:]
+    ratio = torch.where(m + o > 0, m / (m + o).clamp(min=1), torch.ones(2, dtype=torch.float64))
+    bounds = C0 * (1 + ratio / (m.sum() / 3)) if m.sum() > 0 else torch.full((2,), C0, dtype=torch.float64)
     assert torch.allclose(opt.bounds, bounds)
     f = torch.minimum(torch.ones(3), bounds.float()[groups] / x.norm(dim=1))
     assert torch.allclose(w, -(f[:, None] * x).sum(0) / 3, atol=1e-6)

@@ -1,0 +1,233 @@
+"""Mutation testing: plant one small bug at a time in a module and check that its tests fail.
+
+    python tests/mutation.py lightning_modules/generative/guidance.py          # one module, its mapped tests
+    python tests/mutation.py --all                                             # every module in MODULES
+    python tests/mutation.py MODULE --tests tests/x.py tests/y.py --limit 20   # other tests, first 20 mutants
+
+A mutant changes one site of the module's code (not its docstrings or error messages):
+- arithmetic: + <-> -, * <-> /, ** -> *, unary minus dropped;
+- comparisons: < <-> <=, > <-> >=, == <-> !=;
+- boolean: and <-> or, `not x` -> x;
+- numbers: an int n -> n + 1, a float x -> 2x (0.0 -> 1.0); True <-> False.
+Each mutant runs the module's tests (`pytest -x`) in a private copy of the repository's tracked files, so the
+working tree is never touched and other jobs keep running on the real code. A mutant is killed when the tests
+fail (or time out), survived when they pass. The kill rate counts every mutant; a survivor is either a gap in the
+tests or equivalent (no behaviour change): EQUIVALENT lists those, with why, and they are left out of the
+"non-equivalent" rate. Results: a table, and JSON under experiments/benchmarks/results/mutation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "benchmarks" / "results" / "mutation.json"
+
+#: The modules where a silent numeric bug would corrupt a result, and the tests that should catch it.
+MODULES: dict[str, list[str]] = {
+    "lightning_modules/generative/guidance.py": ["tests/lightning_modules/test_generative.py"],
+    "lightning_modules/generative/timesteps.py": ["tests/lightning_modules/test_generative_schedules.py"],
+    "lightning_modules/generative/paths.py": ["tests/lightning_modules/test_generative_paths.py"],
+    "lightning_modules/generative/solvers.py": ["tests/lightning_modules/test_generative_solvers.py"],
+    "lightning_modules/privacy/clipping.py": ["tests/privacy/test_update_rules.py"],
+    "lightning_modules/privacy/accounting.py": ["tests/privacy/test_accounting.py"],
+    "lightning_modules/tae_losses.py": ["tests/lightning_modules/test_tae_losses.py"],
+    "lightning_modules/evaluation/frechet.py": ["tests/lightning_modules/test_evaluation.py"],
+    "lightning_modules/schedules.py": ["tests/lightning_modules/test_schedules.py"],
+}
+
+#: Survivors that change nothing a caller can observe: (module, line, mutation) -> why.
+EQUIVALENT: dict[tuple[str, int, str], str] = {
+    ("lightning_modules/schedules.py", 39, "True -> False"):
+        "zip(strict=...) over the param groups and get_lr()'s list, one rate per group: always the same length",
+    ("lightning_modules/schedules.py", 65, "LtE -> Lt"):
+        "at a phase's end step the next phase starts at pct 0 from the same rate: the schedule is continuous",
+    ("lightning_modules/schedules.py", 65, "Sub -> Add"):
+        "the step is clamped to total_steps - 1, the last phase's end, so `step <= end` already picks the last phase",
+}
+
+SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
+              ast.FloorDiv: ast.Mult}
+SWAP_CMP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+            ast.NotEq: ast.Eq}
+
+
+@dataclass
+class Mutant:
+    index: int
+    line: int
+    description: str
+    outcome: str = ""  # killed | survived | timeout | equivalent
+    seconds: float = 0.0
+
+
+def _skipped_nodes(tree: ast.AST) -> set[int]:
+    """Nodes not worth mutating: docstrings, error messages, annotations, f-strings."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                skip.update(id(n) for n in ast.walk(body[0]))
+        if isinstance(node, ast.Raise | ast.JoinedStr | ast.Assert):
+            skip.update(id(n) for n in ast.walk(node))
+        for field in ("annotation", "returns"):
+            sub = getattr(node, field, None)
+            if isinstance(sub, ast.AST):
+                skip.update(id(n) for n in ast.walk(sub))
+    return skip
+
+
+def _sites(tree: ast.AST) -> list[tuple[ast.AST, str]]:
+    """Every mutable site, in a fixed order: (node, description)."""
+    skip = _skipped_nodes(tree)
+    sites = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.BinOp) and type(node.op) in SWAP_BINOP:
+            sites.append((node, f"{type(node.op).__name__} -> {SWAP_BINOP[type(node.op)].__name__}"))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.Not):
+            sites.append((node, f"drop {type(node.op).__name__}"))
+        elif isinstance(node, ast.Compare) and type(node.ops[0]) in SWAP_CMP:
+            sites.append((node, f"{type(node.ops[0]).__name__} -> {SWAP_CMP[type(node.ops[0])].__name__}"))
+        elif isinstance(node, ast.BoolOp):
+            sites.append((node, f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}"))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
+            sites.append((node, f"{node.value!r} -> {_mutated_constant(node.value)!r}"))
+    return sites
+
+
+def _mutated_constant(value: int | float | bool) -> int | float | bool:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    return 2 * value if value else 1.0
+
+
+class _Apply(ast.NodeTransformer):
+    def __init__(self, target: ast.AST) -> None:
+        self.target = target
+
+    def visit(self, node: ast.AST) -> ast.AST:
+        node = self.generic_visit(node)
+        if node is not self.target:
+            return node
+        if isinstance(node, ast.BinOp):
+            node.op = SWAP_BINOP[type(node.op)]()
+        elif isinstance(node, ast.UnaryOp):
+            return node.operand
+        elif isinstance(node, ast.Compare):
+            node.ops[0] = SWAP_CMP[type(node.ops[0])]()
+        elif isinstance(node, ast.BoolOp):
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif isinstance(node, ast.Constant):
+            node.value = _mutated_constant(node.value)
+        return node
+
+
+def mutants_of(source: str) -> list[tuple[Mutant, str]]:
+    """(mutant, mutated source) for every site of `source`."""
+    out = []
+    for index in range(len(_sites(ast.parse(source)))):
+        tree = ast.parse(source)  # a fresh tree per mutant: the transformer edits in place
+        node, description = _sites(tree)[index]
+        mutated = ast.unparse(ast.fix_missing_locations(_Apply(node).visit(tree)))
+        out.append((Mutant(index, node.lineno, description), mutated))
+    return out
+
+
+def copy_tracked_files(destination: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def run_tests(workdir: Path, tests: list[str], timeout: float) -> str:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PROJECT_ROOT": str(workdir)}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "survived" if done.returncode == 0 else "killed"
+
+
+def mutate_module(module: str, tests: list[str], workdir: Path, limit: int | None, timeout: float) -> dict:
+    path = workdir / module
+    original = path.read_text()
+    if run_tests(workdir, tests, timeout) != "survived":
+        raise SystemExit(f"mutation: {' '.join(tests)} fail on the unmutated {module}; fix them first")
+    results = []
+    try:
+        for mutant, source in mutants_of(original)[:limit]:
+            start = time.perf_counter()
+            path.write_text(source)
+            mutant.outcome = run_tests(workdir, tests, timeout)
+            mutant.seconds = round(time.perf_counter() - start, 1)
+            if mutant.outcome == "survived" and (module, mutant.line, mutant.description) in EQUIVALENT:
+                mutant.outcome = "equivalent"
+            print(f"  {module}:{mutant.line:<4} {mutant.description:<24} {mutant.outcome} ({mutant.seconds} s)",
+                  flush=True)
+            results.append(mutant)
+    finally:
+        path.write_text(original)
+    killed = sum(m.outcome in ("killed", "timeout") for m in results)
+    equivalent = sum(m.outcome == "equivalent" for m in results)
+    non_equivalent = len(results) - equivalent
+    return {"module": module, "tests": tests, "mutants": len(results), "killed": killed, "equivalent": equivalent,
+            "kill_rate": killed / max(1, len(results)), "kill_rate_non_equivalent": killed / max(1, non_equivalent),
+            "survivors": [asdict(m) for m in results if m.outcome == "survived"],
+            "equivalent_survivors": [{**asdict(m), "why": EQUIVALENT[(module, m.line, m.description)]}
+                                     for m in results if m.outcome == "equivalent"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="module paths relative to the repository root")
+    parser.add_argument("--all", action="store_true", help="every module in MODULES")
+    parser.add_argument("--tests", nargs="+", help="test files (default: the module's entry in MODULES)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many mutants per module")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (a timeout kills)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    modules = list(MODULES) if args.all else args.modules
+    if not modules:
+        parser.error("name a module or pass --all")
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        workdir = Path(tmp)
+        copy_tracked_files(workdir)
+        for module in modules:
+            tests = args.tests or MODULES.get(module)
+            if not tests:
+                parser.error(f"{module} has no tests in MODULES: pass --tests")
+            print(f"{module}: mutants run {' '.join(tests)}", flush=True)
+            reports.append(mutate_module(module, tests, workdir, args.limit, args.timeout))
+    print(f"\n{'module':<46} {'mutants':>7} {'killed':>6} {'equiv':>5} {'kill rate':>9} {'non-equiv':>9}")
+    for r in reports:
+        print(f"{r['module']:<46} {r['mutants']:>7} {r['killed']:>6} {r['equivalent']:>5} {r['kill_rate']:>9.0%} "
+              f"{r['kill_rate_non_equivalent']:>9.0%}")
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous.update({r["module"]: r for r in reports})
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(previous, indent=1))
+    return reports
+
+
+if __name__ == "__main__":
+    main()
