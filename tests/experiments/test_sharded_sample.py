@@ -28,8 +28,8 @@ SMALL = ["experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_pro
          "data.epoch_batches=2", "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0",
          "test_after_fit=false", "callbacks.media=null", "callbacks.ema.decay=0.5",
          "model.net.dim=32", "model.net.depth=2", "model.net.heads=2", "model.net.ffn_dim=64",
-         "model.conditioners.text.encoder.encoders.byte.dim=32", "model.conditioners.text.encoder.encoders.byte.depth=1",
-         "model.conditioners.text.encoder.encoders.byte.heads=2", "model.sampler.steps=2", "model.sample.batch_size=2"]
+         "model.conditioners.text.encoder.encoders.word.dim=32", "model.conditioners.text.encoder.encoders.word.depth=1",
+         "model.conditioners.text.encoder.encoders.word.heads=2", "model.sampler.steps=2", "model.sample.batch_size=2"]
 
 
 def fresh_module(overrides: list[str], out: Path) -> GenerationModule:
