@@ -226,3 +226,32 @@ def test_dpsgd_f_noise_scales_with_the_largest_bound():
     optimizer.step()
     hooks.cleanup()
     assert model.weight.grad.std().item() == pytest.approx(float(optimizer.bounds.max()) / 10.0, rel=0.03)
+
+
+def test_dpsgd_f_noise_uses_the_largest_bound_when_examples_are_clipped():
+    """Clipped gradients that cancel: 4 pairs of +v / -v in group 0 (norm 5 > C0, all clipped by the same factor)
+    and one zero example in group 1. The clipped sum is 0, so p.grad is the noise alone, with std
+    sigma * max_k C_k / n (not sigma * C0 / n). The bounds by hand from the paper's rule (as in
+    test_dpsgd_f_step_by_hand); with these counts C_0 = C0 (1 + 1 / (8/9)) ~ 2.1 C0 and C_1 = C0."""
+    torch.manual_seed(0)
+    model = nn.Linear(200, 100, bias=False)
+    hooks = GradSampleHooks(model, loss_reduction="mean")
+    sigma, n, sigma_c = 1.0, 10.0, 0.3
+    optimizer = DPSGDFOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma, max_grad_norm=C0,
+                                expected_batch_size=n, num_groups=2, count_noise_multiplier=sigma_c,
+                                generator=torch.Generator().manual_seed(1))
+    v = torch.full((200,), 50.0 / math.sqrt(200.0))  # per-example weight gradient (1/100) 1 v^T: norm 5
+    x = torch.cat([v.expand(4, 200), -v.expand(4, 200), torch.zeros(1, 200)])
+    optimizer.groups = torch.tensor([0] * 8 + [1])
+    optimizer.zero_grad()
+    model(x).mean().backward()
+    optimizer.step()
+    hooks.cleanup()
+    noise = torch.normal(0.0, sigma_c, size=(4,), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    counts = (torch.tensor([8.0, 0.0, 0.0, 1.0], dtype=torch.float64) + noise).floor().clamp(min=0)  # m_0 m_1 o_0 o_1
+    m, o = counts[:2], counts[2:]
+    ratio = torch.where(m + o > 0, m / (m + o).clamp(min=1), torch.ones(2, dtype=torch.float64))
+    bounds = C0 * (1 + ratio / (m.sum() / 9))
+    assert torch.allclose(optimizer.bounds, bounds)
+    assert bounds.max() > 1.5 * C0 and bounds.min() == C0  # the case tells the two noise formulas apart
+    assert model.weight.grad.std().item() == pytest.approx(sigma * float(bounds.max()) / n, rel=0.03)
