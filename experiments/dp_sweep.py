@@ -46,6 +46,7 @@ class RunRecord:
     method: str
     seed: int
     metrics: dict[str, float] = field(default_factory=dict)
+    lr: float = math.nan
 
     def acc(self, k: int) -> float:
         return self.metrics.get(f"fair/test/acc/group_{k}", math.nan)
@@ -63,7 +64,8 @@ def collect(client: MlflowClient, parent_id: str) -> list[RunRecord]:
         params = run.data.params
         method = params.get("dp/method", "none")
         seed = int(params.get("seed", run.data.tags.get("seed", 0)))
-        records.append(RunRecord(run.info.run_id, method, seed, dict(run.data.metrics)))
+        lr = float(params.get("model/optimizer/lr", "nan"))
+        records.append(RunRecord(run.info.run_id, method, seed, dict(run.data.metrics), lr))
     return records
 
 
@@ -109,6 +111,27 @@ def markdown_table(table: dict[str, dict[str, list[float]]], a: int, b: int) -> 
             cells.append("–" if math.isnan(mean) else "∞" if math.isinf(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
         lines.append(f"| {METHOD_NAMES.get(method, method)} | {len(row['acc'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def learning_rates(records: list[RunRecord]) -> tuple[str, dict[str, float]]:
+    """The learning-rate choice of a grid sweep (conf/sweep/dp_lr_grid.yaml): validation accuracy (val/acc, the
+    balanced validation split, never the test split) per method and rate, mean over seeds, and each method's best
+    rate. Utility alone picks the rate, so that the fairness comparison does not tune on its own outcome."""
+    scores: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        scores[r.method][r.lr].append(100 * r.metrics.get("val/acc", math.nan))
+    rates = sorted({lr for by_lr in scores.values() for lr in by_lr})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |", "|---|" + "---|" * (len(rates) + 1)]
+    best: dict[str, float] = {}
+    for method in _methods(records):
+        means = {lr: mean_std(values) for lr, values in scores[method].items()}
+        finite = {lr: m for lr, (m, _) in means.items() if not math.isnan(m)}
+        if finite:
+            best[method] = max(finite, key=finite.get)
+        cells = [f"{means[lr][0]:.1f} ± {means[lr][1]:.1f}" if lr in means and not math.isnan(means[lr][0]) else "–"
+                 for lr in rates]
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(cells) + f" | {best.get(method, math.nan):g} |")
+    return "\n".join(lines) + "\n", best
 
 
 def _methods(records: list[RunRecord]) -> list[str]:
@@ -182,6 +205,11 @@ def write_summary(client: MlflowClient, parent_id: str, compare: tuple[int, int]
         return text
     text = (f"# Fair DP comparison ({len(records)} runs)\n\nGroups {a} vs {b}; mean ± std over seeds; PCG/ERG paired "
             "by seed with the non-private run.\n\n" + markdown_table(comparison(records, a, b), a, b))
+    if any(len({r.lr for r in records if r.method == m}) > 1 for m in _methods(records)):
+        table, best = learning_rates(records)
+        chosen = " ".join(f"dp_learning_rates.{m}={lr:g}" for m, lr in best.items())
+        text += ("\n## Learning rates: validation accuracy (%), mean ± std over seeds\n\n" + table +
+                 f"\nChosen by validation accuracy: {chosen}\n")
     client.log_text(parent_id, text, "dp_summary.md")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir or tmp)

@@ -3,6 +3,7 @@
     python tests/mutation.py lightning_modules/generative/guidance.py          # one module, its mapped tests
     python tests/mutation.py --all                                             # every module in MODULES
     python tests/mutation.py MODULE --tests tests/x.py tests/y.py --limit 20   # other tests, first 20 mutants
+    python tests/mutation.py --all --jobs 2                                    # two modules at a time
 
 A mutant changes one site of the module's code (not its docstrings or error messages):
 - arithmetic: + <-> -, * <-> /, ** -> *, unary minus dropped;
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,15 +37,29 @@ RESULTS = ROOT / "experiments" / "benchmarks" / "results" / "mutation.json"
 
 #: The modules where a silent numeric bug would corrupt a result, and the tests that should catch it.
 MODULES: dict[str, list[str]] = {
+    # the generative maths
     "lightning_modules/generative/guidance.py": ["tests/lightning_modules/test_generative.py"],
+    "lightning_modules/generative/multidiffusion.py": ["tests/lightning_modules/test_generative.py"],
     "lightning_modules/generative/timesteps.py": ["tests/lightning_modules/test_generative_schedules.py"],
     "lightning_modules/generative/paths.py": ["tests/lightning_modules/test_generative_paths.py"],
     "lightning_modules/generative/solvers.py": ["tests/lightning_modules/test_generative_solvers.py"],
+    # the privacy rules and accounting
     "lightning_modules/privacy/clipping.py": ["tests/privacy/test_update_rules.py"],
+    "lightning_modules/privacy/optimizers.py": ["tests/privacy/test_update_rules.py"],
     "lightning_modules/privacy/accounting.py": ["tests/privacy/test_accounting.py"],
+    "lightning_modules/privacy/sampling.py": ["tests/privacy/test_sampling_and_monitor.py"],
+    "lightning_modules/privacy/decomposition.py": ["tests/privacy/test_decomposition.py"],
+    # the fused norms (Triton, in the interpreter on CPU)
+    "kernels/norms.py": ["tests/kernels/test_rms_norm.py"],
+    # the loss functions
     "lightning_modules/tae_losses.py": ["tests/lightning_modules/test_tae_losses.py"],
+    # the evaluator's metrics
     "lightning_modules/evaluation/frechet.py": ["tests/lightning_modules/test_evaluation.py"],
+    "lightning_modules/evaluation/world_measures.py": ["tests/lightning_modules/test_evaluation.py"],
+    "lightning_modules/evaluation/palette.py": ["tests/lightning_modules/test_evaluation.py"],
+    # training state that silently changes results
     "lightning_modules/schedules.py": ["tests/lightning_modules/test_schedules.py"],
+    "callbacks/ema.py": ["tests/callbacks/test_ema.py"],
 }
 
 #: Survivors that change nothing a caller can observe: (module, line, mutation) -> why.
@@ -203,27 +219,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tests", nargs="+", help="test files (default: the module's entry in MODULES)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many mutants per module")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (a timeout kills)")
+    parser.add_argument("--jobs", type=int, default=1, help="modules mutated at the same time")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     modules = list(MODULES) if args.all else args.modules
     if not modules:
         parser.error("name a module or pass --all")
-    reports = []
-    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
-        workdir = Path(tmp)
-        copy_tracked_files(workdir)
-        for module in modules:
-            tests = args.tests or MODULES.get(module)
-            if not tests:
-                parser.error(f"{module} has no tests in MODULES: pass --tests")
+    for module in modules:
+        if not (args.tests or MODULES.get(module)):
+            parser.error(f"{module} has no tests in MODULES: pass --tests")
+
+    def one(module: str) -> dict:
+        # each module in its own copy of the tracked files, so that modules can run side by side
+        with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+            workdir = Path(tmp)
+            copy_tracked_files(workdir)
+            tests = args.tests or MODULES[module]
             print(f"{module}: mutants run {' '.join(tests)}", flush=True)
-            reports.append(mutate_module(module, tests, workdir, args.limit, args.timeout))
+            return mutate_module(module, tests, workdir, args.limit, args.timeout)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads wait on pytest subprocesses
+        reports = list(pool.map(one, modules))
     print(f"\n{'module':<46} {'mutants':>7} {'killed':>6} {'equiv':>5} {'kill rate':>9} {'non-equiv':>9}")
     for r in reports:
         print(f"{r['module']:<46} {r['mutants']:>7} {r['killed']:>6} {r['equivalent']:>5} {r['kill_rate']:>9.0%} "
               f"{r['kill_rate_non_equivalent']:>9.0%}")
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-    previous.update({r["module"]: r for r in reports})
+    for r in reports:
+        old = previous.get(r["module"], {})
+        r["first_run"] = old.get("first_run") or {k: old.get(k, r[k]) for k in ("mutants", "killed", "kill_rate")}
+        previous[r["module"]] = r
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(previous, indent=1))
     return reports
