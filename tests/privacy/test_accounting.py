@@ -187,4 +187,16 @@ def test_other_opacus_accountants_are_offered():
     assert prv < rdp and prv == pytest.approx(rdp, rel=0.25)  # PRV: numerical, tighter than RDP
     assert gdp == pytest.approx(prv, rel=0.25)                # GDP: CLT approximation of the same curve
     with pytest.raises(ValueError, match="accountant"):
-        compute_epsilon({1.0: 10}, 0.01, 1e-5, "pld")  # Opacus has no PLD accountant
+        compute_epsilon({1.0: 10}, 0.01, 1e-5, "moments")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pld_accountant_is_tight_and_agrees_with_prv():
+    """Two independent numerical accountants (Google's PLD, Opacus's PRV) of the same composition agree to
+    0.5%, both below RDP's upper bound; heterogeneous steps compose (sigma 1 then 2: between the two extremes)."""
+    steps, q, delta = {1.0: 400}, 64 / 995, 1e-5  # experiment=dp_digits_unbalanced: RDP 9.75
+    rdp, prv, pld = (compute_epsilon(steps, q, delta, acc) for acc in ("rdp", "prv", "pld"))
+    assert pld < 0.95 * rdp and pld == pytest.approx(prv, rel=0.005)
+    mixed = compute_epsilon({1.0: 300, 2.0: 100}, q, delta, "pld")
+    assert compute_epsilon({2.0: 400}, q, delta, "pld") < mixed < compute_epsilon({1.0: 400}, q, delta, "pld")
+    assert mixed == pytest.approx(compute_epsilon({1.0: 300, 2.0: 100}, q, delta, "prv"), rel=0.005)
