@@ -70,6 +70,11 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "at a phase's end step the next phase starts at pct 0 from the same rate: the schedule is continuous",
     ("lightning_modules/schedules.py", 65, "Sub -> Add"):
         "the step is clamped to total_steps - 1, the last phase's end, so `step <= end` already picks the last phase",
+    ("lightning_modules/schedules.py", 59, "Sub -> Add"):
+        "a step clamped one or two past the end lies in the last phase, whose pct is clamped to 1: the same rate",
+    ("lightning_modules/schedules.py", 66, "1.0 -> 2.0"):
+        "min(1.0, pct): the chosen phase always has step <= end (the last: step <= total_steps - 1 = its end), so "
+        "pct <= 1 without it (the other 1.0 on this line, a zero-length phase's pct, is killed)",
 }
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

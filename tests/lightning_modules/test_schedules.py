@@ -98,3 +98,22 @@ def test_a_zero_length_warm_up_starts_at_the_peak() -> None:
     # 20 steps at 5%: the warm-up ends at step 0.05·20 − 1 = 0, where OneCycleLR divides by zero
     lrs = run(OneCycle(adamw(), max_lr=2e-3, total_steps=20, pct_start=0.05), 2)
     assert lrs[0] == pytest.approx(2e-3) and lrs[1] < lrs[0]
+
+
+def test_cosine_with_a_floor_is_torch_cosine() -> None:
+    ours, theirs = adamw(), adamw()
+    a, b = Cosine(ours, T_max=10, eta_min=5e-4), torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=10, eta_min=5e-4)
+    for _ in range(10):
+        assert a.get_last_lr() == pytest.approx(b.get_last_lr(), rel=1e-9)
+        ours.step(), theirs.step(), a.step(), b.step()
+    assert a.get_last_lr() == pytest.approx([5e-4])
+
+
+@pytest.mark.parametrize("t_max", [None, 0])
+def test_an_unset_cosine_length_is_named(t_max: int | None) -> None:
+    with pytest.raises(ValueError, match=f"model.scheduler.T_max={t_max}"):
+        Cosine(adamw(), T_max=t_max)
+
+
+def test_fill_length_never_sets_a_length_below_one() -> None:
+    assert fill_length(functools.partial(OneCycle, max_lr=1.0, total_steps=None), lambda: 0).keywords["total_steps"] == 1
