@@ -307,10 +307,10 @@ class LatentDataModule(ShardDataModule):
         codec = getattr(module, "codec", None)
         if module is None or codec is None:
             return
-        if "probe" in (getattr(module, "evaluators", None) or {}):
+        if "probe" in (getattr(module, "evaluators", None) or {}) and self.source is None:
             warnings.warn("model.evaluators.probe is set: the probe trains on pixel clips (\"video\"), which a latent "
-                          "cache has none of, so the test loop would fail; set model.evaluators.probe=null",
-                          stacklevel=2)
+                          "cache has none of and this cache has no `source` datamodule to read them from, so the test "
+                          "loop would fail; set data.source or model.evaluators.probe=null", stacklevel=2)
         statistics = channel_statistics(self.index)
         channels = {s[0] for s in shapes or ()} | ({len(statistics[0])} if statistics else set())
         if channels and channels != {int(codec.latent_channels)}:

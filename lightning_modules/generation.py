@@ -430,6 +430,9 @@ class GenerationModule(BaseModule):
                   **kwargs: Any) -> None:
         """Sample the batch, update `evaluators`; at validation also compute and log them at once."""
         sample, part = self._sample_batch(batch, limit, **kwargs)
+        if "video" not in part and "latent" in part:
+            # a latent cache holds no pixels: the evaluators' real clips are its latents decoded (the codec's ceiling)
+            part = {**part, "video": self.from_latent(self.to_latent(part), self.pixel_shape(part)[0])}
         extras = self.previews(part) if "video" in part else {}
         if stage == "val":
             for e in evaluators:

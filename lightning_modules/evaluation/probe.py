@@ -561,6 +561,8 @@ def fit_probe(data: Sequence[ClipFeatures], config: ProbeConfig, device: torch.d
 
 
 def _video_source(datamodule: Any) -> Any:
+    # a latent cache (datamodules/latents.py) holds no pixels: the probe trains on the clips it was encoded from
+    datamodule = getattr(datamodule, "source", None) or datamodule
     datamodule.setup("fit")
     source = next((s for s in datamodule.sources(train=True) if s.name != "image"), None)
     if source is None:

@@ -28,6 +28,7 @@ from datamodules.stream_dataset import BadDataError
 from datamodules.video import VideoDataModule
 from datamodules.write_shards import write_world
 from lightning_modules.conditioning import Text
+from lightning_modules.evaluation.base import Evaluator
 from lightning_modules.evaluation.probe import ProbeEvaluator
 from lightning_modules.generation import GenerationModule
 from lightning_modules.latent_codec import tae_codec
@@ -257,6 +258,35 @@ def test_configs(tmp_path: Path) -> None:
     dm = instantiate(cfg.data, _convert_="object")
     assert isinstance(dm.source, VideoDataModule) and dm.source.sizes == [[32, 32]] and dm.source.frames == [8]
     assert cfg.model.net.in_channels == cfg.model.codec.net.latent_channels == 8
-    assert cfg.model.evaluators.probe is None
+    assert cfg.model.evaluators.probe is not None  # trained on data.source's pixel clips
     with pytest.raises(InstantiationException, match="no TAE checkpoint.*experiment=tae_tiny"):
         instantiate(cfg.model.codec, _convert_="object")  # no tae_tiny run under this log_dir
+
+
+class DecodedReals(Evaluator):
+    """Keeps the real clips the module hands its evaluators (the interface of lightning_modules/evaluation)."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict] = []
+
+    def update(self, generated: torch.Tensor, batch: dict, extras: dict) -> None:
+        self.batches.append(batch)
+
+
+def test_the_test_loop_scores_latent_samples_with_the_probe(cache: Path, world: Path, tmp_path: Path) -> None:
+    """With a `source` datamodule, the probe trains on the cache's pixel clips and scores the held-out samples; the
+    real clips beside them (the ceiling) are the held-out latents decoded by the cache's TAE."""
+    model = generator(TAECodec(tae()))
+    reals = DecodedReals()
+    model.evaluators = {"probe": ProbeEvaluator(cache_dir=str(tmp_path / "probes"), steps=4, clips=8, batch=4,
+                                                floor_clips=4), "reals": reals}
+    dm = latents(cache, source=source(world), val_batches=1)
+    t = trainer(1, limit_test_batches=1, default_root_dir=tmp_path)
+    t.test(model, dm)
+    metrics = {k: float(v) for k, v in t.callback_metrics.items()}
+    for name in ("alignment_colour", "alignment_real_colour", "alignment_real_shape", "fd", "fd_real_floor"):
+        assert math.isfinite(metrics[f"test/{name}"]), name
+    assert list((tmp_path / "probes").glob("probe-*.pt")), "the probe trained on the source's pixel clips"
+    (batch,) = reals.batches
+    torch.testing.assert_close(batch["video"], model.from_latent(model.to_latent(batch), batch["video"].shape[2]))
+    assert batch["video"].shape[1] == 3 and batch["latent"].shape[1] == 4
