@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import ROOT, free_port, run_cli, sqlite_uri
@@ -49,6 +50,7 @@ def test_fsdp_two_processes_sharded_checkpoint_and_resume(outputs: Path) -> None
     assert val_loss[-1] < val_loss[0], "training continued from the sharded checkpoint"
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_two_simulated_nodes_under_torchrun(outputs: Path) -> None:
     port = str(free_port())
     args = [*TINY, "strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=1",
@@ -68,6 +70,7 @@ def test_two_simulated_nodes_under_torchrun(outputs: Path) -> None:
     assert len(finished_runs(outputs)) == 1  # one MLflow run, written by global rank 0
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_ddp_multirun_runs_each_job_once(outputs: Path) -> None:
     run_cli("-m", *TINY, "strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1", "seed=0,1")
     sweeps = list((outputs / "digits_classifier" / "multiruns").iterdir())

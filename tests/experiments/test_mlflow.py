@@ -46,6 +46,7 @@ def test_run_logs_params_tags_metrics_and_artifacts(outputs: Path) -> None:
     assert (outputs / "mlartifacts").is_dir()
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_same_seed_same_metrics(outputs: Path) -> None:
     for _ in range(2):
         run_cli("experiment=digits_classifier", "seed=3", *TINY)

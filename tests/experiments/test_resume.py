@@ -105,6 +105,7 @@ def test_latent_cache_killed_run_resumes_to_the_same_history(outputs: Path, tmp_
     kill_and_resume(outputs, run, kill_at=7)
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_finished_run_extended_with_a_larger_budget(outputs: Path) -> None:
     """A finished quickstart run resumed with trainer.max_steps raised: OneCycleLR refused ("Tried to step 5
     times") and the run was marked FAILED; now the schedule is rebuilt for the new length and the run goes on."""

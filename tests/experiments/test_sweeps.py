@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -13,6 +14,7 @@ TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_
         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_optuna_sweep_optimises_val_acc(outputs: Path) -> None:
     run_cli("-m", "experiment=digits_classifier", "sweep=optuna_lr", "hydra.sweeper.n_trials=2",
             "hydra.sweeper.sampler.n_startup_trials=2", *TINY)
@@ -26,6 +28,7 @@ def test_optuna_sweep_optimises_val_acc(outputs: Path) -> None:
     assert max(r.data.metrics["val/acc"] for r in children) == best["best_value"]
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_named_grid_sweep_runs_six_children(outputs: Path) -> None:
     run_cli("experiment=digits_classifier", "sweep=seeds_lr", *TINY)  # the sweep file turns on multirun
     client = MlflowClient(sqlite_uri(outputs))
