@@ -3,7 +3,7 @@
     python tests/mutation.py lightning_modules/generative/guidance.py          # one module, its mapped tests
     python tests/mutation.py --all                                             # every module in MODULES
     python tests/mutation.py MODULE --tests tests/x.py tests/y.py --limit 20   # other tests, first 20 mutants
-    python tests/mutation.py --all --jobs 2                                    # two modules at a time
+    python tests/mutation.py --all --jobs 2 --sample 40                        # 40 mutants a module, 2 at a time
 
 A mutant changes one site of the module's code (not its docstrings or error messages):
 - arithmetic: + <-> -, * <-> /, ** -> *, unary minus dropped;
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,6 +35,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "benchmarks" / "results" / "mutation.json"
+
+# The evaluator's metric tests without the probe's (a module fixture trains a probe for a minute; the metrics do
+# not depend on it). Items after a test file go to pytest as they are.
+EVALUATION_TESTS = ["tests/lightning_modules/test_evaluation.py", "-k", "not probe"]
 
 #: The modules where a silent numeric bug would corrupt a result, and the tests that should catch it.
 MODULES: dict[str, list[str]] = {
@@ -54,9 +59,9 @@ MODULES: dict[str, list[str]] = {
     # the loss functions
     "lightning_modules/tae_losses.py": ["tests/lightning_modules/test_tae_losses.py"],
     # the evaluator's metrics
-    "lightning_modules/evaluation/frechet.py": ["tests/lightning_modules/test_evaluation.py"],
-    "lightning_modules/evaluation/world_measures.py": ["tests/lightning_modules/test_evaluation.py"],
-    "lightning_modules/evaluation/palette.py": ["tests/lightning_modules/test_evaluation.py"],
+    "lightning_modules/evaluation/frechet.py": EVALUATION_TESTS,
+    "lightning_modules/evaluation/world_measures.py": EVALUATION_TESTS,
+    "lightning_modules/evaluation/palette.py": EVALUATION_TESTS,
     # training state that silently changes results
     "lightning_modules/schedules.py": ["tests/lightning_modules/test_schedules.py"],
     "callbacks/ema.py": ["tests/callbacks/test_ema.py"],
@@ -188,14 +193,23 @@ def run_tests(workdir: Path, tests: list[str], timeout: float) -> str:
     return "survived" if done.returncode == 0 else "killed"
 
 
-def mutate_module(module: str, tests: list[str], workdir: Path, limit: int | None, timeout: float) -> dict:
+def evenly(items: list, count: int | None) -> list:
+    """`count` items spread evenly over the list (all of them when count is None or larger): a sample of a
+    module's mutants that covers the whole file, the same on every run."""
+    if count is None or count >= len(items):
+        return items
+    return [items[(i * len(items)) // count] for i in range(count)]
+
+
+def mutate_module(module: str, tests: list[str], workdir: Path, limit: int | None, timeout: float,
+                  sample: int | None = None) -> dict:
     path = workdir / module
     original = path.read_text()
     if run_tests(workdir, tests, timeout) != "survived":
         raise SystemExit(f"mutation: {' '.join(tests)} fail on the unmutated {module}; fix them first")
     results = []
     try:
-        for mutant, source in mutants_of(original)[:limit]:
+        for mutant, source in evenly(mutants_of(original)[:limit], sample):
             start = time.perf_counter()
             path.write_text(source)
             mutant.outcome = run_tests(workdir, tests, timeout)
@@ -210,7 +224,7 @@ def mutate_module(module: str, tests: list[str], workdir: Path, limit: int | Non
     killed = sum(m.outcome in ("killed", "timeout") for m in results)
     equivalent = sum(m.outcome == "equivalent" for m in results)
     non_equivalent = len(results) - equivalent
-    return {"module": module, "tests": tests, "mutants": len(results), "killed": killed, "equivalent": equivalent,
+    return {"module": module, "tests": tests, "sites": len(mutants_of(original)), "mutants": len(results), "killed": killed, "equivalent": equivalent,
             "kill_rate": killed / max(1, len(results)), "kill_rate_non_equivalent": killed / max(1, non_equivalent),
             "survivors": [asdict(m) for m in results if m.outcome == "survived"],
             "equivalent_survivors": [{**asdict(m), "why": EQUIVALENT[(module, m.line, m.description)]}
@@ -224,6 +238,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tests", nargs="+", help="test files (default: the module's entry in MODULES)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many mutants per module")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (a timeout kills)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="at most this many mutants per module, spread evenly over the file")
     parser.add_argument("--jobs", type=int, default=1, help="modules mutated at the same time")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -234,6 +250,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not (args.tests or MODULES.get(module)):
             parser.error(f"{module} has no tests in MODULES: pass --tests")
 
+    lock = threading.Lock()
+
+    def save(report: dict) -> None:
+        # each module's result as soon as it is done (a long --all run that is stopped keeps what it measured)
+        with lock:
+            previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+            old = previous.get(report["module"], {})
+            report["first_run"] = old.get("first_run") or {k: old.get(k, report[k]) for k in ("mutants", "killed", "kill_rate")}
+            previous[report["module"]] = report
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(previous, indent=1))
+
     def one(module: str) -> dict:
         # each module in its own copy of the tracked files, so that modules can run side by side
         with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
@@ -241,7 +269,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             copy_tracked_files(workdir)
             tests = args.tests or MODULES[module]
             print(f"{module}: mutants run {' '.join(tests)}", flush=True)
-            return mutate_module(module, tests, workdir, args.limit, args.timeout)
+            report = mutate_module(module, tests, workdir, args.limit, args.timeout, args.sample)
+        save(report)
+        return report
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads wait on pytest subprocesses
         reports = list(pool.map(one, modules))
@@ -249,13 +279,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in reports:
         print(f"{r['module']:<46} {r['mutants']:>7} {r['killed']:>6} {r['equivalent']:>5} {r['kill_rate']:>9.0%} "
               f"{r['kill_rate_non_equivalent']:>9.0%}")
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-    for r in reports:
-        old = previous.get(r["module"], {})
-        r["first_run"] = old.get("first_run") or {k: old.get(k, r[k]) for k in ("mutants", "killed", "kill_rate")}
-        previous[r["module"]] = r
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(previous, indent=1))
     return reports
 
 
