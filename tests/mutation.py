@@ -4,6 +4,7 @@
     python tests/mutation.py --all                                             # every module in MODULES
     python tests/mutation.py MODULE --tests tests/x.py tests/y.py --limit 20   # other tests, first 20 mutants
     python tests/mutation.py --all --jobs 2 --sample 40                        # 40 mutants a module, 2 at a time
+    python tests/mutation.py MODULE --recheck                                  # rerun its stored survivors only
 
 A mutant changes one site of the module's code (not its docstrings or error messages):
 - arithmetic: + <-> -, * <-> /, ** -> *, unary minus dropped;
@@ -50,7 +51,7 @@ MODULES: dict[str, list[str]] = {
     "lightning_modules/generative/solvers.py": ["tests/lightning_modules/test_generative_solvers.py"],
     # the privacy rules and accounting
     "lightning_modules/privacy/clipping.py": ["tests/privacy/test_update_rules.py"],
-    "lightning_modules/privacy/optimizers.py": ["tests/privacy/test_update_rules.py"],
+    "lightning_modules/privacy/optimizers.py": ["tests/privacy/test_update_rules.py", "tests/privacy/test_distributed.py"],
     "lightning_modules/privacy/accounting.py": ["tests/privacy/test_accounting.py"],
     "lightning_modules/privacy/sampling.py": ["tests/privacy/test_sampling_and_monitor.py"],
     "lightning_modules/privacy/decomposition.py": ["tests/privacy/test_decomposition.py"],
@@ -69,6 +70,11 @@ MODULES: dict[str, list[str]] = {
 
 #: Survivors that change nothing a caller can observe: (module, line, mutation) -> why.
 EQUIVALENT: dict[tuple[str, int, str], str] = {
+    ("lightning_modules/privacy/clipping.py", 25, "1e-12 -> 2e-12"):
+        "_TINY only guards 0/0 for an exactly-zero gradient, whose factor multiplies 0 whatever it is",
+    ("lightning_modules/privacy/clipping.py", 97, "LtE -> Lt"):
+        "of `total_clipped <= 0 or total <= 0` the second: with |B| = 0 and m > 0 the ratio divides by m/0 = inf, "
+        "so the bound is C0 either way (the first is killed: m = 0 gives 0/0)",
     ("lightning_modules/schedules.py", 39, "True -> False"):
         "zip(strict=...) over the param groups and get_lr()'s list, one rate per group: always the same length",
     ("lightning_modules/schedules.py", 65, "LtE -> Lt"):
@@ -201,6 +207,19 @@ def evenly(items: list, count: int | None) -> list:
     return [items[(i * len(items)) // count] for i in range(count)]
 
 
+def run_mutant(module: str, mutant: Mutant, source: str, path: Path, workdir: Path, tests: list[str],
+               timeout: float) -> Mutant:
+    """Plant one mutant in the working copy and run the tests: killed, survived, timeout or equivalent."""
+    start = time.perf_counter()
+    path.write_text(source)
+    mutant.outcome = run_tests(workdir, tests, timeout)
+    mutant.seconds = round(time.perf_counter() - start, 1)
+    if mutant.outcome == "survived" and (module, mutant.line, mutant.description) in EQUIVALENT:
+        mutant.outcome = "equivalent"
+    print(f"  {module}:{mutant.line:<4} {mutant.description:<24} {mutant.outcome} ({mutant.seconds} s)", flush=True)
+    return mutant
+
+
 def mutate_module(module: str, tests: list[str], workdir: Path, limit: int | None, timeout: float,
                   sample: int | None = None) -> dict:
     path = workdir / module
@@ -210,25 +229,42 @@ def mutate_module(module: str, tests: list[str], workdir: Path, limit: int | Non
     results = []
     try:
         for mutant, source in evenly(mutants_of(original)[:limit], sample):
-            start = time.perf_counter()
-            path.write_text(source)
-            mutant.outcome = run_tests(workdir, tests, timeout)
-            mutant.seconds = round(time.perf_counter() - start, 1)
-            if mutant.outcome == "survived" and (module, mutant.line, mutant.description) in EQUIVALENT:
-                mutant.outcome = "equivalent"
-            print(f"  {module}:{mutant.line:<4} {mutant.description:<24} {mutant.outcome} ({mutant.seconds} s)",
-                  flush=True)
-            results.append(mutant)
+            results.append(run_mutant(module, mutant, source, path, workdir, tests, timeout))
     finally:
         path.write_text(original)
-    killed = sum(m.outcome in ("killed", "timeout") for m in results)
+    return report(module, tests, len(mutants_of(original)), results, killed=0)
+
+
+def report(module: str, tests: list[str], sites: int, results: list[Mutant], killed: int, mutants: int | None = None) -> dict:
+    """A module's figures: `results` are the mutants run now; `killed` more were killed before (a recheck), out
+    of `mutants` in all."""
+    killed += sum(m.outcome in ("killed", "timeout") for m in results)
+    mutants = len(results) if mutants is None else mutants
     equivalent = sum(m.outcome == "equivalent" for m in results)
-    non_equivalent = len(results) - equivalent
-    return {"module": module, "tests": tests, "sites": len(mutants_of(original)), "mutants": len(results), "killed": killed, "equivalent": equivalent,
-            "kill_rate": killed / max(1, len(results)), "kill_rate_non_equivalent": killed / max(1, non_equivalent),
+    return {"module": module, "tests": tests, "sites": sites, "mutants": mutants, "killed": killed,
+            "equivalent": equivalent, "kill_rate": killed / max(1, mutants),
+            "kill_rate_non_equivalent": killed / max(1, mutants - equivalent),
             "survivors": [asdict(m) for m in results if m.outcome == "survived"],
             "equivalent_survivors": [{**asdict(m), "why": EQUIVALENT[(module, m.line, m.description)]}
                                      for m in results if m.outcome == "equivalent"]}
+
+
+def recheck_module(module: str, tests: list[str], workdir: Path, previous: dict, timeout: float) -> dict:
+    """Rerun only the survivors of `previous` (after new tests or EQUIVALENT entries); the mutants it killed stay
+    killed. The module's source must be unchanged since (mutant indices are positions in it)."""
+    path = workdir / module
+    original = path.read_text()
+    planted = mutants_of(original)
+    results = []
+    try:
+        for old in previous["survivors"] + previous["equivalent_survivors"]:
+            mutant, source = planted[old["index"]] if old["index"] < len(planted) else (None, "")
+            if mutant is None or (mutant.line, mutant.description) != (old["line"], old["description"]):
+                raise SystemExit(f"mutation: {module} changed since its run; run it whole again")
+            results.append(run_mutant(module, mutant, source, path, workdir, tests, timeout))
+    finally:
+        path.write_text(original)
+    return report(module, tests, len(planted), results, killed=previous["killed"], mutants=previous["mutants"])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -240,6 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (a timeout kills)")
     parser.add_argument("--sample", type=int, default=None,
                         help="at most this many mutants per module, spread evenly over the file")
+    parser.add_argument("--recheck", action="store_true",
+                        help="rerun only the survivors stored in --output (after adding tests or EQUIVALENT entries)")
     parser.add_argument("--jobs", type=int, default=1, help="modules mutated at the same time")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -252,13 +290,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     lock = threading.Lock()
 
-    def save(report: dict) -> None:
+    def save(result: dict) -> None:
         # each module's result as soon as it is done (a long --all run that is stopped keeps what it measured)
         with lock:
             previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-            old = previous.get(report["module"], {})
-            report["first_run"] = old.get("first_run") or {k: old.get(k, report[k]) for k in ("mutants", "killed", "kill_rate")}
-            previous[report["module"]] = report
+            old = previous.get(result["module"], {})
+            result["first_run"] = old.get("first_run") or {k: old.get(k, result[k]) for k in ("mutants", "killed", "kill_rate")}
+            previous[result["module"]] = result
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(previous, indent=1))
 
@@ -269,9 +307,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             copy_tracked_files(workdir)
             tests = args.tests or MODULES[module]
             print(f"{module}: mutants run {' '.join(tests)}", flush=True)
-            report = mutate_module(module, tests, workdir, args.limit, args.timeout, args.sample)
-        save(report)
-        return report
+            if args.recheck:
+                stored = json.loads(args.output.read_text()).get(module) if args.output.exists() else None
+                if stored is None:
+                    raise SystemExit(f"mutation: --recheck: {args.output} has no run of {module}")
+                result = recheck_module(module, tests, workdir, stored, args.timeout)
+            else:
+                result = mutate_module(module, tests, workdir, args.limit, args.timeout, args.sample)
+        save(result)
+        return result
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads wait on pytest subprocesses
         reports = list(pool.map(one, modules))

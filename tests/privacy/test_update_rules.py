@@ -255,3 +255,67 @@ def test_dpsgd_f_noise_uses_the_largest_bound_when_examples_are_clipped():
     assert torch.allclose(optimizer.bounds, bounds)
     assert bounds.max() > 1.5 * C0 and bounds.min() == C0  # the case tells the two noise formulas apart
     assert model.weight.grad.std().item() == pytest.approx(sigma * float(bounds.max()) / n, rel=0.03)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"max_grad_norm": 0.0}, "dp.max_grad_norm must be positive"),
+                                            ({"max_grad_norm": -1.0}, "dp.max_grad_norm must be positive"),
+                                            ({"noise_multiplier": -0.1}, "dp.noise_multiplier must be >= 0")])
+def test_a_bound_of_zero_or_negative_noise_is_refused(kwargs, message):
+    settings = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": 4.0} | kwargs
+    with pytest.raises(ValueError, match=message):
+        PrivateOptimizer(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), **settings)
+    PrivateOptimizer(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1e-3,
+                     expected_batch_size=4.0)  # the edges that are allowed: no noise, a tiny bound
+
+
+def test_a_norm_exactly_at_the_bound_is_not_clipped():
+    """'Clipped' means ||g_i|| > bound (strictly): C0 for DP-SGD, Z for DPSGD-Global."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # norms exactly C0 = 1 and exactly Z = 3
+    _, opt = _step(PrivateOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0)
+    assert opt.last.clipped.tolist() == [False, True]
+    _, opt = _step(DPSGDGlobalOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z=3.0)
+    assert opt.last.clipped.tolist() == [False, False]
+
+
+def test_a_batch_of_one_is_clipped_like_any_other():
+    w, opt = _step(PrivateOptimizer, torch.tensor([[0.0, 4.0]]), noise_multiplier=0.0, expected_batch_size=2.0)
+    assert torch.allclose(w, -torch.tensor([0.0, 1.0]) / 2) and opt.last.clipped.tolist() == [True]
+
+
+def test_bounds_equal_to_c0_and_one_group_are_allowed():
+    x = _examples()
+    w_global, _ = _step(DPSGDGlobalOptimizer, x, noise_multiplier=0.0, expected_batch_size=4.0, z=C0)
+    assert torch.allclose(w_global, -torch.tensor([0.5, 0.0, 0.0]) / 4)  # Z = C0: the two above Z are dropped
+    _, opt = _step(DPSGDGlobalAdaptOptimizer, x, noise_multiplier=0.0, expected_batch_size=4.0, z0=C0)
+    assert opt.z >= C0
+    _step(DPSGDFOptimizer, x, torch.zeros(3, dtype=torch.long), noise_multiplier=0.0, expected_batch_size=4.0,
+          num_groups=1, count_noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="count"):
+        _step(DPSGDFOptimizer, x, torch.zeros(3, dtype=torch.long), noise_multiplier=0.0, expected_batch_size=4.0,
+              num_groups=2, count_noise_multiplier=0.0)
+    with pytest.raises(ValueError):
+        _step(DPSGDGlobalOptimizer, x, noise_multiplier=0.0, expected_batch_size=4.0, z=0.5 * C0)
+
+
+@pytest.mark.parametrize("groups", [[-1, 0], [0, 2]])
+def test_group_labels_outside_the_range_are_refused(groups):
+    with pytest.raises(ValueError, match="group labels must be in"):
+        clipping.group_clip_counts(torch.ones(2), torch.tensor(groups), C0, num_groups=2)
+
+
+def test_dpsgd_f_bounds_with_a_single_clipped_example():
+    # r = (1/1, 0/2), one clipped example in |B| = 3: C = C0 (1 + r / (1/3))
+    bounds = clipping.dpsgd_f_bounds(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), 2.0, batch_size=3)
+    assert bounds.tolist() == pytest.approx([2.0 * 4, 2.0])
+    # |B| = 1, its one example clipped: r = (1, 1 for the empty group), C = C0 (1 + 1 / 1)
+    bounds = clipping.dpsgd_f_bounds(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), 2.0, batch_size=1)
+    assert bounds.tolist() == pytest.approx([4.0, 4.0])
+
+
+def test_defaults_are_the_papers_hyperparameters():
+    """../reference dp_fairness.md: Global-Adapt Z0 50, gamma 0.7, sigma_2 10 (MNIST); DPSGD-F sigma_c 8 (script)."""
+    import inspect
+
+    adapt = inspect.signature(DPSGDGlobalAdaptOptimizer.__init__).parameters
+    assert (adapt["z0"].default, adapt["z_threshold"].default, adapt["count_noise_multiplier"].default) == (50.0, 0.7, 10.0)
+    assert inspect.signature(DPSGDFOptimizer.__init__).parameters["count_noise_multiplier"].default == 8.0
