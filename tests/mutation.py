@@ -72,6 +72,10 @@ MODULES: dict[str, list[str]] = {
 EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("lightning_modules/privacy/clipping.py", 25, "1e-12 -> 2e-12"):
         "_TINY only guards 0/0 for an exactly-zero gradient, whose factor multiplies 0 whatever it is",
+    ("lightning_modules/privacy/optimizers.py", 144, "Gt -> GtE"):
+        "std >= 0 also draws N(0, 0) = 0 when there is no noise: the same gradient",
+    ("lightning_modules/privacy/optimizers.py", 145, "Add -> Sub"):
+        "g - N(0, s^2) has the law of g + N(0, s^2): the noise is symmetric",
     ("lightning_modules/privacy/clipping.py", 97, "LtE -> Lt"):
         "of `total_clipped <= 0 or total <= 0` the second: with |B| = 0 and m > 0 the ratio divides by m/0 = inf, "
         "so the bound is C0 either way (the first is killed: m = 0 gives 0/0)",

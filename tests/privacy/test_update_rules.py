@@ -275,6 +275,22 @@ def test_a_norm_exactly_at_the_bound_is_not_clipped():
     assert opt.last.clipped.tolist() == [False, True]
     _, opt = _step(DPSGDGlobalOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z=3.0)
     assert opt.last.clipped.tolist() == [False, False]
+    _, opt = _step(DPSGDGlobalAdaptOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z0=3.0,
+                   count_noise_multiplier=1.0)
+    assert opt.last.clipped.tolist() == [False, False]
+
+
+def test_an_empty_poisson_batch_releases_the_noise_alone():
+    model = nn.Linear(300, 100, bias=False)
+    hooks = GradSampleHooks(model, loss_reduction="sum")
+    optimizer = PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0, max_grad_norm=C0,
+                                 expected_batch_size=4.0, generator=torch.Generator().manual_seed(0))
+    optimizer.zero_grad()
+    model(torch.zeros(0, 300)).sum().backward()
+    optimizer.step()
+    hooks.cleanup()
+    assert optimizer.last.norms.numel() == 0
+    assert model.weight.grad.std().item() == pytest.approx(2.0 * C0 / 4.0, rel=0.03)
 
 
 def test_a_batch_of_one_is_clipped_like_any_other():
