@@ -210,3 +210,12 @@ def test_budget_search_at_its_edges():
     assert max_steps_within_budget(ledger, [1.0], 1e6, limit=4) == 4  # the cap itself is reachable
     with pytest.raises(ValueError, match="target_epsilon must be positive"):
         calibrate_noise_multiplier(0.0, 1e-5, 0.05, 10)
+
+
+def test_a_ledger_counts_steps_and_starts_at_zero():
+    ledger = PrivacyLedger(sample_rate=0.05, delta=1e-5)
+    assert ledger.epsilon() == 0.0 and compute_epsilon({1.0: 0}, 0.05, 1e-5) == 0.0
+    ledger.record([1.0, 10.0])  # one step releasing two mechanisms
+    ledger.record([1.0, 10.0])
+    assert ledger.num_steps == 2 and ledger.steps == {1.0: 2, 10.0: 2}
+    assert ledger.epsilon() == compute_epsilon({1.0: 2, 10.0: 2}, 0.05, 1e-5)
