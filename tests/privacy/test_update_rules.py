@@ -342,3 +342,10 @@ def test_global_adapt_counts_norms_strictly_above_gamma_z():
     _, opt = _step(DPSGDGlobalAdaptOptimizer, x, noise_multiplier=0.0, expected_batch_size=2.0, z0=2.0,
                    z_threshold=0.5, z_lr=0.1, count_noise_multiplier=1e-9)
     assert opt.last_fraction_above_threshold == pytest.approx(0.5, abs=1e-6)
+
+
+def test_global_adapt_on_a_batch_of_one():
+    _, opt = _step(DPSGDGlobalAdaptOptimizer, torch.tensor([[0.0, 3.0]]), noise_multiplier=0.0, expected_batch_size=2.0,
+                   z0=2.0, z_threshold=0.5, z_lr=0.1, count_noise_multiplier=1e-9)
+    assert opt.last_fraction_above_threshold == pytest.approx(1.0)
+    assert opt.z == pytest.approx(2.0 * math.exp(-0.1 + 1.0), rel=1e-6)  # b~ / |B| with the actual |B| = 1
