@@ -176,8 +176,10 @@ def max_steps_within_budget(
     lo, hi = 1, 2
     while hi < limit and ledger.epsilon(hi, per_step) <= target_epsilon:
         lo, hi = hi, 2 * hi
-    if hi >= limit:
-        return limit
+    if hi >= limit:  # the doubling reached the cap: it is the answer only if it is affordable itself
+        if ledger.epsilon(limit, per_step) <= target_epsilon:
+            return limit
+        hi = limit
     while hi - lo > 1:  # eps(lo) <= target < eps(hi)
         mid = (lo + hi) // 2
         if ledger.epsilon(mid, per_step) <= target_epsilon:

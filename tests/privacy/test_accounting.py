@@ -205,9 +205,25 @@ def test_pld_accountant_is_tight_and_agrees_with_prv():
 def test_budget_search_at_its_edges():
     ledger = PrivacyLedger(sample_rate=0.05, delta=1e-5)
     one_step = ledger.epsilon(1, [1.0])
-    assert max_steps_within_budget(ledger, [1.0], one_step) >= 1  # spending exactly the target is allowed
+    assert max_steps_within_budget(ledger, [1.0], one_step) == 1  # spending exactly the target is allowed
     assert max_steps_within_budget(ledger, [1.0], 0.99 * one_step) == 0
     assert max_steps_within_budget(ledger, [1.0], 1e6, limit=4) == 4  # the cap itself is reachable
+    three = ledger.epsilon(3, [1.0])
+    assert max_steps_within_budget(ledger, [1.0], three, limit=4) == 3  # a cap that is not affordable is not returned
+    assert max_steps_within_budget(ledger, [1.0], three, limit=3) == 3
+    with pytest.raises(ValueError, match="must be positive"):
+        joint_noise_multiplier(1.0, 0.0)
+    for delta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="dp.delta"):
+            PrivacyLedger(sample_rate=0.05, delta=delta)
+
+
+def test_calibration_below_one_is_the_smallest_sigma_to_rel_tol():
+    """A loose target needs sigma < 1: the search must start its bracket at 0, and stop within rel_tol."""
+    q, steps, delta, target = 0.05, 10, 1e-5, 30.0
+    sigma = calibrate_noise_multiplier(target, delta, q, steps)
+    assert sigma < 1
+    assert compute_epsilon({sigma: steps}, q, delta) <= target < compute_epsilon({sigma * (1 - 1e-3): steps}, q, delta)
     with pytest.raises(ValueError, match="target_epsilon must be positive"):
         calibrate_noise_multiplier(0.0, 1e-5, 0.05, 10)
 

@@ -100,3 +100,30 @@ def test_noise_term_predicts_the_mean_loss_change_from_gaussian_noise():
         xi = torch.randn(len(flatten(params)), generator=gen, dtype=torch.float64) * s * lr
         diffs.append((_loss_at(model, params, xi, xk, yk) + _loss_at(model, params, -xi, xk, yk)) / 2 - base)
     assert terms["R_noise"] == pytest.approx(sum(diffs) / len(diffs), rel=0.1)
+
+
+def test_terms_are_exact_on_a_quadratic_loss():
+    """L(w) = w'Aw/2 + b'w: second order is exact, so each term equals the loss difference it names
+    (R_dir = L(w - eta gbar) - L(w - eta rho g), R_mag = L(w - eta rho g) - L(w - eta g)) and R_noise =
+    E L(w - eta (gbar + xi)) - L(w - eta gbar) = eta^2/2 s^2 Tr(A), in float64."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    a, b = m @ m.T + torch.eye(6, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    w = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
+
+    def loss(params):
+        return params["w"] @ a @ params["w"] / 2 + b @ params["w"]
+
+    def at(v):
+        return float(loss({"w": w["w"] - v}))
+
+    g, lr, s = torch.randn(6, generator=gen, dtype=torch.float64), 0.3, 0.2
+    gbar = 0.4 * g + 0.2 * torch.randn(6, generator=gen, dtype=torch.float64)  # a turned and shortened update
+    rho = float(gbar.norm() / g.norm())
+    terms = excess_risk_terms(gradient(loss, w), g, gbar, HessianOperator(loss, w), lr, s, trace=float(a.trace()))
+    assert terms["R_dir"] == pytest.approx(at(lr * gbar) - at(lr * rho * g), rel=1e-10)
+    assert terms["R_mag"] == pytest.approx(at(lr * rho * g) - at(lr * g), rel=1e-10)
+    assert terms["R_noise"] == pytest.approx(lr**2 / 2 * s**2 * float(a.trace()), rel=1e-12)
+    # one Hutchinson probe is allowed: v'Av for the Rademacher v its generator draws
+    v = torch.randint(0, 2, (6,), generator=torch.Generator().manual_seed(1)).to(torch.float64) * 2 - 1
+    assert HessianOperator(loss, w).trace(1, torch.Generator().manual_seed(1)) == pytest.approx(float(v @ a @ v))
