@@ -46,9 +46,12 @@ MODULES: dict[str, list[str]] = {
     # the generative maths
     "lightning_modules/generative/guidance.py": ["tests/lightning_modules/test_generative.py"],
     "lightning_modules/generative/multidiffusion.py": ["tests/lightning_modules/test_generative.py"],
-    "lightning_modules/generative/timesteps.py": ["tests/lightning_modules/test_generative_schedules.py"],
-    "lightning_modules/generative/paths.py": ["tests/lightning_modules/test_generative_paths.py"],
-    "lightning_modules/generative/solvers.py": ["tests/lightning_modules/test_generative_solvers.py"],
+    "lightning_modules/generative/timesteps.py": ["tests/lightning_modules/test_generative_schedules.py",
+                                                  "tests/lightning_modules/test_generative.py"],
+    "lightning_modules/generative/paths.py": ["tests/lightning_modules/test_generative_paths.py",
+                                              "tests/lightning_modules/test_generative.py"],
+    "lightning_modules/generative/solvers.py": ["tests/lightning_modules/test_generative_solvers.py",
+                                                "tests/lightning_modules/test_generative.py"],
     # the privacy rules and accounting
     "lightning_modules/privacy/clipping.py": ["tests/privacy/test_update_rules.py"],
     "lightning_modules/privacy/optimizers.py": ["tests/privacy/test_update_rules.py", "tests/privacy/test_distributed.py"],
