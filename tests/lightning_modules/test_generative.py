@@ -170,6 +170,18 @@ def test_window_spans_and_weights() -> None:
         multidiffusion.window_spans(10, 4, 4)
 
 
+def test_window_edges_and_the_default_floor() -> None:
+    assert multidiffusion.window_spans(4, 4, 0) == [(0, 4)]  # exactly one window long: one span
+    assert multidiffusion.window_spans(5, 1, 0) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]  # a window of 1 works
+    assert multidiffusion.window_spans(6, 2, 1)[:2] == [(0, 2), (1, 3)]  # overlap 0 < 1 < 2 is allowed
+    for window, overlap in [(0, 0), (4, -1), (4, 4), (4, 5)]:
+        with pytest.raises(ValueError, match="need window >= 1"):
+            multidiffusion.window_spans(10, window, overlap)
+    # the default eps keeps the end frames' weight just above 0 (so a frame covered by one window is defined)
+    assert torch.allclose(multidiffusion.window_weights(3, "triangular"), torch.tensor([1e-3, 1.0 + 1e-3, 1e-3]))
+    assert torch.equal(multidiffusion.window_weights(1, "triangular"), torch.ones(1))
+
+
 def test_fuse_windows_averages_overlaps_by_hand() -> None:
     x = torch.arange(6.0).view(1, 1, 6)
     # each window returns its own index (0, 1, 2) everywhere: windows [0,3), [2,5), [3,6)
@@ -183,3 +195,22 @@ def test_fuse_windows_averages_overlaps_by_hand() -> None:
     for weighting in ("uniform", "triangular"):
         y = multidiffusion.fuse_windows(lambda piece, span: piece**2, x, 3, 1, dim=2, weighting=weighting)
         assert torch.allclose(y, x**2)
+
+
+def test_defaults_are_the_papers_constants() -> None:
+    """Movie Gen: sigma_min 1e-5, 50 solver steps emulating 1000, logit-normal(0, 1) training times; latent
+    diffusion's scaled-linear betas 0.00085 .. 0.012 over 1000 steps (reference notes)."""
+    import inspect
+
+    from lightning_modules.generative import paths
+
+    def defaults(fn) -> dict:
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect._empty}
+
+    assert paths.FlowMatchingPath().sigma_min == 1e-5
+    paper = {"schedule": "scaled_linear", "num_train_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    assert paper.items() <= defaults(paths.VPPath.__init__).items() and paper.items() <= defaults(paths.vp_betas).items()
+    assert defaults(timesteps.linear_quadratic_schedule) == {"num_steps": 50, "emulated_steps": 1000}
+    assert {"mean": 0.0, "std": 1.0}.items() <= defaults(timesteps.logit_normal).items()
+    # a scalar time is broadcast to the batch
+    assert torch.equal(paths.expand_time(0.5, torch.zeros(3, 2, 4)), torch.full((3, 1, 1), 0.5))

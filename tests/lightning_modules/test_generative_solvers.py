@@ -221,3 +221,9 @@ def test_peer_euler_and_midpoint_against_flow_matching_ode_solver() -> None:
             theirs = ODESolver(velocity_model=lambda x, t: velocity(x, t)).sample(
                 x_init=z, step_size=None, method=method, time_grid=grid, return_intermediates=False)
             assert (ours(velocity, z, grid) - theirs).abs().max().item() <= 1e-6, method
+
+
+@pytest.mark.parametrize("grid", [torch.tensor([0.0]), torch.tensor([[0.0, 1.0]])])
+def test_a_grid_that_is_not_s_plus_one_times_is_refused(grid: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="1-D tensor of S \\+ 1 >= 2 times"):
+        solvers.solve("euler", lambda x, t: torch.zeros_like(x), torch.zeros(1, 2), grid)
