@@ -171,3 +171,95 @@ def test_loss_runs_in_float32_under_bf16_autocast() -> None:
     assert terms["perceptual"].item() == pytest.approx(exact["perceptual"].item(), rel=1e-5)
     total.backward()
     assert net.encoder.conv_in.spatial.weight.grad is not None
+
+
+def _ssim_by_loops(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float, data_range: float) -> float:
+    """SSIM of [1, 1, H, W] images with explicit loops: 2-D Gaussian weights exp(-(dy² + dx²) / 2σ²) normalised,
+    reflect padding, local means / variances / covariance, the SSIM formula, then the mean."""
+    r = window // 2
+    w = torch.tensor([[math.exp(-(dy * dy + dx * dx) / (2 * sigma**2)) for dx in range(-r, r + 1)]
+                      for dy in range(-r, r + 1)], dtype=torch.float64)
+    w /= w.sum()
+    pa = torch.nn.functional.pad(a.double(), [r] * 4, mode="reflect")[0, 0]
+    pb = torch.nn.functional.pad(b.double(), [r] * 4, mode="reflect")[0, 0]
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for y in range(a.shape[-2]):
+        for x in range(a.shape[-1]):
+            pa_, pb_ = pa[y : y + window, x : x + window], pb[y : y + window, x : x + window]
+            ma, mb = (w * pa_).sum(), (w * pb_).sum()
+            va, vb = (w * pa_ * pa_).sum() - ma**2, (w * pb_ * pb_).sum() - mb**2
+            cov = (w * pa_ * pb_).sum() - ma * mb
+            values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(torch.stack(values).mean())
+
+
+def test_ssim_matches_an_explicit_computation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 9, 10, generator=gen) * 2 - 1
+    b = (a + 0.3 * torch.randn(1, 1, 9, 10, generator=gen)).clamp(-1, 1)
+    for window, sigma in [(7, 1.5), (5, 1.0)]:
+        assert float(ssim(a, b, window=window, sigma=sigma)) == pytest.approx(
+            _ssim_by_loops(a, b, window, sigma, 2.0), rel=1e-4)
+
+
+def test_structure_loss_by_its_parts() -> None:
+    """The temporal term (T > 1) plus, per scale (16x16, then pooled to 8x8), the gradient term and 1 − SSIM;
+    the scales stop at the count, or before a frame that is no larger than the window."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 2, 16, 16, generator=gen) * 2 - 1
+    x_hat = x + 0.2 * torch.randn(x.shape, generator=gen)
+    a, b = x_hat.permute(0, 2, 1, 3, 4).reshape(2, 3, 16, 16), x.permute(0, 2, 1, 3, 4).reshape(2, 3, 16, 16)
+
+    def scale_term(p: torch.Tensor, q: torch.Tensor, window: int = 3) -> torch.Tensor:
+        grad = (p.diff(dim=-1) - q.diff(dim=-1)).abs().mean() + (p.diff(dim=-2) - q.diff(dim=-2)).abs().mean()
+        return grad + 1 - ssim(p, q, window=window)
+
+    temporal = (x_hat.diff(dim=2) - x.diff(dim=2)).abs().mean()
+    pooled = torch.nn.functional.avg_pool2d(a, 2), torch.nn.functional.avg_pool2d(b, 2)
+    expected = temporal + scale_term(a, b) + scale_term(*pooled)
+    assert float(StructureLoss(scales=2, window=3)(x_hat, x)) == pytest.approx(float(expected), rel=1e-5)
+    # a frame no larger than the window ends the scales: 16 -> 8 -> 4 with window 4 stops before the 4x4 scale
+    expected_w4 = temporal + scale_term(a, b, 4) + scale_term(*pooled, 4)
+    assert float(StructureLoss(scales=3, window=4)(x_hat, x)) == pytest.approx(float(expected_w4), rel=1e-5)
+
+
+def test_outlier_stats_by_hand() -> None:
+    """One frame of 4 positions with values (0, 0, 0, 4) in one channel: mean 1, std sqrt(3), distances 1, 1, 1, 3:
+    ratios 1/sqrt(3) x 3 and 3/sqrt(3) = sqrt(3). Above r = 1: 1 of 4; at r = sqrt(3) exactly: none (strict)."""
+    z = torch.tensor([0.0, 0.0, 0.0, 4.0]).view(1, 1, 1, 2, 2)
+    fraction, worst = outlier_stats(z, r=1.0)
+    assert float(fraction) == pytest.approx(0.25) and float(worst) == pytest.approx(math.sqrt(3))
+    assert float(outlier_stats(z, r=float(worst))[0]) == 0.0
+
+
+def test_random_features_are_he_initialised() -> None:
+    loss = RandomFeatureLoss(widths=(64, 64), seed=0)
+    for i, cin in enumerate((3, 64)):
+        assert float(getattr(loss, f"weight{i}").std()) == pytest.approx(math.sqrt(2.0 / (9 * cin)), rel=0.05)
+
+
+def test_discriminator_is_the_pix2pix_patchgan_by_default() -> None:
+    """64 -> 128 -> 256 channels (4x4, stride 2) and a 4x4 stride-1 conv to one logit: a 64x64 frame gives
+    64 -> 32 -> 16 -> 8 -> 7 patches; the parameters counted by hand (GroupNorm: 2 per channel)."""
+    loss = TAELoss(disc_weight=0.1)
+    d = loss.discriminator
+    assert d(torch.zeros(1, 3, 2, 64, 64)).shape == (2, 1, 7, 7)
+    conv = lambda cin, cout: cin * cout * 16 + cout  # noqa: E731
+    expected = conv(3, 64) + conv(64, 128) + 2 * 128 + conv(128, 256) + 2 * 256 + conv(256, 1)
+    assert sum(p.numel() for p in d.parameters()) == expected
+    assert TAELoss().kl_weight == 1e-6  # the LDM VAE's KL weight
+    deep = TAELoss(disc_weight=0.1, disc_layers=5).discriminator  # widths capped at 8x: 64, 128, 256, 512, 512
+    assert [m.out_channels for m in deep.net if isinstance(m, torch.nn.Conv2d)] == [64, 128, 256, 512, 512, 1]
+    assert (StructureLoss().scales, StructureLoss().window) == (3, 7)
+
+
+def test_adaptive_weight_by_hand() -> None:
+    """lambda = |grad_W nll| / (|grad_W g_adv| + 1e-4), clamped to [0, 1e4]."""
+    loss = TAELoss(disc_weight=0.1)
+    w = torch.tensor([3.0, 4.0], requires_grad=True)
+    nll = (w * torch.tensor([0.3, 0.4])).sum()  # grad (0.3, 0.4): norm 0.5
+    assert float(loss.adaptive_weight(nll, (w * torch.tensor([0.0, 2.0])).sum(), w)) == pytest.approx(0.5 / (2 + 1e-4))
+    assert float(loss.adaptive_weight(nll, (w * 0.0).sum(), w)) == pytest.approx(0.5 / 1e-4)  # the guard
+    big = (w * torch.tensor([30.0, 40.0])).sum()  # norm 50: 50 / 1e-4 = 5e5 -> clamped
+    assert float(loss.adaptive_weight(big, (w * 0.0).sum(), w)) == 1e4
