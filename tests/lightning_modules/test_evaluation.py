@@ -300,3 +300,26 @@ def test_probe_scores_real_held_out_clips_full(world: Path, size: int) -> None:
     scores = probe_scores(evaluator, trainer, held_out(world, size))
     for a in ATTRIBUTES:
         assert scores[f"alignment_real_{a}"] >= 0.95, (a, scores)
+
+
+def test_frechet_edges_and_which_entries_are_computed() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    assert frechet_distance(x[:2], x[2:4]) >= 0  # two vectors a set is enough
+    for real, fake in [(x[:1], x), (x, x[:1])]:
+        with pytest.raises(ValueError, match="2 or more vectors per set"):
+            frechet_distance(real, fake)
+    only_samples = FrechetWithFloor(3)
+    only_samples.add_samples(x[:4])
+    only_samples.add_real(x[4:8])
+    assert set(only_samples.compute()) == {"fd", "fd_samples"}  # no reference: no floor
+    only_floor = FrechetWithFloor(3)
+    only_floor.add_real(x[:4])
+    only_floor.add_reference(x[4:12])
+    out = only_floor.compute()
+    assert set(out) == {"fd_real_floor"} and out["fd_real_floor"] == pytest.approx(frechet_distance(x[:4], x[4:6]))
+    one_sample = FrechetWithFloor(3)
+    one_sample.add_samples(x[:1])
+    one_sample.add_real(x[1:5])
+    one_sample.add_reference(x[5:9])
+    assert set(one_sample.compute()) == {"fd_real_floor"}  # one sample: no fd; the floor uses n = 2 references
