@@ -102,6 +102,8 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "rand() < q vs <= q differ only when a uniform float equals q exactly",
     ("lightning_modules/privacy/decomposition.py", 34, "1e-12 -> 2e-12"):
         "_EPS only guards a zero norm in a denominator (rho, cosine), whose numerator is then 0 too",
+    ("lightning_modules/generative/multidiffusion.py", 26, "LtE -> Lt"):
+        "length == window: range(0, 1, stride) gives the one span (0, window) = (0, length) anyway",
     ("lightning_modules/privacy/clipping.py", 97, "LtE -> Lt"):
         "of `total_clipped <= 0 or total <= 0` the second: with |B| = 0 and m > 0 the ratio divides by m/0 = inf, "
         "so the bound is C0 either way (the first is killed: m = 0 gives 0/0)",

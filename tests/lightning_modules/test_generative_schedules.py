@@ -122,3 +122,18 @@ def test_guided_batches_the_passes_pass_major() -> None:
     assert torch.allclose(guidance.guided(pass_major, [3.0])(x, t), x + 3.0 * (2 * x - x))
     with pytest.raises(ValueError, match="expected 2 x 2"):
         guidance.guided(lambda xr, tr: xr[:2], [3.0])(x, t)
+
+
+def test_schedule_edges() -> None:
+    # two steps: one linear step of tau = 1/1000, then the quadratic one to 1
+    assert timesteps.linear_quadratic_schedule(2, 1000).tolist() == pytest.approx([0.0, 0.001, 1.0])
+    with pytest.raises(ValueError, match="emulated_steps=2 must exceed"):
+        timesteps.linear_quadratic_schedule(4, 2)  # tau = 2 / 2 = 1: no room for the quadratic part
+    assert timesteps.vp_steps("trailing", 1, 10).tolist() == [9]  # one step, and as many steps as training had
+    assert timesteps.vp_steps("leading", 10, 10).tolist() == list(range(9, -1, -1))
+    with pytest.raises(ValueError, match="need 1 <= num_steps <= train_steps"):
+        timesteps.vp_steps("leading", 11, 10)
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(timesteps.schedule).parameters.items()}
+    assert (defaults["emulated_steps"], defaults["shift"], defaults["train_steps"]) == (1000, 1.0, 1000)
