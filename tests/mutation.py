@@ -87,6 +87,8 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("lightning_modules/privacy/accounting.py", 161, "Gt -> GtE"):
         "the bisection takes one more step when the bracket is exactly rel_tol wide: the result is within rel_tol "
         "of the smallest sigma either way",
+    ("lightning_modules/privacy/sampling.py", 41, "0 -> 1"):
+        "PoissonBatchSampler's default seed: callers pass the run's seed; any default is as valid",
     ("lightning_modules/privacy/sampling.py", 45, "False -> True"):
         "DistributedSampler's own shuffle is never used: PoissonBatchSampler replaces __iter__",
     ("lightning_modules/privacy/sampling.py", 62, "Pow -> Mult"):

@@ -231,6 +231,12 @@ def test_outlier_stats_by_hand() -> None:
     fraction, worst = outlier_stats(z, r=1.0)
     assert float(fraction) == pytest.approx(0.25) and float(worst) == pytest.approx(math.sqrt(3))
     assert float(outlier_stats(z, r=float(worst))[0]) == 0.0
+    # statistics per frame: a constant second frame (distances 0) has no outlier, so the fraction halves
+    two = torch.cat([z, torch.full_like(z, 1.0)], dim=2)
+    assert float(outlier_stats(two, r=1.0)[0]) == pytest.approx(0.125)
+    from lightning_modules.tae_losses import PatchDiscriminator
+
+    assert PatchDiscriminator().net[0].out_channels == 64
 
 
 def test_random_features_are_he_initialised() -> None:

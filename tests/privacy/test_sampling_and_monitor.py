@@ -122,7 +122,7 @@ def test_reference_from_an_mlflow_run(tmp_path):
 def test_sizes_at_the_edges():
     from lightning_modules.privacy.sampling import is_poisson_loader, steps_per_epoch
 
-    assert steps_per_epoch(100, 30.0) == 3 and steps_per_epoch(10, 100.0) == 1
+    assert steps_per_epoch(100, 30.0) == 3 and steps_per_epoch(10, 100.0) == 1 and steps_per_epoch(1, 0.5) == 2
     for n, b in [(100, 0.0), (0, 5.0), (100, -1.0)]:
         with pytest.raises(ValueError, match="must be positive"):
             steps_per_epoch(n, b)
