@@ -106,6 +106,12 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "_EPS only guards a zero norm in a denominator (rho, cosine), whose numerator is then 0 too",
     ("lightning_modules/generative/multidiffusion.py", 26, "LtE -> Lt"):
         "length == window: range(0, 1, stride) gives the one span (0, window) = (0, length) anyway",
+    ("lightning_modules/generative/timesteps.py", 84, "Lt -> LtE"):
+        "of `0.0 < tau < 1.0` the first: tau = (S // 2) / N > 0 whenever S >= 2, the only case that reaches it",
+    ("lightning_modules/tae_losses.py", 122, "drop USub"):
+        "frames are [N, C, H, W]: shape[2:] is shape[-2:]",
+    ("lightning_modules/tae_losses.py", 124, "drop USub"):
+        "frames are [N, C, H, W]: diff along dim 2 is diff along dim -2 (the dim=-1 ones are killed)",
     ("lightning_modules/privacy/clipping.py", 97, "LtE -> Lt"):
         "of `total_clipped <= 0 or total <= 0` the second: with |B| = 0 and m > 0 the ratio divides by m/0 = inf, "
         "so the bound is C0 either way (the first is killed: m = 0 gives 0/0)",

@@ -137,3 +137,5 @@ def test_schedule_edges() -> None:
 
     defaults = {k: p.default for k, p in inspect.signature(timesteps.schedule).parameters.items()}
     assert (defaults["emulated_steps"], defaults["shift"], defaults["train_steps"]) == (1000, 1.0, 1000)
+    for fn in (timesteps.vp_schedule, timesteps.vp_steps):  # DDPM's 1000 training steps
+        assert inspect.signature(fn).parameters["train_steps"].default == 1000

@@ -242,7 +242,9 @@ def test_outlier_stats_by_hand() -> None:
 def test_random_features_are_he_initialised() -> None:
     loss = RandomFeatureLoss(widths=(64, 64), seed=0)
     for i, cin in enumerate((3, 64)):
-        assert float(getattr(loss, f"weight{i}").std()) == pytest.approx(math.sqrt(2.0 / (9 * cin)), rel=0.05)
+        weight = getattr(loss, f"weight{i}")
+        assert weight.shape[1:] == (cin, 3, 3)  # 3x3 convs
+        assert float(weight.std()) == pytest.approx(math.sqrt(2.0 / (9 * cin)), rel=0.05)
 
 
 def test_discriminator_is_the_pix2pix_patchgan_by_default() -> None:
