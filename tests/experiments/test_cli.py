@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from experiments.compose import EXPERIMENTS
 from tests.helpers import run_cli
 
@@ -41,6 +43,7 @@ def test_missing_resume_path_fails_before_training(outputs: Path, tmp_path: Path
     assert "Epoch 0" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_resume_from_a_different_model_fails_before_training(outputs: Path) -> None:
     run_cli("experiment=digits_classifier", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")

@@ -17,6 +17,7 @@ from tests.helpers import ROOT
 SCRIPT = ROOT / "tests/lightning_modules/fsdp_meta_init_run.py"
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_fsdp_fit_of_a_model_built_on_meta(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
