@@ -208,6 +208,7 @@ def test_budget_search_at_its_edges():
     assert max_steps_within_budget(ledger, [1.0], one_step) == 1  # spending exactly the target is allowed
     assert max_steps_within_budget(ledger, [1.0], 0.99 * one_step) == 0
     assert max_steps_within_budget(ledger, [1.0], 1e6, limit=4) == 4  # the cap itself is reachable
+    assert max_steps_within_budget(ledger, [1.0], ledger.epsilon(100, [1.0])) == 100  # the default cap is far
     three = ledger.epsilon(3, [1.0])
     assert max_steps_within_budget(ledger, [1.0], three, limit=4) == 3  # a cap that is not affordable is not returned
     assert max_steps_within_budget(ledger, [1.0], three, limit=3) == 3
