@@ -84,6 +84,9 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "any float32 ratio's resolution that matters (the 1.0 + ratio on this line is killed)",
     ("lightning_modules/privacy/clipping.py", 110, "Add -> Sub"):
         "c - N(0, s^2) has the law of c + N(0, s^2): the count noise is symmetric",
+    ("lightning_modules/privacy/accounting.py", 153, "Gt -> GtE"):
+        "a bracket whose top spends exactly the target is doubled once more; the bisection then finds the same "
+        "smallest sigma to rel_tol",
     ("lightning_modules/privacy/accounting.py", 161, "Gt -> GtE"):
         "the bisection takes one more step when the bracket is exactly rel_tol wide: the result is within rel_tol "
         "of the smallest sigma either way",
