@@ -84,6 +84,8 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "any float32 ratio's resolution that matters (the 1.0 + ratio on this line is killed)",
     ("lightning_modules/privacy/clipping.py", 110, "Add -> Sub"):
         "c - N(0, s^2) has the law of c + N(0, s^2): the count noise is symmetric",
+    ("lightning_modules/privacy/accounting.py", 115, "0 -> 1"):
+        "epsilon()'s default extra_steps only multiplies per_step, whose default () adds no release",
     ("lightning_modules/privacy/accounting.py", 153, "Gt -> GtE"):
         "a bracket whose top spends exactly the target is doubled once more; the bisection then finds the same "
         "smallest sigma to rel_tol",
