@@ -32,3 +32,18 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300, c
 
 def sqlite_uri(outputs: Path) -> str:
     return f"sqlite:///{outputs}/mlflow.db"
+
+
+def fixed_loss(model, batch: dict, times: int = 10) -> float:
+    """A generation module's loss on `batch` over a fixed grid of times t_k = (k + 0.5) / times with fixed noise
+    (the validation loss): comparable before and after training."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        x1 = model.to_latent(batch)
+        losses = [model.loss(batch, t=torch.full((x1.shape[0],), (k + 0.5) / times),
+                             noise=torch.randn(x1.shape, generator=g)) for k in range(times)]
+    model.train()
+    return torch.stack(losses).mean().item()

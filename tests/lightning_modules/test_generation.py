@@ -30,7 +30,7 @@ from lightning_modules.generation import GenerationModule, TimeSampler
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.dit import DiT
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
-from tests.helpers import sqlite_uri
+from tests.helpers import fixed_loss, sqlite_uri
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -75,18 +75,6 @@ def held_out(world: Path) -> dict:
     dm = datamodule(world)
     dm.setup("validate")
     return next(iter(dm.val_dataloader()))
-
-
-def fixed_loss(model: GenerationModule, batch: dict) -> float:
-    """The validation loss (fixed time grid and noise)."""
-    model.eval()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        x1 = model.to_latent(batch)
-        losses = [model.loss(batch, t=torch.full((x1.shape[0],), (k + 0.5) / 10),
-                                  noise=torch.randn(x1.shape, generator=g)) for k in range(10)]
-    model.train()
-    return torch.stack(losses).mean().item()
 
 
 def test_training_step_with_text_dropout_and_fps_prompts(world: Path) -> None:

@@ -3,6 +3,7 @@ linear-quadratic schedule, Euler on a known linear flow, classifier-free guidanc
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -200,10 +201,6 @@ def test_fuse_windows_averages_overlaps_by_hand() -> None:
 def test_defaults_are_the_papers_constants() -> None:
     """Movie Gen: sigma_min 1e-5, 50 solver steps emulating 1000, logit-normal(0, 1) training times; latent
     diffusion's scaled-linear betas 0.00085 .. 0.012 over 1000 steps (reference notes)."""
-    import inspect
-
-    from lightning_modules.generative import paths
-
     def defaults(fn) -> dict:
         return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect._empty}
 

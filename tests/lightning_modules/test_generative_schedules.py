@@ -3,6 +3,8 @@ guidance against its formula (single CFG, InstructPix2Pix's three passes, the ba
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -133,8 +135,6 @@ def test_schedule_edges() -> None:
     assert timesteps.vp_steps("leading", 10, 10).tolist() == list(range(9, -1, -1))
     with pytest.raises(ValueError, match="need 1 <= num_steps <= train_steps"):
         timesteps.vp_steps("leading", 11, 10)
-    import inspect
-
     defaults = {k: p.default for k, p in inspect.signature(timesteps.schedule).parameters.items()}
     assert (defaults["emulated_steps"], defaults["shift"], defaults["train_steps"]) == (1000, 1.0, 1000)
     for fn in (timesteps.vp_schedule, timesteps.vp_steps):  # DDPM's 1000 training steps

@@ -9,6 +9,7 @@ import torch
 
 from lightning_modules.nn.tae import TAE, DiagonalGaussian
 from lightning_modules.tae_losses import (
+    PatchDiscriminator,
     RandomFeatureLoss,
     StructureLoss,
     TAELoss,
@@ -234,8 +235,6 @@ def test_outlier_stats_by_hand() -> None:
     # statistics per frame: a constant second frame (distances 0) has no outlier, so the fraction halves
     two = torch.cat([z, torch.full_like(z, 1.0)], dim=2)
     assert float(outlier_stats(two, r=1.0)[0]) == pytest.approx(0.125)
-    from lightning_modules.tae_losses import PatchDiscriminator
-
     assert PatchDiscriminator().net[0].out_channels == 64
 
 

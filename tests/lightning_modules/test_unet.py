@@ -19,6 +19,7 @@ from lightning_modules.generation import GenerationModule
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
 from lightning_modules.nn.unet import ResBlock, SpatialTransformer, UNet
+from tests.helpers import fixed_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -161,28 +162,16 @@ def module(lr: float = 3e-3) -> GenerationModule:
                             latent_std=0.5, sampler=dict(steps=2, guidance={"text": 2.0}))
 
 
-def fixed_loss(model: GenerationModule, batch: dict) -> float:
-    """The loss on a fixed grid of times with fixed noise."""
-    model.eval()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        x1 = model.to_latent(batch)
-        losses = [model.loss(batch, t=torch.full((x1.shape[0],), (k + 0.5) / 8),
-                             noise=torch.randn(x1.shape, generator=g)) for k in range(8)]
-    model.train()
-    return torch.stack(losses).mean().item()
-
-
 def test_short_training_in_the_generation_core_lowers_the_loss() -> None:
     model = module()
     assert model.shard_units()[:len(model.net.blocks)] == model.net.blocks  # FSDP / checkpointing units
     held_out = next(iter(DataLoader(colour_clips(12, seed=1), batch_size=12)))
-    before = fixed_loss(model, held_out)
+    before = fixed_loss(model, held_out, times=8)
     trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     trainer.fit(model, DataLoader(colour_clips(96), batch_size=8, shuffle=True))
-    after = fixed_loss(model, held_out)
+    after = fixed_loss(model, held_out, times=8)
     assert after < 0.6 * before, (before, after)
     video = model.generate({"text": ["A red square.", "A blue square."], "fps": 8.0}, 2, 8, 8, seed=3)
     assert video.shape == (2, 3, 2, 8, 8) and torch.isfinite(video).all()

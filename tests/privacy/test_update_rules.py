@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -330,8 +331,6 @@ def test_dpsgd_f_bounds_with_a_single_clipped_example():
 
 def test_defaults_are_the_papers_hyperparameters():
     """../reference dp_fairness.md: Global-Adapt Z0 50, gamma 0.7, sigma_2 10 (MNIST); DPSGD-F sigma_c 8 (script)."""
-    import inspect
-
     adapt = inspect.signature(DPSGDGlobalAdaptOptimizer.__init__).parameters
     assert (adapt["z0"].default, adapt["z_threshold"].default, adapt["count_noise_multiplier"].default) == (50.0, 0.7, 10.0)
     assert inspect.signature(DPSGDFOptimizer.__init__).parameters["count_noise_multiplier"].default == 8.0
