@@ -27,7 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-EMA_FORMAT = "mediagen-ema/1"
+from lightning_modules.checkpoint_io import EMA_FORMAT, read_ema_state
+
 _WRAP = "_checkpoint_wrapped_module."
 
 
@@ -184,17 +185,6 @@ class EMA(Callback):
             raise ValueError(f"EMA: unknown checkpoint state format {state_dict.get('format')!r}")
         self._loaded = state_dict
         self.shadow = {}
-
-
-def read_ema_state(ckpt_path: str | Path) -> dict[str, Any] | None:
-    """The EMA callback state stored in a Lightning checkpoint file or sharded checkpoint folder, or None."""
-    path = Path(ckpt_path)
-    file = path / "meta.pt" if path.is_dir() else path
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    for state in (checkpoint.get("callbacks") or {}).values():
-        if isinstance(state, dict) and state.get("format") == EMA_FORMAT:
-            return state
-    return None
 
 
 @torch.no_grad()

@@ -149,26 +149,31 @@ def probe_video(source: Source, decode_first_frame: bool = False) -> VideoInfo:
     return VideoInfo(width, height, fps, frames, duration, audio_rate, audio_channels)
 
 
-def count_decodable_frames(source: Source) -> int:
-    """Decode every frame of the first video stream; the number decoded. A frame that cannot be decoded raises
-    MediaDecodeError(UNDECODABLE) saying after how many good frames of how many stated (used when writing
-    shards: a file whose first frames decode may still break later)."""
-    count = 0
+def scan_video(source: Source, thumbnail: int = 64) -> tuple[int, float]:
+    """Decode every frame of the first video stream: (frames decoded, motion score). The motion score is
+    `synthetic.world.motion_score` of the frames shrunk to thumbnail x thumbnail, mean |x_t − x_{t−1}| / 255,
+    accumulated frame by frame so a long video never sits in memory (Animated Stickers' motion buckets). A frame
+    that cannot be decoded raises MediaDecodeError(UNDECODABLE) saying after how many good frames of how many
+    stated (used when writing shards: a file whose first frames decode may still break later)."""
+    count, total, previous = 0, 0.0, None
     with _open(source) as container:
         if not container.streams.video:
             raise MediaDecodeError(NO_STREAM, "no video stream")
         stream = container.streams.video[0]
         stated = int(stream.frames) if stream.frames else None
         try:
-            for _ in container.decode(stream):
-                count += 1
+            for frame in container.decode(stream):
+                small = frame.to_ndarray(format="rgb24", width=thumbnail, height=thumbnail).astype(np.int16)
+                if previous is not None:
+                    total += float(np.abs(small - previous).mean()) / 255.0
+                previous, count = small, count + 1
         except av.FFmpegError as exc:
             of = f" of {stated}" if stated else ""
             raise MediaDecodeError(UNDECODABLE, f"frame {count + 1}{of} cannot be decoded (frames 1-{count} can): "
                                                 f"{exc}") from exc
     if count == 0:
         raise MediaDecodeError(ZERO_LENGTH, "no frames decoded")
-    return count
+    return count, total / max(1, count - 1)
 
 
 def probe_audio(source: Source) -> AudioInfo:

@@ -189,6 +189,7 @@ class VideoHandler(FrameHandler):
         with_target: bool = False,
         audio_rate: int | None = None,
         audio_channels: int = 1,
+        min_motion_bucket: int | None = None,
     ) -> None:
         if audio_rate and not fps:
             raise ValueError("video with audio needs a fixed fps (clips of equal length have equal audio length)")
@@ -196,6 +197,7 @@ class VideoHandler(FrameHandler):
         self.require_text, self.fps_in_caption = require_text, fps_in_caption
         self.with_masks, self.with_target = with_masks, with_target
         self.audio_rate, self.audio_channels = audio_rate, audio_channels
+        self.min_motion_bucket = min_motion_bucket
 
     def _info(self, sample: dict[str, Any], meta: dict, key: str) -> tuple[int, int, float, float]:
         """(width, height, native fps, duration) from the json when complete, else by probing the container."""
@@ -222,6 +224,12 @@ class VideoHandler(FrameHandler):
         bucket = self.table.pick(width, height, duration_frames(duration, fps))
         if bucket is None:
             raise SkipSample("too_short", f"{duration:.2f}s at {fps:g} fps < {self.table.frames[0]} frames")
+        if self.min_motion_bucket is not None:
+            if "motion_bucket" not in meta:
+                raise SkipSample("no_motion_bucket", "json has no motion_bucket (shards written before motion "
+                                 "buckets: write them again) while min_motion_bucket is set")
+            if int(meta["motion_bucket"]) < self.min_motion_bucket:
+                raise SkipSample("low_motion", f"motion bucket {meta['motion_bucket']} < {self.min_motion_bucket}")
         if self.with_target and "edit.mp4" not in sample:
             raise SkipSample("missing_media", "no edit.mp4 target")
         if self.audio_rate and _first(sample, AUDIO_KEYS) is None and not meta.get("audio_rate"):

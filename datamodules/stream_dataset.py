@@ -45,7 +45,7 @@ from datamodules.shard_schedule import mix_seed, shard_schedule
 from datamodules.shards import ShardReadError, read_shard, shard_sample_counts
 from datamodules.sources import SkipSample, Source
 
-FILTER_REASONS = frozenset({"too_short"})  # skip reasons that count as filtered, not bad
+FILTER_REASONS = frozenset({"too_short", "low_motion"})  # skip reasons that count as filtered, not bad
 STREAM_INFO = "_stream"  # the batch entry that carries a worker's bookkeeping to the loader
 
 

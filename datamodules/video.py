@@ -28,6 +28,8 @@ class VideoDataModule(ShardDataModule):
         with_masks: add "mask" (needs mask.npz); with_target: add "target_video" (needs edit.mp4).
         fps_in_caption: prefix captions with "FPS-<fps> " (Movie Gen's fps conditioning).
         random_crop: random crop offsets and clip starts in training (centre/0 in validation).
+        min_motion_bucket: keep only clips whose json motion_bucket (computed when shards are written) is at
+            least this; the others are filtered (Animated Stickers' motion bucketing). None: keep every clip.
         **kwargs: the streaming options of `ShardDataModule`.
     """
 
@@ -47,6 +49,7 @@ class VideoDataModule(ShardDataModule):
         with_target: bool = False,
         fps_in_caption: bool = False,
         random_crop: bool = True,
+        min_motion_bucket: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(shards, val_shards, **kwargs)
@@ -59,6 +62,7 @@ class VideoDataModule(ShardDataModule):
         self.image_ratio = float(image_ratio)
         self.with_masks, self.with_target = with_masks, with_target
         self.fps_in_caption, self.random_crop = fps_in_caption, random_crop
+        self.min_motion_bucket = min_motion_bucket
 
     def extra_urls(self) -> dict[str, list[str] | None]:
         if self.image_ratio <= 0:
@@ -73,7 +77,8 @@ class VideoDataModule(ShardDataModule):
     def video_handler(self, train: bool) -> VideoHandler:
         return VideoHandler(self.table(self.frames), fps=self.fps, train=train, random_crop=self.random_crop,
                             require_text=self.require_text, fps_in_caption=self.fps_in_caption,
-                            with_masks=self.with_masks, with_target=self.with_target)
+                            with_masks=self.with_masks, with_target=self.with_target,
+                            min_motion_bucket=self.min_motion_bucket)
 
     def sources(self, train: bool) -> list[Source]:
         split = "train" if train else "val"

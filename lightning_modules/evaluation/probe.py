@@ -165,6 +165,18 @@ def topk_alignment(logits: dict[str, torch.Tensor], targets: dict[str, torch.Ten
     return out
 
 
+def clip_alignment(probe: VideoProbe, video: torch.Tensor, metas: Sequence[dict[str, Any]], fps: Any) -> torch.Tensor:
+    """Per clip [B]: the mean of `topk_alignment` over the attributes its json names (its prompt relevance as the
+    probe reads it; the Animated Stickers judges use it)."""
+    with torch.no_grad():
+        out = probe.outputs(extract(video.float().clamp(-1, 1), fps=fps))
+    targets = attribute_targets(metas)
+    hits = topk_alignment(out["scores"], targets)
+    present = torch.stack([targets[a].sum(1) > 0 for a in hits], 1).float()
+    values = torch.stack([hits[a].cpu() for a in hits], 1)
+    return (values * present).sum(1) / present.sum(1).clamp_min(1.0)
+
+
 def chance_alignment(targets: dict[str, torch.Tensor]) -> dict[str, float]:
     """Expected alignment of a scorer that ranks values at random: k / K_a per clip (k true of K_a values),
     averaged over the clips that have the attribute."""

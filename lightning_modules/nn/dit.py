@@ -167,6 +167,8 @@ class DiT(nn.Module):
             "triton" = our Triton kernels everywhere (CUDA, or the interpreter); "torch" = PyTorch only.
     """
 
+    input_weight = "patchify.weight"  # what `grow_input_channels` widens for new condition channels
+
     def __init__(self, in_channels: int = 16, dim: int = 64, depth: int = 2, heads: int = 4, ffn_dim: int = 172,
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
@@ -276,10 +278,13 @@ def pooled(context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
     return (context * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
-def grow_position_tables(state: dict[str, torch.Tensor], model: DiT, prefix: str = "") -> dict[str, torch.Tensor]:
+def grow_position_tables(state: dict[str, torch.Tensor], model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Fit a checkpoint's position tables to `model`'s sizes (stage transitions, Movie Gen §3.2): old rows are
-    kept, new rows copy the nearest old row (the last one); tables that shrink are cut. Returns a new dict."""
+    kept, new rows copy the nearest old row (the last one); tables that shrink are cut. Returns a new dict (the
+    same entries for a network without position tables, e.g. the UNet)."""
     state = dict(state)
+    if not hasattr(model, "pos"):
+        return state
     for axis, size in zip("thw", model.pos.sizes):
         key = f"{prefix}pos.{axis}"
         if key not in state:
@@ -291,12 +296,13 @@ def grow_position_tables(state: dict[str, torch.Tensor], model: DiT, prefix: str
     return state
 
 
-def grow_input_channels(state: dict[str, torch.Tensor], model: DiT, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Fit a checkpoint's patchify weights to `model`'s input channels: channels the checkpoint lacks (new
-    concatenated conditions) get zero weights, so the model computes what the checkpoint did. Returns a new dict."""
+def grow_input_channels(state: dict[str, torch.Tensor], model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Fit a checkpoint's input weights (the parameter `model.input_weight` names: the DiT's patchify, the UNet's
+    conv_in) to `model`'s input channels: channels the checkpoint lacks (new concatenated conditions) get zero
+    weights, so the model computes what the checkpoint did. Returns a new dict."""
     state = dict(state)
-    key = f"{prefix}patchify.weight"
-    want = model.patchify.weight.shape[1]
+    key = f"{prefix}{model.input_weight}"
+    want = model.get_parameter(model.input_weight).shape[1]
     if key in state and state[key].shape[1] < want:
         old = state[key]
         state[key] = torch.cat([old, old.new_zeros(old.shape[0], want - old.shape[1], *old.shape[2:])], dim=1)

@@ -16,6 +16,7 @@ folding frames into the batch ("b t c h w -> (b t) c h w") is a free view, and a
 
     h    = conv_in(concat(x, cond))                    3x3; the weights of the cond channels start at 0
     e    = MLP(sinusoid(t)) (+ MLP(sinusoid(fps))) (+ W_p·mean_masked(context)) (+ frame_features[:, f])
+           (+ Σ_i MLP_i(sinusoid(s_i)))                the guidance scales s [B, n] of a guidance-distilled net
     down = per level: n × [ResBlock(h, e) → SpatialTransformer(h, context)?], then a stride-2 conv (not last)
     mid  = ResBlock → SpatialTransformer → ResBlock
     up   = per level: (n + 1) × [concat(h, skip) → ResBlock → SpatialTransformer?], then 2× nearest + conv
@@ -41,6 +42,7 @@ Attention goes through `nn.attention.Attention` (the kernels' single entry point
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -49,6 +51,7 @@ from torch import nn
 from kernels import Backend
 from lightning_modules.nn.attention import Attention
 from lightning_modules.nn.dit import TimestepEmbedder, pooled
+from lightning_modules.nn.temporal import inflate
 
 
 def fold(x: torch.Tensor) -> torch.Tensor:
@@ -230,14 +233,19 @@ class UNet(nn.Module):
         out_channels: predicted channels (default in_channels).
         fps_embedding: add an embedding of the frame rate to the time embedding (last layer starts at 0).
         pooled_text: add a projection of the masked mean of the text to the time embedding (starts at 0).
+        guidance_inputs: n, the guidance scales the network takes as an input (`forward(..., guidance=[B, n])`,
+            a guidance-distilled student, Meng et al. 2023): e += Σ_i MLP_i(sinusoid(s_i)), each MLP's last
+            layer starting at 0 (a student initialised from a teacher starts unchanged). 0: none.
         attention_backend: the kernels of every attention layer (`kernels.Backend`), as for the DiT.
     """
+
+    input_weight = "conv_in.conv.weight"  # what `nn.dit.grow_input_channels` widens for new condition channels
 
     def __init__(self, in_channels: int = 4, dim: int = 64, channels: Sequence[int] = (32, 64),
                  layers_per_level: int = 1, attention_levels: Sequence[int] = (1,), heads: int = 4,
                  transformer_depth: int = 1, groups: int = 8, ffn_mult: int = 4, dropout: float = 0.0,
                  cond_channels: int = 0, out_channels: int | None = None, fps_embedding: bool = False,
-                 pooled_text: bool = False, attention_backend: Backend = "auto") -> None:
+                 pooled_text: bool = False, guidance_inputs: int = 0, attention_backend: Backend = "auto") -> None:
         super().__init__()
         channels = [int(c) for c in channels]
         attention_levels = sorted(int(i) for i in attention_levels)
@@ -257,6 +265,10 @@ class UNet(nn.Module):
         self.time = TimestepEmbedder(dim)
         self.fps = TimestepEmbedder(dim, scale=1.0) if fps_embedding else None
         self.text_pool = nn.Linear(dim, dim) if pooled_text else None
+        if guidance_inputs < 0:
+            raise ValueError(f"UNet: guidance_inputs={guidance_inputs} must be >= 0")
+        self.guidance_inputs = int(guidance_inputs)
+        self.guidance_embedders = nn.ModuleList(TimestepEmbedder(dim, scale=1.0) for _ in range(guidance_inputs))
 
         skips, width = [channels[0]], channels[0]
         down = []
@@ -304,8 +316,8 @@ class UNet(nn.Module):
 
         PyTorch's defaults for convolutions, linears and norms (`Attention.init_weights` for attention); zero for
         the last conv of every ResBlock, every transformer's proj_out, conv_out, the input weights of condition
-        channels, the fps embedding's last layer and the pooled-text projection. Temporal layers added by
-        `nn.temporal.inflate` get their own `init_weights` (identity), last."""
+        channels, the fps embedding's last layer, the guidance embeddings' last layers and the pooled-text
+        projection. Temporal layers added by `nn.temporal.inflate` get their own `init_weights` (identity), last."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear | nn.GroupNorm | nn.LayerNorm):
                 m.reset_parameters()
@@ -317,6 +329,7 @@ class UNet(nn.Module):
             zero.append(self.fps.mlp[-1])
         if self.text_pool is not None:
             zero.append(self.text_pool)
+        zero.extend(embedder.mlp[-1] for embedder in self.guidance_embedders)
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -329,9 +342,17 @@ class UNet(nn.Module):
                 temporal.init_weights()
 
     def embedding(self, t: torch.Tensor, frames: int, context: torch.Tensor, context_mask: torch.Tensor | None,
-                  fps: torch.Tensor | None, frame_features: torch.Tensor | None) -> torch.Tensor:
-        """The conditioning vector e [B, T or 1, dim] of every ResBlock (see the module docstring)."""
+                  fps: torch.Tensor | None, frame_features: torch.Tensor | None,
+                  guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditioning vector e [B, T or 1, dim] of every ResBlock (see the module docstring); guidance
+        None adds no guidance embedding (as a guidance-input net at initialisation)."""
         emb = self.time(t)
+        if guidance is not None:
+            if guidance.shape != (t.shape[0], self.guidance_inputs) or not self.guidance_inputs:
+                raise ValueError(f"UNet with guidance_inputs={self.guidance_inputs} got guidance "
+                                 f"{tuple(guidance.shape)}; expected [{t.shape[0]}, {self.guidance_inputs}]")
+            for i, embedder in enumerate(self.guidance_embedders):
+                emb = emb + embedder(guidance[:, i].to(t))
         if self.fps is not None:
             emb = emb + self.fps(torch.zeros_like(t) if fps is None else fps.to(t))
         if self.text_pool is not None:
@@ -345,10 +366,10 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                 fps: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                frame_features: torch.Tensor | None = None) -> torch.Tensor:
+                frame_features: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → prediction [B, C_out, T, H, W].
         cond [B, cond_channels, T, H, W] is concatenated to x; frame_features [B, T, dim] are added to the time
-        embedding of their frame."""
+        embedding of their frame; guidance [B, guidance_inputs] are the guidance scales (`guidance_inputs`)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects a latent [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.dim:
@@ -363,7 +384,7 @@ class UNet(nn.Module):
                                  f"{', '.join(map(str, x.shape[2:]))}], got {None if cond is None else tuple(cond.shape)}")
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         h = self.conv_in(rearrange(x, "b c t h w -> b t c h w").contiguous())
-        emb = self.embedding(t, h.shape[1], context, context_mask, fps, frame_features).to(h.dtype)
+        emb = self.embedding(t, h.shape[1], context, context_mask, fps, frame_features, guidance).to(h.dtype)
         context = context.to(h.dtype)
 
         skips = [h]
@@ -384,3 +405,10 @@ class UNet(nn.Module):
                 h = level.resample(h)
         out = self.conv_out(nn.functional.silu(self.norm_out(h)))
         return rearrange(out, "b t c h w -> b c t h w")
+
+
+def video_unet(freeze_spatial: bool = False, **kwargs: Any) -> UNet:
+    """`UNet(**kwargs)` inflated with temporal layers (`nn.temporal.inflate`): the image+text-to-video network of
+    Animated Stickers in one call, for configs (`_target_: lightning_modules.nn.unet.video_unet`). Its spatial
+    weights keep the image UNet's names, so `init_from` an image checkpoint loads them."""
+    return inflate(UNet(**kwargs), freeze_spatial)
