@@ -599,6 +599,24 @@ def _write(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def encode_gif(video: torch.Tensor | np.ndarray, fps: float) -> bytes:
+    """[3, T, H, W] float in [-1, 1] (or uint8 [T, H, W, 3] numpy) -> an animated GIF that loops forever (frame
+    delays are whole hundredths of a second in GIF: 8 fps plays at 120 ms a frame)."""
+    from PIL import Image
+
+    frames = video if isinstance(video, np.ndarray) else to_uint8_frames(video)
+    images = [Image.fromarray(f) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=round(1000 / (fps if fps > 0 else 8.0)))
+    return buffer.getvalue()
+
+
+def write_gif(path: str | Path, video: torch.Tensor, fps: float) -> Path:
+    """Write [3, T, H, W] in [-1, 1] to `path` as a looping GIF (a sticker's animation)."""
+    return _write(path, encode_gif(video, fps))
+
+
 def write_video(path: str | Path, video: torch.Tensor, fps: float, **kwargs) -> Path:
     """Write [3, T, H, W] in [-1, 1] to `path`; the suffix (.mp4, .webm, .mov) picks the format."""
     return _write(path, encode_video(video, fps, format=Path(path).suffix.lstrip(".").lower(), **kwargs))

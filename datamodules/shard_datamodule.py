@@ -43,7 +43,8 @@ class ShardDataModule(L.LightningDataModule):
 
     Args:
         shards: training shards (None: the synthetic world's `world_kind`/train set).
-        val_shards: validation shards (None with `shards=None`: the world's val set; else no validation).
+        val_shards: validation shards (None with `shards=None`: the world's val set; else no validation; "world":
+            the world's val set whatever `shards` is).
         batch_size: batch size of the largest bucket (smaller buckets get more, see `scale_batch_size`).
         batch_sizes: explicit batch size per bucket name, e.g. {"64x64x8": 12}.
         num_workers: decoding processes per rank (0 decodes in the main process).
@@ -115,7 +116,10 @@ class ShardDataModule(L.LightningDataModule):
             self.world_root()
 
     def resolve(self, spec: Any, kind: str, split: str) -> list[str] | None:
-        """Shard URLs of a spec, or of the world's (kind, split) when the training shards default to it."""
+        """Shard URLs of a spec, or of the world's (kind, split) when the spec is "world" or the training shards
+        default to it (so `shards: <folder>, val_shards: world` validates on the world's held-out clips)."""
+        if spec == "world":
+            return self.world_split(kind, split)
         if spec is not None:
             return expand_shards(spec)
         return self.world_split(kind, split) if self.shards is None else None

@@ -46,8 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_modules.base import OptimizerFactory
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
-from lightning_modules.conditioning import Conditions
+from lightning_modules.conditioning import Conditioner, Conditions
 from lightning_modules.conditioning.text import batch_fps
 from lightning_modules.generation import GenerationModule
 from lightning_modules.generative import guidance, paths, timesteps
@@ -70,10 +71,11 @@ class DistillationModule(GenerationModule):
         data_weight: the weight of the flow-matching loss on the batch (0: distillation only).
     """
 
-    def __init__(self, net: nn.Module, codec: nn.Module, conditioners: Mapping[str, Any], optimizer: Any, *,
-                 teacher: GenerationModule, teacher_from: str | None = None, student_steps: int = 8,
-                 teacher_steps: int = 48, guidance_ranges: Mapping[str, Sequence[float]] | None = None,
-                 data_weight: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, net: nn.Module, codec: nn.Module, conditioners: Mapping[str, Conditioner],
+                 optimizer: OptimizerFactory, *, teacher: GenerationModule, teacher_from: str | None = None,
+                 student_steps: int = 8, teacher_steps: int = 48,
+                 guidance_ranges: Mapping[str, Sequence[float]] | None = None, data_weight: float = 0.5,
+                 **kwargs: Any) -> None:
         super().__init__(net, codec, conditioners, optimizer, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_from, self.data_weight = teacher_from, float(data_weight)
@@ -133,7 +135,8 @@ class DistillationModule(GenerationModule):
         return self
 
     def shard_units(self) -> list[nn.Module]:
-        """The student's units, and the teacher as one unit (its forward gathers its weights under FSDP2)."""
+        """The student's units, and the teacher as one unit (its forward gathers its weights under FSDP2; not yet
+        run sharded)."""
         return [*super().shard_units(), self.teacher]
 
     def state_dict(self, *, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:

@@ -43,10 +43,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from datamodules.media import decode_video, frames_to_video
+from datamodules.media import decode_image, decode_video, frames_to_video, write_gif
 from lightning_modules.base import BaseModule, OptimizerFactory, SchedulerFactory
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
-from lightning_modules.conditioning import Conditioner, Conditions, assemble
+from lightning_modules.conditioning import Conditioner, Conditions, assemble, resize_video
 from lightning_modules.conditioning.text import batch_fps
 from lightning_modules.evaluation import Evaluator
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
@@ -130,8 +130,9 @@ class MediaConfig:
 
 @dataclass
 class SampleTaskConfig:
-    """`task=sample`: a prompts file (one per line) and/or `inputs` (a video file or folder of them, each with an
-    optional <name>.txt caption: the clips a conditioner reads as "source", e.g. the upsampler's input);
+    """`task=sample`: a prompts file (one per line) and/or `inputs` (a video or image file or folder of them, each
+    with an optional <name>.txt caption: videos are what a conditioner reads as "source", e.g. the upsampler's
+    input; images are stickers to animate, written as mp4 and looping GIF);
     where to write; clip size and rate for prompts (frames = 1 writes images); batch size; seeds per prompt."""
 
     prompts: str | None = None
@@ -520,7 +521,7 @@ class GenerationModule(BaseModule):
                 raise ValueError(f"model.sample.prompts={cfg.prompts} holds no prompts")
             requests += [{"text": [p], "fps": torch.tensor([cfg.fps])} for p in prompts for _ in range(cfg.per_prompt)]
         if cfg.inputs:
-            requests += read_input_videos(cfg.inputs)
+            requests += read_inputs(cfg.inputs, cfg.fps)
         if not requests:
             raise ValueError("task=sample needs model.sample.prompts=<a text file, one prompt per line> and/or "
                              "model.sample.inputs=<a video file or a folder of videos>")
@@ -548,10 +549,14 @@ class GenerationModule(BaseModule):
         written: list[Path] = []
         for index, request in enumerate(requests):
             frames, height, width = self.output_size(request)
+            if "image" in request:  # a sticker: resized to the clip's frame size
+                request = {**request, "image": resize_video(request["image"][:, :, None], height, width)[:, :, 0]}
             video = self.generate(request, frames, height, width, seed=self.sampler.seed + index)[0]
             caption = request["text"][0]
             stem = folder / f"{index:03d}_{slug(request.get('name') or caption)}"
             written += write_clip(stem, video, caption, float(request["fps"][0]))
+            if "image" in request:  # an animated sticker also as a looping GIF
+                written.append(write_gif(stem.with_suffix(".gif"), video, float(request["fps"][0])))
             print(f"[generation] {index + 1}/{len(requests)} sampled: {stem.name}")
         log_artifacts(trainer, written, "samples")
         for logger in trainer.loggers:
@@ -564,20 +569,29 @@ class GenerationModule(BaseModule):
 
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def read_input_videos(location: str) -> list[dict[str, Any]]:
-    """Requests from a video file or a folder of videos: {"source": [1, 3, T, H, W] in [-1, 1], "text": [the
-    caption in <name>.txt beside it, or ""], "fps": [its rate], "name": its stem}."""
+def read_inputs(location: str, fps: float = 8.0) -> list[dict[str, Any]]:
+    """Requests from a media file or a folder of them, each with the caption in <name>.txt beside it (or ""):
+    a video → {"source": [1, 3, T, H, W] in [-1, 1], "fps": [its rate]} (e.g. the upsampler's input); an image →
+    {"image": [1, 3, H, W] in [-1, 1], "fps": [fps]} (a sticker to animate); both with "text" and "name"."""
     path = Path(location)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if path.is_dir() else [path]
+    suffixes = VIDEO_SUFFIXES + IMAGE_SUFFIXES
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes) if path.is_dir() else [path]
     if not path.exists() or not files:
-        raise FileNotFoundError(f"model.sample.inputs={location}: no video file there ({', '.join(VIDEO_SUFFIXES)})")
+        raise FileNotFoundError(f"model.sample.inputs={location}: no video or image file there ({', '.join(suffixes)})")
     requests = []
     for file in files:
-        clip = decode_video(file)
         caption_file = file.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
-        video = frames_to_video(torch.from_numpy(clip.frames))[None]
-        requests.append({"source": video, "text": [caption], "fps": torch.tensor([clip.fps]), "name": file.stem})
+        request: dict[str, Any] = {"text": [caption], "name": file.stem}
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            image = frames_to_video(torch.from_numpy(decode_image(file.read_bytes()))[None])  # [3, 1, H, W]
+            request |= {"image": image[:, 0][None], "fps": torch.tensor([float(fps)])}
+        else:
+            clip = decode_video(file)
+            request |= {"source": frames_to_video(torch.from_numpy(clip.frames))[None],
+                        "fps": torch.tensor([clip.fps])}
+        requests.append(request)
     return requests

@@ -17,15 +17,15 @@ come back.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from einops import rearrange
 
-from datamodules.media import encode_frames, encode_image
+from datamodules.media import encode_frames, encode_image, to_uint8_frames
 from datamodules.synthetic.world import motion_bucket, motion_score
 from datamodules.write_shards import ShardSink
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
@@ -33,11 +33,6 @@ from lightning_modules.evaluation import sticker_judges as judges
 from lightning_modules.evaluation.probe import ProbeConfig, clip_alignment, probe_from_datamodule
 from lightning_modules.evaluation.samples import log_artifacts
 from lightning_modules.generation import GenerationModule
-
-
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[3, T, H, W] in [-1, 1] → uint8 [T, H, W, 3] (what the media encoders take)."""
-    return rearrange(((video.float().clamp(-1, 1) + 1) * 127.5).round().byte(), "c t h w -> t h w c")
 
 
 class TeacherEnsemble:
@@ -135,6 +130,8 @@ class TeacherEnsemble:
                             torch.tensor([c.fps for c in found]), probe)
         real = self.judge(pool["video"], pool["image"], torch.full((len(pool["text"]),), pool["video"].shape[2] // 2),
                           pool["meta"], pool["fps"], probe)
+        for old in (folder / "gallery", folder / "selected"):  # a rerun replaces the last gallery and selection
+            shutil.rmtree(old, ignore_errors=True)
         judges.write_gallery(folder / "gallery", found, scores)
         labels = judges.read_labels(self.labels) if self.labels else {}
         keys = [c.key for c in found]
@@ -163,14 +160,14 @@ class TeacherEnsemble:
         source = dict(zip(keys, metas))
         sink = ShardSink(folder, maxcount=256)
         for c in kept:
-            frames = to_uint8(c.video).numpy()
+            frames = to_uint8_frames(c.video)
             t, h, w = frames.shape[:3]
             score = motion_score(frames)
             meta = {**source[c.key], "kind": "video", "width": w, "height": h, "fps": c.fps, "num_frames": t,
                     "duration": t / c.fps, "teacher": c.teacher, "caption": c.prompt, "motion_score": score,
                     "motion_bucket": motion_bucket(score)}
             sink.write({"__key__": c.key.replace("-", "_"), "mp4": encode_frames(frames, c.fps),
-                        "sticker.png": encode_image(to_uint8(c.sticker[:, None])[0].numpy()), "txt": c.prompt,
+                        "sticker.png": encode_image(c.sticker), "txt": c.prompt,
                         "json": meta})
         sink.close()
         return folder

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from datamodules.media import write_gif, write_image
 
 EPS = 1e-8
 SCORES = ("motion", "consistency", "looping", "identity", "relevance")
@@ -175,17 +176,11 @@ def records(candidates: Sequence[Candidate], scores: Mapping[str, Any]) -> list[
             for i, c in enumerate(candidates)]
 
 
-def _uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [-1, 1] -> uint8 [H, W, 3]."""
-    return rearrange(_unit(image.detach().cpu()) * 255, "c h w -> h w c").round().byte().numpy()
-
-
 def write_gallery(folder: str | Path, candidates: Sequence[Candidate], scores: Mapping[str, Any]) -> Path:
     """Write <folder>/<key>.gif (the animation, looping; GIF delays round to 1/100 s), <key>.png (the sticker),
     index.html (sticker, animation, prompt, teacher and scores coloured pass/fail) and labels.csv (key, teacher,
     prompt, judge_pass, each score, and an empty `keep` column for a person: 1/0, yes/no, y/n, true/false,
     keep/reject). `scores` as for `records`. Returns the folder."""
-    from PIL import Image  # Pillow (a matplotlib dependency), imported where used as datamodules.media does
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,10 +192,8 @@ def write_gallery(folder: str | Path, candidates: Sequence[Candidate], scores: M
         raise ValueError(f"write_gallery: key {bad!r} is not a file name (use letters, digits, '.', '_', '-')")
     cells = []
     for candidate, row in zip(candidates, rows):
-        Image.fromarray(_uint8(candidate.sticker)).save(folder / f"{candidate.key}.png")
-        frames = [Image.fromarray(_uint8(f)) for f in rearrange(candidate.video, "c t h w -> t c h w")]
-        frames[0].save(folder / f"{candidate.key}.gif", save_all=True, append_images=frames[1:], loop=0,
-                       duration=round(1000 / (candidate.fps or 8.0)))
+        write_image(folder / f"{candidate.key}.png", candidate.sticker)
+        write_gif(folder / f"{candidate.key}.gif", candidate.video, candidate.fps)
         verdicts = "".join(f'<td class="{"pass" if row.get(f"{n}_pass", True) else "fail"}">{row[n]:.3f}</td>'
                            for n in names)
         cells.append(f'<tr class="{"pass" if row["pass"] else "fail"}"><td>{html.escape(candidate.key)}</td>'

@@ -36,6 +36,7 @@ def test_unknown_config_key_is_named(outputs: Path) -> None:
     assert "max_epochz" in proc.stderr
 
 
+@pytest.mark.slow  # heavy for the default suite (CI's 20 minutes): python -m pytest -m slow
 def test_missing_resume_path_fails_before_training(outputs: Path, tmp_path: Path) -> None:
     proc = run_cli("experiment=digits_classifier", f"ckpt_path={tmp_path}/nope.ckpt", check=False)
     assert proc.returncode != 0

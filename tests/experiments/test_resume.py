@@ -48,6 +48,7 @@ DIGITS = ["experiment=digits_classifier", "trainer.max_epochs=2", "trainer.enabl
           "callbacks.checkpoint.every_n_epochs=null", "callbacks.checkpoint.every_n_train_steps=5"]
 
 
+@pytest.mark.slow  # the digits run; the quickstart's killed-run test below keeps exact resume in the default suite
 def test_killed_run_resumes_to_the_same_metrics(outputs: Path) -> None:
     _, resumed = kill_and_resume(outputs, DIGITS, kill_at=13)
     # the resumed run is the killed one: its loss history starts before the kill

@@ -165,12 +165,23 @@ class AffineTeacher(nn.Module):
         return self.lam * x + (1 + t).view(-1, 1, 1, 1, 1) * (self.a * cond + self.b * text_on)
 
 
+class AffineStudent(nn.Module):
+    """v = c·x + 0.5·t + 0.2·s_1 − 0.1·s_2 + 0.3·I + 0.6·[text on]: it reads every input the distillation gives."""
+
+    c = 0.3
+
+    def forward(self, x, t, context, context_mask=None, fps=None, cond=None, frame_features=None, guidance=None):
+        text_on = (context_mask.sum(1) > 1).to(x).view(-1, 1, 1, 1, 1)
+        per_sample = (0.5 * t + 0.2 * guidance[:, 0] - 0.1 * guidance[:, 1]).view(-1, 1, 1, 1, 1)
+        return self.c * x + per_sample + 0.3 * cond + 0.6 * text_on
+
+
 def test_distillation_target_by_hand() -> None:
     """Guided: G = s_I·a·I + s_T·b (p0 = 0, p1 = a·I, p2 = a·I + b), so ũ = λ·y + (1 + τ)·G; six Euler sub-steps of
-    h = (t_{k+1} − t_k)/6 from x_{t_k} = t_k·x_1 + (1 − (1 − σ_min)·t_k)·x_0, on the shifted(3) 8-step schedule."""
+    h = (t_{k+1} − t_k)/6 from x_{t_k} = t_k·x_1 + (1 − (1 − σ_min)·t_k)·x_0, on the shifted(3) 8-step schedule.
+    The student's one pass sees x_{t_k}, t_k, the drawn scales and every condition on."""
     module = student(sticker_model())
-    module.teacher.net = AffineTeacher()
-    perturb(module.net)  # the guidance embeddings too: the student's output depends on the scales it is given
+    module.teacher.net, module.net = AffineTeacher(), AffineStudent()
     batch = {**clips(3), "frames": FRAMES}
     x1 = module.to_latent(batch)
     image = module.encode(batch["video"][:, :, FRAMES // 2:FRAMES // 2 + 1]).expand_as(x1)
@@ -179,7 +190,7 @@ def test_distillation_target_by_hand() -> None:
 
     sigma = 1 - torch.arange(9, dtype=torch.float64) / 8
     grid = 1 - 3 * sigma / (1 + 2 * sigma)
-    x_t, target = [], []
+    x_t, target, v = [], [], []
     for i in range(3):
         t0, t1 = grid[k[i]].item(), grid[k[i] + 1].item()
         x = t0 * x1[i].double() + (1 - (1 - SIGMA_MIN) * t0) * noise[i].double()
@@ -189,18 +200,19 @@ def test_distillation_target_by_hand() -> None:
             y = y + h * (AffineTeacher.lam * y + (1 + t0 + j * h) * g)
         x_t.append(x)
         target.append((y - x) / (t1 - t0))
-    x_t, target = torch.stack(x_t).float(), torch.stack(target).float()
+        v.append(AffineStudent.c * x + 0.5 * t0 + 0.2 * scales[i, 0].item() - 0.1 * scales[i, 1].item()
+                 + 0.3 * image[i].double() + 0.6)
+    x_t, target, v = torch.stack(x_t).float(), torch.stack(target).float(), torch.stack(v)
 
     t, t_next = grid[k].float(), grid[k + 1].float()
     assert torch.allclose(module.student_times(), grid.float(), atol=1e-6)
     assert torch.allclose(module.teacher_target(batch, x_t, t, t_next, scales), target, atol=1e-4, rtol=1e-4)
 
+    loss = module.distillation_loss(batch, k=k, noise=noise, scales=scales)
+    assert loss.item() == pytest.approx((v - target.double()).pow(2).mean().item(), rel=1e-4)
+    # the student's other uses (its flow-matching loss, validation) see the scales 1: the conditional model
     raw = module.condition_inputs(batch, tuple(x1.shape[1:]), train=False)
-    conditions = module.conditions(raw, batch["fps"], {})
-    with torch.no_grad():
-        v = module.net(x_t, t, **replace(conditions, guidance=scales).backbone_kwargs())
-        loss = module.distillation_loss(batch, k=k, noise=noise, scales=scales)
-    assert torch.allclose(loss, (v - target).pow(2).mean(), rtol=1e-4)
+    assert module.conditions(raw, batch["fps"], {}).guidance.tolist() == [[1.0, 1.0]] * 3
 
 
 def test_teacher_and_student_must_agree(tmp_path) -> None:
@@ -214,6 +226,18 @@ def test_teacher_and_student_must_agree(tmp_path) -> None:
     module = student(teacher, teacher_from=str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="model.teacher_from"):
         module.setup("fit")
+    with torch.no_grad():
+        module.teacher.latent_mean.fill_(0.1)  # e.g. a teacher checkpoint with its own latent statistics
+    with pytest.raises(ValueError, match="other latents"):
+        module.distillation_loss(clips(1))
+
+
+def test_scales_are_drawn_uniformly_in_their_ranges_in_pass_order() -> None:
+    module = student(sticker_model(), guidance_ranges={"text": [2.0, 8.0], "image": [1.0, 3.0]})
+    scales = module.draw_scales(4000, torch.Generator().manual_seed(0))
+    image, text = scales.unbind(1)
+    assert 1.0 <= image.min() < 1.01 and 2.99 < image.max() <= 3.0 and image.mean().item() == pytest.approx(2.0, abs=0.05)
+    assert 2.0 <= text.min() < 2.02 and 7.98 < text.max() <= 8.0 and text.mean().item() == pytest.approx(5.0, abs=0.1)
 
 
 def test_fit_loads_the_teachers_ema_and_saves_only_the_student(tmp_path) -> None:
@@ -228,15 +252,21 @@ def test_fit_loads_the_teachers_ema_and_saves_only_the_student(tmp_path) -> None
     module = student(sticker_model(seed=3), teacher_from=str(tmp_path / "teacher.ckpt"))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(module, train_dataloaders=DataLoader([clips(2)] * 2, batch_size=None, collate_fn=lambda b: b))
+    loader = DataLoader([clips(2)] * 2, batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(module, train_dataloaders=loader)
 
     assert all(torch.equal(p, ema[name]) for name, p in module.teacher.named_parameters())
     assert not module.teacher.training and module.training
+    module.train()
+    assert not module.teacher.training
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in module.teacher.parameters()}
     metrics = trainer.callback_metrics
     assert metrics["train/loss"].item() == pytest.approx(
         metrics["train/loss_distill"].item() + 0.5 * metrics["train/loss_data"].item(), rel=1e-5)
+    assert metrics["train/loss_data"] > 0
+    (validated,) = trainer.validate(module, dataloaders=loader, verbose=False)
+    assert validated["val/loss_distill"] > 0 and validated["val/loss"] > 0
 
     trainer.save_checkpoint(tmp_path / "student.ckpt")
     state = torch.load(tmp_path / "student.ckpt", weights_only=True)["state_dict"]
@@ -290,10 +320,10 @@ def distilled() -> dict[str, float]:
 
 
 def test_short_distillation_lowers_the_distillation_loss(distilled) -> None:
-    assert distilled["loss_after"] < 0.7 * distilled["loss_before"], distilled
+    assert distilled["loss_after"] < 0.75 * distilled["loss_before"], distilled
 
 
 def test_distilled_student_follows_the_teachers_guided_sampler(distilled) -> None:
     """Before: the student's zero output leaves the noise; after: its 8 one-pass steps land near the teacher's 48
     three-pass steps."""
-    assert distilled["mse_after"] < 0.7 * distilled["mse_before"], distilled
+    assert distilled["mse_after"] < 0.75 * distilled["mse_before"], distilled

@@ -13,6 +13,7 @@ import torch
 from einops import rearrange, reduce
 from PIL import Image
 
+from datamodules.media import to_uint8_frames
 from datamodules.synthetic.generate import WorldConfig, make_sticker
 from lightning_modules.evaluation import sticker_judges as sj
 
@@ -185,7 +186,7 @@ def test_gallery_labels_round_trip_a_person_overrides_the_judges(tmp_path):
     for candidate in candidates:
         assert f"{candidate.key}.gif" in page and f"{candidate.key}.png" in page
         with Image.open(folder / f"{candidate.key}.png") as png:
-            assert (np.asarray(png.convert("RGB")) == sj._uint8(candidate.sticker)).all()
+            assert (np.asarray(png.convert("RGB")) == to_uint8_frames(candidate.sticker)[0]).all()
     with Image.open(folder / "A-0.gif") as gif:
         assert gif.n_frames == candidates[0].video.shape[1] and gif.info["loop"] == 0
         assert abs(gif.info["duration"] - 125) <= 10  # 1000 / 8 fps, in the GIF's hundredths of a second

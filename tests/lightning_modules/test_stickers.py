@@ -176,3 +176,89 @@ def test_short_training_lowers_the_loss_and_the_output_follows_the_sticker(outpu
     with torch.no_grad():
         module.net.conv_in.conv.weight[:, 12:].zero_()
     assert torch.allclose(predict(video[:2, :, 4]), predict(video[2:4, :, 4]))  # ... through its input weights only
+
+
+def test_paper_scale_config_on_the_meta_device_counts_spatial_plus_temporal(outputs: Path) -> None:
+    """The inflated paper-scale UNet = the image UNet + per conv site C·C·3 + C (TemporalConv) + per attention site
+    4·C² + 2·C (LayerNorm, q, kv, out of TemporalAttention, head_dim·heads = C): counted another way."""
+    from lightning_modules.nn.temporal import sites, temporal_parameters
+    from lightning_modules.nn.unet import UNet
+
+    cfg = compose_config(["model=sticker_emu"], outputs / "job")
+    kwargs = {k: v for k, v in cfg.model.net.items() if k not in ("_target_", "freeze_spatial")}
+    with torch.device("meta"):
+        video, image = instantiate(cfg.model.net), UNet(**kwargs)
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    by_formula = sum(3 * s.channels ** 2 + s.channels if s.inflate_site == "conv" else 4 * s.channels ** 2 + 2 * s.channels
+                     for _, s in sites(video))
+    assert count(temporal_parameters(video)) == by_formula
+    assert count(video.parameters()) == count(image.parameters()) + by_formula
+    print(f"sticker_emu: {count(image.parameters()) / 1e9:.2f}B spatial + {by_formula / 1e9:.2f}B temporal")
+    assert 1e9 < count(video.parameters()) < 5e9
+
+
+# -- the line end to end: sample a sticker; the ensemble's gallery, labels and selected shards ---------------------------
+
+SMALL = ["data.world.scenes=[8,4]", "data.world.images=[8,4]", "data.world.stickers=[16,8]", "data.batch_size=4",
+         "data.epoch_batches=2", "data.num_workers=0", "trainer.enable_progress_bar=false", "model.media.steps=2"]
+
+
+def test_a_sticker_becomes_an_mp4_and_a_looping_gif(outputs: Path, tmp_path: Path) -> None:
+    from datamodules.media import decode_video, write_image
+    from experiments.runner import run
+
+    fit = ["experiment=sticker_stage2", *SMALL, "trainer.max_steps=2", "model.init_from=null", "test_after_fit=false",
+           "trainer.limit_val_batches=0"]
+    run(compose_config(fit, outputs / "fit"))
+    (ckpt,) = (outputs / "fit").glob("checkpoints/last.ckpt")
+    inputs = tmp_path / "stickers"
+    write_image(inputs / "star.png", torch.rand(3, 32, 32) * 2 - 1)  # a 32 px sticker: resized to 16 px
+    (inputs / "star.txt").write_text("A sticker of a red star that bobs up and down, looping.\n")
+    run(compose_config([*fit, "task=sample", f"ckpt_path={ckpt}", f"model.sample.inputs={inputs}",
+                        "model.sampler.steps=2", f"model.sample.output_dir={tmp_path / 'out'}"], outputs / "sample"))
+    assert decode_video(tmp_path / "out" / "000_star.mp4").frames.shape == (8, 16, 16, 3)
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "000_star.gif") as gif:
+        assert gif.n_frames == 8 and gif.info.get("loop") == 0 and gif.size == (16, 16)
+
+
+@pytest.mark.slow  # two teachers, a probe and two ensemble passes (~2 min): python -m pytest -m slow
+def test_ensemble_writes_a_gallery_and_selects_by_labels_then_judges(outputs: Path, tmp_path: Path) -> None:
+    import csv
+
+    from experiments.runner import run
+
+    fit = ["experiment=sticker_stage2", *SMALL, "trainer.max_steps=2", "model.init_from=null", "test_after_fit=false",
+           "trainer.limit_val_batches=0"]
+    run(compose_config(fit, outputs / "fit"))
+    ckpt = next((outputs / "fit").glob("checkpoints/last.ckpt"))
+    ensemble = ["experiment=sticker_ensemble", *SMALL, "ensemble.pool=3", "ensemble.seeds=1", "ensemble.steps=2",
+                f"ensemble.teachers.middle.checkpoint={ckpt}", f"ensemble.teachers.first.checkpoint={ckpt}",
+                "~ensemble.teachers.moving", "ensemble.probe.steps=20", "ensemble.probe.clips=16",
+                f"ensemble.output_dir={tmp_path / 'judged'}", f"ensemble.probe_cache={tmp_path / 'probes'}"]
+    run(compose_config(ensemble, outputs / "ensemble"))
+    gallery = tmp_path / "judged" / "gallery"
+    rows = list(csv.DictReader((gallery / "labels.csv").open()))
+    assert len(rows) == 6 and {r["teacher"] for r in rows} == {"middle", "first"}
+    assert all((gallery / f"{r['key']}.gif").is_file() for r in rows) and "<table>" in (gallery / "index.html").read_text()
+    by_judges = {r["key"] for r in rows if r["judge_pass"] == "1"}
+    index = json.loads((tmp_path / "judged" / "selected" / "index.json").read_text())
+    assert index["num_samples"] == len(by_judges)  # no labels: the judges decide
+
+    # a person keeps the first two and rejects the rest: the selection follows the labels, not the judges
+    for i, row in enumerate(rows):
+        row["keep"] = "yes" if i < 2 else "no"
+    with (tmp_path / "labels.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run(compose_config([*ensemble, f"ensemble.labels={tmp_path / 'labels.csv'}",
+                        f"ensemble.output_dir={tmp_path / 'labelled'}"], outputs / "labelled"))
+    from datamodules.video import VideoDataModule
+
+    data = VideoDataModule(shards=str(tmp_path / "labelled" / "selected"), val_shards=str(tmp_path / "labelled" / "selected"),
+                           sizes=[[16, 16]], frames=[8], batch_size=2, num_workers=0, min_samples=1)
+    data.setup("fit")
+    keys = sorted(k for batch in data.val_dataloader() for k in batch["key"])
+    assert keys == sorted(r["key"].replace("-", "_") for r in rows[:2])
