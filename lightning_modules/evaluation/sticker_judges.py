@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from datamodules.media import write_gif, write_image
+from lightning_modules.evaluation.base import Evaluator
+from lightning_modules.evaluation.probe import ProbeConfig, clip_alignment, probe_from_datamodule
 
 EPS = 1e-8
 SCORES = ("motion", "consistency", "looping", "identity", "relevance")
@@ -268,3 +270,51 @@ def pass_rates(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, floa
             if name == "pass" or name.endswith("_pass"):
                 per.setdefault(name.removesuffix("_pass"), []).append(bool(value))
     return {teacher: {name: sum(v) / len(v) for name, v in per.items()} for teacher, per in flags.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the judges as an evaluator of the test loop
+
+
+class StickerJudges(Evaluator):
+    """Each judge's pass rate on the clips a sticker model generates for the held-out stickers (the test loop),
+    beside the same judges on the real clips (the ceiling): judge_<criterion> and judge_real_<criterion>, for
+    motion, consistency, looping, identity, relevance (the probe's per-clip alignment, as `probe.clip_alignment`)
+    and pass (every criterion). The sticker is the batch's "image", else the frame of the clip the model's
+    `StillImage` conditioner takes (its middle frame by default).
+
+    Args:
+        thresholds: `JudgeThresholds` fields; probe: `probe.ProbeConfig` fields; cache_dir: where probes are kept.
+    """
+
+    def __init__(self, thresholds: Mapping[str, float] | None = None, probe: Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None) -> None:
+        self.thresholds = JudgeThresholds(**dict(thresholds or {}))
+        self.probe_config, self.cache_dir = ProbeConfig(**dict(probe or {})), cache_dir
+        self.probe, self.image, self.flags = None, None, {}
+
+    def start(self, module: Any, trainer: Any) -> None:
+        self.flags = {}
+        self.image = next((c for c in getattr(module, "conditioners", {}).values() if hasattr(c, "frame_index")), None)
+        self.probe = None
+        if trainer is not None and trainer.datamodule is not None and not trainer.fast_dev_run:
+            self.probe = probe_from_datamodule(trainer.datamodule, self.probe_config, self.cache_dir)
+
+    def update(self, generated: torch.Tensor, batch: dict[str, Any], extras: dict[str, torch.Tensor]) -> None:
+        if "video" not in batch or generated.shape[2] < 3:
+            return
+        n, frames = generated.shape[0], generated.shape[2]
+        real = batch["video"][:n].float()
+        index = (self.image.frame_index(frames, n, train=False) if self.image is not None
+                 else torch.full((n,), frames // 2, dtype=torch.long))
+        sticker = batch["image"][:n].float() if "image" in batch else real[torch.arange(n), :, index]
+        fps = torch.as_tensor(batch.get("fps", 8.0)).flatten()[:n] if "fps" in batch else 8.0
+        for kind, video in (("", generated.float()), ("real_", real)):
+            relevance = clip_alignment(self.probe, video, list(batch["meta"])[:n], fps) if self.probe else None
+            verdict = judge(video, sticker, index, relevance, self.thresholds)
+            for name, value in verdict.items():
+                if name == "pass" or name.endswith("_pass"):
+                    self.flags.setdefault(f"judge_{kind}{name.removesuffix('_pass')}", []).append(value.float())
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(torch.cat(values).mean()) for name, values in self.flags.items()}

@@ -262,3 +262,20 @@ def test_ensemble_writes_a_gallery_and_selects_by_labels_then_judges(outputs: Pa
     data.setup("fit")
     keys = sorted(k for batch in data.val_dataloader() for k in batch["key"])
     assert keys == sorted(r["key"].replace("-", "_") for r in rows[:2])
+
+
+def test_judges_evaluator_rates_samples_beside_the_real_clips() -> None:
+    from lightning_modules.evaluation.sticker_judges import StickerJudges, judge
+
+    world = WorldConfig(sticker_size=16, sticker_frames=[8])
+    clips = torch.from_numpy(np.stack([make_sticker(world, "val", i).frames for i in range(6)])).float()
+    real = clips.permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+    still = real[:, :, 4:5].expand(-1, -1, 8, -1, -1)
+    evaluator = StickerJudges()
+    evaluator.start(None, None)  # no trainer: no probe, so no relevance judge
+    evaluator.update(still, {"video": real, "meta": [{}] * 6, "fps": torch.full((6,), 8.0)}, {})
+    rates = evaluator.compute()
+    expected = judge(real, real[:, :, 4], torch.full((6,), 4), None)
+    assert rates["judge_real_pass"] == pytest.approx(float(expected["pass"].float().mean()))
+    assert rates["judge_real_motion"] == pytest.approx(float(expected["motion_pass"].float().mean()))
+    assert rates["judge_motion"] == 0.0 and rates["judge_identity"] == 1.0  # a still sticker: no motion, same look
