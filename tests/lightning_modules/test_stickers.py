@@ -158,7 +158,7 @@ def test_short_training_lowers_the_loss_and_the_output_follows_the_sticker(outpu
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     t, noise = torch.full((8,), 0.5), torch.randn(8, 12, 8, 8, 8)
     before = float(module.loss(batch, t=t, noise=noise))
-    for _ in range(40):
+    for _ in range(25):
         optimizer.zero_grad()
         module.loss(batch, train=True).backward()
         optimizer.step()
@@ -279,3 +279,24 @@ def test_judges_evaluator_rates_samples_beside_the_real_clips() -> None:
     assert rates["judge_real_pass"] == pytest.approx(float(expected["pass"].float().mean()))
     assert rates["judge_real_motion"] == pytest.approx(float(expected["motion_pass"].float().mean()))
     assert rates["judge_motion"] == 0.0 and rates["judge_identity"] == 1.0  # a still sticker: no motion, same look
+
+
+def test_shards_of_a_folder_carry_the_motion_bucket(tmp_path: Path) -> None:
+    import tarfile
+
+    from datamodules.media import write_video
+    from datamodules.write_shards import folder_to_shards
+
+    moving = make_sticker(WorldConfig(sticker_size=32, sticker_frames=[8]), "train", 3).frames
+    for name, frames in (("moving", moving), ("still", np.repeat(moving[:1], 8, axis=0))):
+        write_video(tmp_path / "in" / f"{name}.mp4", torch.from_numpy(frames).permute(3, 0, 1, 2) / 127.5 - 1, fps=8.0)
+        (tmp_path / "in" / f"{name}.txt").write_text(f"a {name} sticker\n")
+    folder_to_shards(tmp_path / "in", tmp_path / "out", progress=False)
+    metas = {}
+    with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                metas[member.name.split(".")[0]] = json.loads(tar.extractfile(member).read())
+    assert metas["still"]["motion_bucket"] == 0
+    assert metas["moving"]["motion_bucket"] == motion_bucket(metas["moving"]["motion_score"]) > 0
+    assert metas["moving"]["motion_score"] == pytest.approx(motion_score(moving), abs=0.004)
