@@ -3,7 +3,8 @@
     for each teacher k (a checkpoint of the sticker model, trained by its own recipe):
         for each (sticker, prompt) of the pool, for each seed:   clip = teacher_k(sticker, prompt, seed)
     scores  = judges(clip): motion, temporal consistency, looping, identity with the sticker, prompt relevance
-    gallery = index.html (the clips and their scores) + labels.csv (a person fills `keep`)
+    gallery = index.html (the clips and their scores) + labels.csv (a person fills `keep`) + grid.png (the first
+              four stickers → animations of each teacher)
     kept    = a person's label where present, else the judges' verdict
     the kept clips → WebDataset shards (mp4 + sticker.png + caption + json), the student's training set
 
@@ -133,6 +134,8 @@ class TeacherEnsemble:
         for old in (folder / "gallery", folder / "selected"):  # a rerun replaces the last gallery and selection
             shutil.rmtree(old, ignore_errors=True)
         judges.write_gallery(folder / "gallery", found, scores)
+        per_teacher = [[c for c in found if c.teacher == name][:4] for name in self.teachers]
+        (folder / "gallery" / "grid.png").write_bytes(encode_image(judges.frame_grid(sum(per_teacher, []))))
         labels = judges.read_labels(self.labels) if self.labels else {}
         keys = [c.key for c in found]
         kept = set(judges.select(keys, scores["pass"], labels))

@@ -131,6 +131,28 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("lightning_modules/schedules.py", 66, "1.0 -> 2.0"):
         "min(1.0, pct): the chosen phase always has step <= end (the last: step <= total_steps - 1 = its end), so "
         "pct <= 1 without it (the other 1.0 on this line, a zero-length phase's pct, is killed)",
+    ("kernels/norms.py", 37, "Lt -> LtE"):
+        "the forward's weight mask: the one extra lane it loads (w[n_cols], one past the weight) only scales a "
+        "y lane whose store is masked by `ok` (cols < n_cols)",
+    ("kernels/norms.py", 39, "0.0 -> 1.0"):
+        "the forward's padding value of w: padding lanes of y are never stored, and w does not enter the row's "
+        "statistic",
+    ("kernels/norms.py", 70, "0.0 -> 1.0"):
+        "the backward's padding value of w: on padding lanes dy loads as 0, so g, g*n, dy*n*w are 0 whatever w is",
+    ("kernels/norms.py", 79, "0.0 -> 1.0"):
+        "the backward's padding value of x: on padding lanes dy loads as 0, so every sum (g*n, dw, ds) gets 0 there, "
+        "and their dx lanes are not stored",
+    ("kernels/norms.py", 80, "0.0 -> 1.0"):
+        "the backward's rstd of a row past the sequence: its dy and x load as 0 (n = 0, g = 0) and nothing of it "
+        "is stored",
+    ("kernels/norms.py", 122, "0 -> 1"):
+        "the strides returned for an absent scale/shift: the kernels never read them (HAS_S/HAS_T are False) and "
+        "the per-row test checks `is not None` first",
+    ("kernels/norms.py", 131, "4096 -> 4097"):
+        "num_warps (8 from 4096 columns, else 4) only changes how a program is scheduled, not what it computes",
+    ("kernels/norms.py", 179, "0 -> 1"):
+        "the placeholder for an absent weight's partials: the kernel gets dx instead (HAS_W False) and dweight is "
+        "x.new_empty(0) whatever it holds",
 }
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

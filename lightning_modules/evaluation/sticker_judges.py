@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from datamodules.media import write_gif, write_image
+from datamodules.media import to_uint8_frames, write_gif, write_image
 from lightning_modules.evaluation.base import Evaluator
 from lightning_modules.evaluation.probe import ProbeConfig, clip_alignment, probe_from_datamodule
 
@@ -215,6 +216,13 @@ def write_gallery(folder: str | Path, candidates: Sequence[Candidate], scores: M
             writer.writerow([row["key"], row["teacher"], row["prompt"], int(row["pass"]),
                              *(f"{row[n]:.6g}" for n in names), ""])
     return folder
+
+
+def frame_grid(candidates: Sequence[Candidate], scale: int = 4) -> np.ndarray:
+    """uint8 [rows·H·scale, (T + 1)·W·scale, 3]: one row per candidate, its sticker then its frames (nearest-neighbour
+    scaled), for a picture of sticker → animation (the README's)."""
+    rows = [np.concatenate([to_uint8_frames(c.sticker)[0], *to_uint8_frames(c.video)], axis=1) for c in candidates]
+    return np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def read_labels(path: str | Path) -> dict[str, bool | None]:

@@ -238,3 +238,12 @@ def test_pass_rates_per_teacher_and_criterion():
     assert rates_["B"]["motion"] == 0.0 and rates_["B"]["pass"] == 0.0 and rates_["B"]["identity"] == 1.0
     by_hand = [{"teacher": "T", "motion_pass": m, "pass": p} for m, p in [(1, 0), (1, 1), (0, 0), (1, 0)]]
     assert sj.pass_rates(by_hand) == {"T": {"motion": 0.75, "pass": 0.25}}
+
+
+def test_frame_grid_puts_the_sticker_then_the_frames_in_a_row() -> None:
+    sticker, video = torch.rand(3, 2, 3) * 2 - 1, torch.rand(3, 4, 2, 3) * 2 - 1
+    grid = sj.frame_grid([sj.Candidate("a", "t", "p", sticker, video)] * 2, scale=2)
+    assert grid.shape == (2 * 2 * 2, 5 * 3 * 2, 3)
+    assert (grid[0:4:2, 0:6:2] == to_uint8_frames(sticker)[0]).all()
+    assert (grid[0:4:2, 6 * 4:6 * 5:2] == to_uint8_frames(video)[3]).all()  # the last frame, fifth cell
+    assert (grid[4:] == grid[:4]).all()
