@@ -92,6 +92,15 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("lightning_modules/privacy/accounting.py", 161, "Gt -> GtE"):
         "the bisection takes one more step when the bracket is exactly rel_tol wide: the result is within rel_tol "
         "of the smallest sigma either way",
+    ("lightning_modules/privacy/accounting.py", 152, "1.0 -> 2.0"):
+        "the first top of the calibration's bracket: from 1 or 2 the doubling brackets the same smallest sigma and "
+        "the bisection returns it to rel_tol",
+    ("lightning_modules/privacy/accounting.py", 176, "2 -> 3"):
+        "the budget search's first bracket top: from 2 or 3 the doubling keeps eps(lo) <= target < eps(hi) (or "
+        "reaches the cap, checked itself), and the integer bisection finds the same largest affordable count",
+    ("lightning_modules/privacy/accounting.py", 163, "LtE -> Lt"):
+        "eps(mid) <= target vs <: only when eps(mid) equals the target exactly, and then the bisection keeps mid as "
+        "lo instead of hi and still returns an affordable sigma within rel_tol of the smallest",
     ("lightning_modules/privacy/sampling.py", 41, "0 -> 1"):
         "PoissonBatchSampler's default seed: callers pass the run's seed; any default is as valid",
     ("lightning_modules/privacy/sampling.py", 45, "False -> True"):
@@ -153,6 +162,36 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ("kernels/norms.py", 179, "0 -> 1"):
         "the placeholder for an absent weight's partials: the kernel gets dx instead (HAS_W False) and dweight is "
         "x.new_empty(0) whatever it holds",
+    ("callbacks/ema.py", 82, "1 -> 2"):
+        "the initial _last_step, a marker for 'no step seen yet': global_step is never negative, so -1 and -2 "
+        "both differ from every step",
+    ("lightning_modules/evaluation/world_measures.py", 101, "0.0 -> 1.0"):
+        "a NaN move comes from a frame where the object is missing: that pair scores 0 (lost in one frame) or is "
+        "skipped (empty in both, IoU NaN) whatever it is shifted by",
+    ("lightning_modules/evaluation/world_measures.py", 251, "1e-09 -> 2e-09"):
+        "the guard of a zero circle residual in line / residual: the ratio is only compared with 1.5, and 1e-9 vs "
+        "2e-9 side could only matter for a line residual of 1.5e-9 - 3e-9 side, below a float32 centroid's "
+        "resolution",
+    ("lightning_modules/evaluation/world_measures.py", 275, "Gt -> GtE"):
+        "the fall rule's thresholds (gravity > 0.6, speed_cv > 0.12) as >=: tuned cut-offs of fitted ratios, which "
+        "differ only when a ratio equals the float threshold exactly",
+    ("lightning_modules/evaluation/palette.py", 187, "Add -> Sub"):
+        "of d2[:, k:k + n_bg] (the plain background colours): every background colour is an end of a gradient "
+        "segment, never nearer than that segment, so the background minimum is the same without them (the other "
+        "Add on this line is killed)",
+    ("lightning_modules/evaluation/palette.py", 223, "Add -> Sub"):
+        "_alphas' d[:, k:k + n_bg]: as on line 187, the gradient segments already reach every plain background "
+        "colour (the other Add on this line is killed)",
+    ("lightning_modules/evaluation/palette.py", 192, "1 -> 2"):
+        "lru_cache(maxsize) of label_table(), which takes no arguments: one entry either way",
+    ("lightning_modules/evaluation/palette.py", 200, "1 -> 2"):
+        "lru_cache(maxsize) of alpha_table(), which takes no arguments: one entry either way",
+    ("lightning_modules/evaluation/frechet.py", 34, "True -> False"):
+        "reset_real_features only matters when a metric is reset and reused; frechet_distance builds a fresh one "
+        "per call and computes it once",
+    ("lightning_modules/evaluation/frechet.py", 68, "0 -> 1"):
+        "an empty set as 1 row of zeros instead of 0 rows: every use needs 2 or more rows (and n = max(len, 2)), so "
+        "0 and 1 row are treated alike",
 }
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

@@ -14,11 +14,32 @@ import torch
 
 from datamodules.media import frames_to_video
 from datamodules.synthetic.generate import realise
-from datamodules.synthetic.world import GRAVITY, Background, ObjectSpec, SceneSpec, simulate
+from datamodules.synthetic.world import (
+    BACKGROUND_COLOURS,
+    GRAVITY,
+    OBJECT_COLOURS,
+    TEXTURE_COLOURS,
+    Background,
+    ObjectSpec,
+    SceneSpec,
+    simulate,
+)
 from datamodules.video import VideoDataModule
 from datamodules.write_shards import write_world
 from lightning_modules.evaluation.frechet import FrechetWithFloor, frechet_distance
-from lightning_modules.evaluation.palette import object_masks
+from lightning_modules.evaluation.palette import (
+    BACKGROUND_LABEL,
+    PHOTO_DISTANCE,
+    TEXTURE_LABEL,
+    _alphas,
+    background_distance,
+    colour_masks,
+    nearest_labels,
+    object_masks,
+    palette_labels,
+    soft_colour_masks,
+    unit,
+)
 from lightning_modules.evaluation.probe import (
     ATTRIBUTES,
     BACKGROUND_CLASSES,
@@ -42,6 +63,7 @@ from lightning_modules.evaluation.world_measures import (
     direction_cosine,
     gravity_fit,
     reversal_sharpness,
+    track_features,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -106,6 +128,9 @@ def test_mask_measures_by_hand() -> None:
     # a right angle: cos 0; moves shorter than min_step are ignored
     assert direction_cosine(torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])) == pytest.approx(0.0)
     assert math.isnan(direction_cosine(torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]), min_step=2.0))
+    # a pause (a move of length 0 = min_step, not longer) has no direction: only the middle pair counts
+    paused = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
+    assert direction_cosine(paused) == pytest.approx(1.0)
 
     # 4x4 then 4x2 with the same centroid: IoU 8 / 16 after alignment; areas 16, 8: CV = 4 / 12
     squat = torch.zeros(2, 16, 16)
@@ -118,6 +143,11 @@ def test_mask_measures_by_hand() -> None:
     jumpy = square_clip([2, 3, 4, 5, 10])
     assert coherence_iou(jumpy) == pytest.approx((1 + 1 + 0) / 3, abs=1e-5)
     assert consistency_iou(jumpy) == pytest.approx(1.0, abs=1e-5)  # the outline never changes
+
+    # a one-pixel object is found (area 1): centroids, and both IoUs of its steady move
+    dot = square_clip([2, 3, 4, 5], side=1)
+    assert torch.allclose(centroids(dot)[0][:, 0], torch.tensor([2.5, 3.5, 4.5, 5.5]))
+    assert consistency_iou(dot) == pytest.approx(1.0, abs=1e-5) and coherence_iou(dot) == pytest.approx(1.0, abs=1e-5)
 
     # the object lost in one frame: that pair scores 0
     lost = square_clip([2, 3, 4])
@@ -140,6 +170,26 @@ def test_track_fits_by_hand() -> None:
     wall = torch.tensor([[0.0, 0], [2, 0], [4, 0], [3, 0], [1, 0]])
     assert reversal_sharpness(wall, min_step=0.1) == pytest.approx((2 + 1) / 2)
     assert reversal_sharpness(circle, min_step=0.1) < 0.5
+
+
+def test_track_features_in_the_worlds_units_by_hand() -> None:
+    """Features of tracks in pixels of a 32 (high) x 24 (wide) clip at 8 fps: speeds in sides (24 px) per second,
+    gravity against the world's (GRAVITY heights per second², 32 px a height)."""
+    t = torch.arange(8, dtype=torch.float64)
+    straight = torch.stack([2 + 1.5 * t, torch.full_like(t, 10.0)], dim=1)  # 1.5 px a frame = 12 px/s
+    f = track_features(straight, 32, 24, 8.0)
+    assert f["speed"] == pytest.approx(12 / 24) and f["cosine"] == pytest.approx(1.0)
+    assert f["speed_cv"] == 0.0 and f["sharpness"] == 0.0 and f["gravity"] == pytest.approx(0.0, abs=1e-9)
+    assert f["line"] < 1e-3  # a line fits it: far below the 1.5 an orbit needs
+    g = GRAVITY * 32  # px/s²: a fall at the world's gravity, 1.0 by definition
+    falling = torch.stack([torch.full_like(t, 12.0), 3 + 0.5 * g * (t / 8.0) ** 2], dim=1)
+    assert track_features(falling, 32, 24, 8.0)["gravity"] == pytest.approx(1.0, rel=1e-6)
+    # the still threshold: the world's moving objects go >= 0.2 side/s; 0.1 side/s is a still object's jitter
+    for side_per_s, motion in ((0.2, "bounce"), (0.1, "still")):
+        drift = torch.stack([10 + side_per_s * 24 / 8.0 * t, torch.full_like(t, 10.0)], dim=1)
+        assert classify_motion(drift, 32, 24, 8.0) == motion, side_per_s
+    # three frames are enough to tell a move from standing still
+    assert classify_motion(straight[:3], 32, 24, 8.0) == "bounce"
 
 
 def world_track(motion: str, **kwargs) -> torch.Tensor:
@@ -173,10 +223,37 @@ def test_background_measures_by_hand() -> None:
     flicker = still.clone()
     flicker[:, 1::2] = 0.6  # x in [0, 1] alternates 0.6 and 0.8: temporal std 0.1
     assert background_flicker(flicker, region) == pytest.approx(0.1, abs=1e-6)
+    assert background_flicker(flicker[:, :2], region) == pytest.approx(0.1, abs=1e-6)  # two frames are enough
+    assert math.isnan(background_flicker(flicker[:, :1], region))  # one frame has no temporal std
     speckle = still.clone()
     speckle[:, :, 3, 3] = 1.0  # one bright pixel: |Δx| = 4·0.4 there, 0.4 at its 4 neighbours (x in [0, 1])
     # the Laplacian is read where all 4 neighbours are background: the 2x2 centre of the 4x4 region
     assert background_speckle(speckle, region) == pytest.approx((1.6 + 0.4 + 0.4 + 0.0) / 4, abs=1e-6)
+
+
+def test_world_measures_update_on_a_batch() -> None:
+    """`WorldMeasures.update` on a rendered batch: generated clips scored like the batch's real ones (here the
+    same clips: equal values), fps 0 (unknown) read from the scene record, and batches it must skip: single
+    images, clips of fewer than 3 frames (coherence and the motion need 3), scenes without objects."""
+    obj = ObjectSpec(id=1, shape="circle", colour="orange", radius=9.0, motion="bounce", position=(14.0, 15.0),
+                     velocity=(20.0, 8.0))
+    rendered = realise(SceneSpec(32, 32, 8.0, 8, Background("plain", ["navy"]), [obj]))
+    video = frames_to_video(torch.from_numpy(rendered.frames))[None, :, :3]  # [1, 3, T=3, 32, 32]
+    meta = {"objects": [{"colour": "orange", "texture": "solid", "motion": "bounce"}],
+            "background": {"kind": "plain", "colours": ["navy"]}, "fps": 8.0}
+    measures = WorldMeasures()
+    measures.start(None, None)
+    measures.update(video, {"video": video, "meta": [meta], "fps": torch.tensor([0.0])}, {})
+    out = measures.compute()
+    direct = WorldMeasures()
+    direct.add(video, [meta], 8.0)
+    assert out == {**direct.compute(), **{k + "_real": v for k, v in direct.compute().items()}}
+    assert {"coherence_iou", "motion_accuracy", "background_flicker"} <= set(out), out
+    for generated, batch in ((video[:, :, :1], {"meta": [meta]}), (video[:, :, :2], {"meta": [meta]}),
+                             (video, {"meta": [{"objects": []}]}), (video, {})):
+        skipped = WorldMeasures()
+        skipped.update(generated, batch, {})
+        assert skipped.compute() == {}, (generated.shape, batch)
 
 
 def test_palette_segmentation_matches_the_label_map() -> None:
@@ -188,10 +265,116 @@ def test_palette_segmentation_matches_the_label_map() -> None:
         video = frames_to_video(torch.from_numpy(rendered.frames))
         meta = {"objects": [{"colour": "orange", "texture": texture}],
                 "background": {"kind": background.kind, "colours": background.colours}}
-        masks = object_masks(video, meta)[0]
         truth = torch.from_numpy(rendered.labels) == 1
-        iou = (masks & truth).sum() / (masks | truth).sum()
-        assert iou > (0.99 if texture == "solid" else 0.9), (shape, float(iou))
+        prompt_free = colour_masks(video[None])[0]  # [8, T, H, W], no prompt: every object colour
+        for masks in (object_masks(video, meta)[0], prompt_free[list(OBJECT_COLOURS).index("orange")]):
+            iou = (masks & truth).sum() / (masks | truth).sum()
+            assert iou > (0.99 if texture == "solid" else 0.9), (shape, float(iou))
+        others = [i for i, c in enumerate(OBJECT_COLOURS) if c != "orange"]
+        assert prompt_free[others].float().mean() < 0.01, "no other object colour"
+
+
+def test_photo_and_incomplete_backgrounds_have_no_colour_model() -> None:
+    """Against a photo (or a gradient record without its two colours) a pixel is an object's only if it is nearer
+    than PHOTO_DISTANCE, half the smallest distance between two object colours, to the object's colour."""
+    objects = torch.tensor(list(OBJECT_COLOURS.values()), dtype=torch.float64) / 255
+    assert PHOTO_DISTANCE == pytest.approx(torch.cdist(objects, objects).add(torch.eye(8) * 9).min() / 2, abs=0.005)
+    pixels = torch.rand(3, 4, 5)
+    for record in ({"kind": "photo"}, {"kind": "gradient", "colours": ["white"]}, {}):
+        assert torch.equal(background_distance(pixels, record), torch.full((4, 5), PHOTO_DISTANCE)), record
+    orange = torch.tensor(OBJECT_COLOURS["orange"]) / 255
+    away = torch.tensor([0.0, 1.0, 0.0])  # towards more green: no other object colour is nearer than orange
+    video = torch.zeros(3, 1, 12, 12)
+    for (top, left), distance in (((0, 0), 0.1), ((0, 6), 0.2), ((6, 0), 0.0)):
+        video[:, 0, top:top + 6, left:left + 6] = (orange + distance * away)[:, None, None] * 2 - 1
+    video[:, 0, 6:, 6:] = 0.0  # grey: far from orange
+    mask = object_masks(video, {"objects": [{"colour": "orange"}], "background": {"kind": "photo"}})[0, 0]
+    assert mask[:6, :6].all() and mask[6:, :6].all(), "within PHOTO_DISTANCE of orange"
+    assert not mask[:6, 6:].any() and not mask[6:, 6:].any(), "0.2 from orange, or grey: the photo"
+
+
+def test_soft_masks_count_antialiased_edges_by_their_share() -> None:
+    """An orange block on navy whose left edge column is 70 % orange and right edge column 30 %: the soft mask is
+    each pixel's share of orange (1 inside, 0.7 and 0.3 on the edges, 0 on the background)."""
+    orange = torch.tensor(OBJECT_COLOURS["orange"]) / 255
+    navy = torch.tensor(BACKGROUND_COLOURS["navy"]) / 255
+    share = torch.zeros(10, 10)
+    share[3:7, 3:6] = 1.0
+    share[3:7, 2], share[3:7, 6] = 0.7, 0.3
+    x = share * orange[:, None, None] + (1 - share) * navy[:, None, None]  # [3, H, W]
+    video = (x * 2 - 1)[:, None].expand(3, 2, 10, 10)
+    meta = {"objects": [{"colour": "orange"}], "background": {"kind": "plain", "colours": ["navy"]}}
+    soft = object_masks(video, meta, soft=True)[0]
+    torch.testing.assert_close(soft, share.expand(2, 10, 10), atol=1e-5, rtol=0)
+
+
+def brute_force_distances(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distances [N, 10], α [N, 8]) of pixels [N, 3] by palette's module doc, pixel by pixel in float64:
+    columns 0-7 the object colours (the nearer of d(x, c) and d(x, [c, (c + w) / 2]) for the texture colours w),
+    then the background (plain colours, and the segments between two of them) and the texture colours; α_k =
+    d_bg / (d_bg + d_k)."""
+    def to_segment(a, b):
+        d = b - a
+        lam = (((pixels - a) * d).sum(1) / (d * d).sum()).clamp(0, 1)
+        return (pixels - (a + lam[:, None] * d)).norm(dim=1)
+
+    table = lambda colours: [torch.tensor(c, dtype=torch.float64) / 255 for c in colours.values()]
+    objects, textures, backgrounds = table(OBJECT_COLOURS), table(TEXTURE_COLOURS), table(BACKGROUND_COLOURS)
+    to_point = lambda c: (pixels - c).norm(dim=1)
+    object_d = torch.stack([torch.stack([to_point(c)] + [to_segment(c, (c + w) / 2) for w in textures]).amin(0)
+                            for c in objects], 1)
+    background_d = torch.stack([to_point(c) for c in backgrounds]
+                               + [to_segment(a, b) for i, a in enumerate(backgrounds) for b in backgrounds[i + 1:]])
+    background_d = background_d.amin(0)[:, None]
+    texture_d = torch.stack([to_point(c) for c in textures]).amin(0)[:, None]
+    return torch.cat([object_d, background_d, texture_d], 1), background_d / (background_d + object_d)
+
+
+def test_prompt_free_labels_and_alphas_match_the_formulas() -> None:
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([*OBJECT_COLOURS.values(), *BACKGROUND_COLOURS.values(), *TEXTURE_COLOURS.values()],
+                           dtype=torch.float64) / 255
+    # random colours, and blends of every palette colour with every other (edges, textures, gradients)
+    share = torch.rand(len(colours), len(colours), 1, generator=g, dtype=torch.float64)
+    blends = (share * colours[:, None] + (1 - share) * colours[None]).reshape(-1, 3)
+    pixels = torch.cat([torch.rand(2000, 3, generator=g, dtype=torch.float64), blends])
+    distances, alphas = brute_force_distances(pixels)
+    nearest = distances.topk(2, dim=1, largest=False).values
+    clear = nearest[:, 1] - nearest[:, 0] > 1e-6  # no near-tie between the two nearest labels
+    labels = nearest_labels(pixels)
+    assert clear.float().mean() > 0.95
+    assert torch.equal(labels[clear], distances.argmin(1)[clear])
+    assert set(labels.tolist()) == set(range(10)) and (BACKGROUND_LABEL, TEXTURE_LABEL) == (8, 9)
+    # the table is float32 from expanded squares (‖x‖² − 2x·c + ‖c‖²): its d is ~5e-4 off where d is ~0
+    apart = torch.minimum(distances[:, 8:9], distances[:, :8]) > 0.01
+    torch.testing.assert_close(_alphas(pixels)[apart], alphas[apart], atol=1e-4, rtol=0)
+    torch.testing.assert_close(_alphas(pixels), alphas, atol=3e-3, rtol=0)
+    assert unit(torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.5])).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_palette_labels_and_soft_masks_read_the_tables_at_the_nearest_grid_colour() -> None:
+    """Clips [B, 3, T, H, W] (overshooting [-1, 1], as samples may) are labelled, and given the α of their
+    boundary pixels, at the nearest colour of the 64-level grid: checked against the formulas there."""
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand(2, 3, 2, 5, 6, generator=g) * 2.4 - 1.2
+    grid = ((video + 1) / 2).clamp(0, 1).mul(63).round() / 63
+    pixels = grid.permute(0, 2, 3, 4, 1).reshape(-1, 3).double()  # [B·T·H·W, 3]
+    distances, alphas = brute_force_distances(pixels)
+    nearest = distances.topk(2, dim=1, largest=False).values
+    clear = (nearest[:, 1] - nearest[:, 0] > 1e-6).reshape(2, 2, 5, 6)
+    expected = distances.argmin(1).reshape(2, 2, 5, 6)
+    assert clear.float().mean() > 0.95
+    assert torch.equal(palette_labels(video)[clear], expected[clear])
+    masks = torch.zeros(2, 8, 2, 5, 6, dtype=torch.bool)
+    masks[:, 3, :, 1:4, 1:5] = True  # a block of colour 3 (yellow) in every frame: its border pixels and the ring
+    soft = soft_colour_masks(video, masks)
+    ring = torch.zeros(5, 6, dtype=torch.bool)
+    ring[0:5, 0:6] = True
+    ring[2:3, 2:4] = False  # the block's interior: 3x3 windows all inside
+    alpha = alphas.reshape(2, 2, 5, 6, 8).permute(0, 4, 1, 2, 3).float()
+    assert torch.equal(soft[:, 3, :, 2:3, 2:4], torch.ones(2, 2, 1, 2)), "inside: 1"
+    torch.testing.assert_close(soft[:, 3][:, :, ring], alpha[:, 3][:, :, ring], atol=2e-3, rtol=2e-3)
+    assert torch.equal(soft[:, [0, 1, 2, 4, 5, 6, 7]], torch.zeros(2, 7, 2, 5, 6)), "no mask: 0"
 
 
 def test_classes_and_frechet_by_hand() -> None:
@@ -323,3 +506,9 @@ def test_frechet_edges_and_which_entries_are_computed() -> None:
     one_sample.add_real(x[1:5])
     one_sample.add_reference(x[5:9])
     assert set(one_sample.compute()) == {"fd_real_floor"}  # one sample: no fd; the floor uses n = 2 references
+    two_each = FrechetWithFloor(3)  # 2 vectors a set is enough for every entry
+    two_each.add_samples(x[:2])
+    two_each.add_real(x[2:4])
+    two_each.add_reference(x[4:6])
+    assert two_each.compute() == pytest.approx({"fd": frechet_distance(x[2:4], x[:2]), "fd_samples": 2.0,
+                                                "fd_real_floor": frechet_distance(x[2:4], x[4:6])})

@@ -209,6 +209,10 @@ def test_budget_search_at_its_edges():
     assert max_steps_within_budget(ledger, [1.0], 0.99 * one_step) == 0
     assert max_steps_within_budget(ledger, [1.0], 1e6, limit=4) == 4  # the cap itself is reachable
     assert max_steps_within_budget(ledger, [1.0], ledger.epsilon(100, [1.0])) == 100  # the default cap is far
+    # a target spent exactly by a power of two steps (a top of the doubling bracket) affords those steps
+    assert max_steps_within_budget(ledger, [1.0], ledger.epsilon(4, [1.0])) == 4
+    # a budget no run can spend stops at the default cap, 10**7 steps (epsilon at 1.7e7 steps is still ~0.8)
+    assert max_steps_within_budget(ledger, [1000.0], 10.0) == 10**7
     three = ledger.epsilon(3, [1.0])
     assert max_steps_within_budget(ledger, [1.0], three, limit=4) == 3  # a cap that is not affordable is not returned
     assert max_steps_within_budget(ledger, [1.0], three, limit=3) == 3
@@ -225,8 +229,18 @@ def test_calibration_below_one_is_the_smallest_sigma_to_rel_tol():
     sigma = calibrate_noise_multiplier(target, delta, q, steps)
     assert sigma < 1
     assert compute_epsilon({sigma: steps}, q, delta) <= target < compute_epsilon({sigma * (1 - 1e-3): steps}, q, delta)
+    # a target of epsilon <= 1 (a common strict budget) is positive too
+    strict = calibrate_noise_multiplier(1.0, delta, q, steps)
+    assert compute_epsilon({strict: steps}, q, delta) <= 1.0 < compute_epsilon({strict * (1 - 1e-3): steps}, q, delta)
     with pytest.raises(ValueError, match="target_epsilon must be positive"):
         calibrate_noise_multiplier(0.0, 1e-5, 0.05, 10)
+    # the search gives up past sigma = 1e4 (GDP, whose epsilon keeps falling with sigma, to reach there cheaply):
+    # a target that needs sigma 6000 is found, one that needs 12000 is refused
+    with pytest.warns(UserWarning, match="GDP"):
+        reachable = compute_epsilon({6000.0: 1000}, q, delta, "gdp")
+        assert calibrate_noise_multiplier(reachable, delta, q, 1000, "gdp") == pytest.approx(6000.0, rel=1e-3)
+        with pytest.raises(ValueError, match="cannot be reached"):
+            calibrate_noise_multiplier(compute_epsilon({12000.0: 1000}, q, delta, "gdp"), delta, q, 1000, "gdp")
 
 
 def test_a_ledger_counts_steps_and_starts_at_zero():
@@ -236,3 +250,6 @@ def test_a_ledger_counts_steps_and_starts_at_zero():
     ledger.record([1.0, 10.0])
     assert ledger.num_steps == 2 and ledger.steps == {1.0: 2, 10.0: 2}
     assert ledger.epsilon() == compute_epsilon({1.0: 2, 10.0: 2}, 0.05, 1e-5)
+    # a look-ahead adds its steps to the recorded ones, and counts a noise multiplier not recorded yet from 0
+    assert ledger.epsilon(3, [1.0, 20.0]) == compute_epsilon({1.0: 5, 10.0: 2, 20.0: 3}, 0.05, 1e-5)
+    assert PrivacyLedger(0.05, 1e-5).epsilon(3, [1.0]) == compute_epsilon({1.0: 3}, 0.05, 1e-5)
