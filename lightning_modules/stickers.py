@@ -152,6 +152,9 @@ class TeacherEnsemble:
         log_artifacts(trainer, sorted((folder / "gallery").iterdir()), "ensemble/gallery")
         print(f"[ensemble] {len(found)} candidates, {summary['kept']} kept ({summary['kept_by_label']} by labels); "
               f"gallery: {folder / 'gallery' / 'index.html'}; selected shards: {shards}")
+        if not summary["kept"]:
+            print("[ensemble] no clip was kept: the student has no selected set (train the teachers longer, or keep "
+                  "clips by hand with ensemble.labels=)")
         for teacher, per in rates.items():
             print(f"[ensemble]   {teacher:>10}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
         return metrics
