@@ -134,6 +134,11 @@ class EMA(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initialise(pl_module)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The step count the run starts from (0, or a resumed run's): a batch that ends without an optimizer
+        # step (gradient accumulation) still shows it and must not count as an update.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step

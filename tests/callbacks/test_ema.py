@@ -173,15 +173,17 @@ def test_state_before_the_ema_is_initialised_round_trips() -> None:
     assert loaded.num_updates == 1 and torch.equal(loaded.shadow["net.weight"], state["shadow"]["net.weight"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with accumulate_grad_batches > 1 the first batch ends at global "
-                   "step 0, before any optimizer step, and the EMA counts an update there (and again after a resume, "
-                   "at the restored step); remove this mark when fixed")
 def test_one_update_per_optimizer_step_under_gradient_accumulation(tmp_path: Path) -> None:
     ema = EMA(decay=0.8, warmup=False)
-    trainer = fit(Regression(), [ema], 3, tmp_path, accumulate_grad_batches=2, limit_val_batches=0,
-                  enable_checkpointing=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = fit(Regression(), [ema, checkpoint], 3, tmp_path, accumulate_grad_batches=2, limit_val_batches=0)
     assert trainer.global_step == 3
     assert ema.num_updates == 3
+    resumed = EMA(decay=0.8, warmup=False)
+    trainer = fit(Regression(), [resumed], 5, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+                  accumulate_grad_batches=2, limit_val_batches=0, enable_checkpointing=False)
+    assert trainer.global_step == 5
+    assert resumed.num_updates == 5, "a resumed run counts its first accumulating batch as no step"
 
 
 @pytest.mark.slow
