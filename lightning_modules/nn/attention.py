@@ -19,7 +19,9 @@ Attention is softmax(QKᵀ/sqrt(d))·V, non-causal (Movie Gen and the U-Nets att
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -72,7 +74,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mas
 class Attention(nn.Module):
     """Multi-head (self or cross) attention: Q from x, K/V from x or ``context``, optional QK RMSNorm.
 
-    out = W_o · concat_h softmax(q_h k_hᵀ / sqrt(d)) v_h, with q = W_q x and (k, v) = W_kv (context or x).
+    out = W_o · concat_h softmax(q_h k_hᵀ / sqrt(d)) v_h, with q = W_q x, k = W_k s, v = W_v s (s = context or x).
+
+    Heads are read from the projections' widths (head_dim fixed), so a tensor-parallel copy whose projections
+    hold only its share of the heads runs unchanged (`lightning_modules.model_parallel`). `kv_hook`, when set
+    from outside, maps the (k, v) of self-attention before attending: context parallelism all-gathers them there.
     """
 
     def __init__(self, dim: int, heads: int, *, context_dim: int | None = None, head_dim: int | None = None,
@@ -85,15 +91,17 @@ class Attention(nn.Module):
         self.heads, self.head_dim, self.backend = heads, head_dim, backend
         inner = heads * head_dim
         self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_out = nn.Linear(inner, dim, bias=bias)
+        self.kv_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
 
     def init_weights(self) -> None:
         """PyTorch's default for the projections, 1 for the QK-norm weights (the meta-init contract of
         `lightning_modules.parallel`; networks that want another scheme re-initialise the projections after)."""
-        for layer in (self.to_q, self.to_kv, self.to_out):
+        for layer in (self.to_q, self.to_k, self.to_v, self.to_out):
             layer.reset_parameters()
         for weight in (self.q_norm, self.k_norm):
             if weight is not None:
@@ -106,9 +114,18 @@ class Attention(nn.Module):
         flat = kernels.rms_norm(t.reshape(-1, t.shape[-1]), weight, backend=self.backend)
         return flat.view(t.shape)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints from before the K and V projections were split hold one fused `to_kv` ([k; v] rows).
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(f"{prefix}to_kv.{kind}", None)
+            if fused is not None:
+                state_dict[f"{prefix}to_k.{kind}"], state_dict[f"{prefix}to_v.{kind}"] = fused.chunk(2, dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) [B, H, L, D] of source [B, L, C] (e.g. the anchor frame's tokens, to cache for guidance)."""
-        k, v = rearrange(self.to_kv(source), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        k = rearrange(self.to_k(source), "b l (h d) -> b h l d", d=self.head_dim)
+        v = rearrange(self.to_v(source), "b l (h d) -> b h l d", d=self.head_dim)
         return self._norm(k, self.k_norm), v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
@@ -124,12 +141,15 @@ class Attention(nn.Module):
             if cu_k is None:
                 raise ValueError("Attention: packed cross-attention needs cu_seqlens_context")
             max_k = max_seqlen if context is None else max_seqlen_context
-            q = self._norm(rearrange(self.to_q(x), "t (h d) -> t h d", h=self.heads), self.q_norm)
-            k, v = rearrange(self.to_kv(source), "t (two h d) -> two t h d", two=2, h=self.heads)
+            q = self._norm(rearrange(self.to_q(x), "t (h d) -> t h d", d=self.head_dim), self.q_norm)
+            k = rearrange(self.to_k(source), "t (h d) -> t h d", d=self.head_dim)
+            v = rearrange(self.to_v(source), "t (h d) -> t h d", d=self.head_dim)
             out = kernels.varlen_attention(q, self._norm(k, self.k_norm), v, cu_seqlens, cu_k,
                                            max_seqlen_q=max_seqlen, max_seqlen_k=max_k, backend=self.backend)
             return self.to_out(rearrange(out, "t h d -> t (h d)"))
-        q = self._norm(rearrange(self.to_q(x), "b l (h d) -> b h l d", h=self.heads), self.q_norm)
+        q = self._norm(rearrange(self.to_q(x), "b l (h d) -> b h l d", d=self.head_dim), self.q_norm)
         k, v = self.project_kv(source)
+        if self.kv_hook is not None and context is None:
+            k, v = self.kv_hook(k, v)
         out = attend(q, k, v, key_padding_mask=key_padding_mask, guidance=guidance, backend=self.backend)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))

@@ -83,7 +83,8 @@ def test_temporal_attention_is_the_identity_then_attention_over_frames() -> None
         z = x[b, :, :, i, j]  # [T, C]
         q_in = torch.nn.functional.layer_norm(z, (8,), layer.norm.weight, layer.norm.bias) + frame_positions(5, 8)
         q = attn.to_q(q_in).view(5, 2, 4).transpose(0, 1)
-        k, v = attn.to_kv(q_in).view(5, 2, 2, 4).permute(1, 2, 0, 3)  # (k, v) × heads × frames × head_dim
+        k = attn.to_k(q_in).view(5, 2, 4).transpose(0, 1)  # heads × frames × head_dim
+        v = attn.to_v(q_in).view(5, 2, 4).transpose(0, 1)
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
         expected = z + attn.to_out((weights @ v).transpose(0, 1).reshape(5, 8))
         torch.testing.assert_close(out[b, :, :, i, j], expected, rtol=1e-5, atol=1e-5)
