@@ -14,6 +14,8 @@ samples.py           per-modality handlers: bucket by metadata, decode in worker
 write_shards.py      folder of media + captions -> shards (+ index.json); the synthetic world -> shards
 latent_cache.py      the TAE latent-cache format: its writer (encode_shards, encode_cache) and its reader
 latents.py           LatentDataModule: text-to-video batches from a latent cache
+text_cache.py        the text-embedding cache of a frozen text encoder: its writer (encode_texts) and reader
+parts.py             data preparation by parts (ranks, SLURM array tasks): which part, its folder, the merge
 synthetic/           the shapes world: scenes, images, identities, edit pairs, stickers with exact ground truth
 digits.py            scikit-learn's digits for the classifier / DP experiments
 """

@@ -12,13 +12,18 @@ A sample, under its source's key:
   and the raw members named in `keep` (e.g. "wav").
 
 index.json adds "latent": {format, member, tae (the TAE's config), temporal_factor, spatial_factor,
-channel_mean, channel_std (per channel, over every position of every sample's posterior mean), dtype, tiled,
-source}. The reader binds a generator's latent normalisation to channel_mean / channel_std and checks its codec
+channel_mean, channel_std (per channel, over every position of every sample's posterior mean), channel_count,
+channel_sum, channel_sum_squares (the float64 sums they come from), dtype, tiled, source}. The reader binds a generator's latent normalisation to channel_mean / channel_std and checks its codec
 against tae and the factors.
 
 The encoder is the TAE (`lightning_modules.nn.tae.TAE`), taken as any module with its interface: `encode(x)` and
 `encode_tiled(x, tile)` returning a posterior with `.mean` and `.logvar`, and `config`, `temporal_factor`,
 `spatial_factor`. It is passed in, so this floor never imports the networks.
+
+By parts (`datamodules.parts`): `task=encode` with part=K parts=N (or RANK / WORLD_SIZE, a SLURM array) encodes
+the part's range of each split's source shards into `<cache>/<split>/parts/<part>/`; `python
+experiments/make_shards.py merge=true output=<cache>` then writes each split's index.json, the statistics
+combined from the parts' sums (`merge_latent_entries`): equal to one pass to float64 rounding.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from einops import rearrange
 from webdataset.tariterators import base_plus_ext
 
 from datamodules.media import MediaDecodeError
+from datamodules.parts import PARTS_DIR, Part
 from datamodules.shard_datamodule import plain
 from datamodules.shards import ShardReadError, is_local, read_shard
 from datamodules.sources import SkipSample
@@ -122,7 +128,8 @@ def read_latent_json(meta: dict, shape: Sequence[int], factors: tuple[int, int] 
 
 class ChannelStatistics:
     """Per-channel mean and standard deviation of latents [B, C, T', h, w] over every position, accumulated batch
-    by batch (sums of values and squares)."""
+    by batch as the count of positions and float64 sums of values and squares. Sums add exactly up to float64
+    rounding, so the statistics of parts (`add`, `from_entry`) equal those of one pass over all their latents."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
@@ -130,28 +137,76 @@ class ChannelStatistics:
         self.count = 0
 
     def update(self, latents: torch.Tensor) -> None:
-        per_channel = rearrange(latents, "b c t h w -> c (b t h w)")
+        per_channel = rearrange(latents, "b c t h w -> c (b t h w)").double()
         self.total = per_channel.sum(1) + (self.total if self.total is not None else 0)
         self.total_squares = per_channel.pow(2).sum(1) + (self.total_squares if self.total_squares is not None else 0)
         self.count += per_channel.shape[1]
 
+    def add(self, other: ChannelStatistics) -> None:
+        """Take in the statistics of other latents (another part of the same cache)."""
+        if other.count == 0:
+            return
+        if self.count and len(self.total) != len(other.total):
+            raise ValueError(f"latent statistics of {len(self.total)} and {len(other.total)} channels cannot be combined")
+        self.total = other.total + (self.total if self.total is not None else 0)
+        self.total_squares = other.total_squares + (self.total_squares if self.total_squares is not None else 0)
+        self.count += other.count
+
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean [C], std [C]); needs at least one update."""
+        """(mean [C], std [C]) in float64; needs at least one update."""
         mean = self.total / self.count
         std = (self.total_squares / self.count - mean.pow(2)).clamp_min(0).sqrt()
         return mean, std
+
+    def entry(self) -> dict[str, Any]:
+        """The index.json fields: channel_mean, channel_std, and the sums they come from (channel_count,
+        channel_sum, channel_sum_squares) for combining parts; empty lists when nothing was counted."""
+        if self.count == 0:
+            return {"channel_mean": [], "channel_std": [], "channel_count": 0, "channel_sum": [],
+                    "channel_sum_squares": []}
+        mean, std = self.mean_std()
+        return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "channel_count": self.count,
+                "channel_sum": self.total.tolist(), "channel_sum_squares": self.total_squares.tolist()}
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> ChannelStatistics:
+        """The statistics recorded by `entry()` in an index.json's "latent" entry."""
+        if "channel_count" not in entry:
+            raise ValueError("the index.json's latent entry has no channel_count / channel_sum (written before "
+                             "caches could be merged): re-encode the parts")
+        statistics = cls()
+        if entry["channel_count"]:
+            statistics.count = int(entry["channel_count"])
+            statistics.total = torch.tensor(entry["channel_sum"], dtype=torch.float64)
+            statistics.total_squares = torch.tensor(entry["channel_sum_squares"], dtype=torch.float64)
+        return statistics
 
 
 def index_latent_entry(encoder: torch.nn.Module, statistics: ChannelStatistics, dtype: str, tiled: bool,
                        urls: Sequence[str]) -> dict[str, Any]:
     """index.json's "latent" entry: the format, the TAE's config and factors, the per-channel statistics."""
-    mean, std = statistics.mean_std()
     return {
         "format": LATENT_FORMAT, "member": LATENT_MEMBER, "tae": encoder.config,
         "temporal_factor": encoder.temporal_factor, "spatial_factor": encoder.spatial_factor,
-        "channel_mean": mean.tolist(), "channel_std": std.tolist(), "dtype": dtype, "tiled": tiled,
-        "source": list(urls),
+        **statistics.entry(), "dtype": dtype, "tiled": tiled, "source": list(urls),
     }  # fmt: skip
+
+
+def merge_latent_entries(entries: list[dict]) -> dict[str, Any]:
+    """The "latent" entry of a cache's parts (`datamodules.parts.merge_parts`) as one: the same TAE and options
+    in every part, the per-channel statistics combined from the parts' sums, the source shards in part order."""
+    statistics = ChannelStatistics()
+    for entry in entries:
+        statistics.add(ChannelStatistics.from_entry(entry))
+    if statistics.count == 0:
+        raise ValueError("no part of the latent cache encoded any sample")
+    fixed = ("format", "member", "tae", "temporal_factor", "spatial_factor", "dtype", "tiled")
+    for name in fixed:
+        if any(entry.get(name) != entries[0].get(name) for entry in entries[1:]):
+            raise ValueError(f"the parts of the latent cache differ in latent.{name}: were they encoded with "
+                             "different TAEs or options? Re-encode the odd parts")
+    return {**{name: entries[0].get(name) for name in fixed}, **statistics.entry(),
+            "source": [url for entry in entries for url in entry.get("source", [])]}
 
 
 def latent_factors(index: dict) -> tuple[int, int] | None:
@@ -180,10 +235,16 @@ def encoder_config(index: dict) -> dict | None:
 
 
 def cache_index(urls: Sequence[str]) -> dict:
-    """The index.json beside the first local shard of `urls` ({} for remote shards or none)."""
+    """The index.json of the cache of the first local shard of `urls` ({} for remote shards or none): the one
+    beside it, or for a shard in a part's folder (`<split>/parts/<part>/`) the merged index of `<split>` when
+    there is one (its statistics are those of all parts)."""
     for url in urls:
         if is_local(url):
-            index = Path(url.removeprefix("file:")).parent / INDEX
+            folder = Path(url.removeprefix("file:")).parent
+            merged = folder.parent.parent / INDEX
+            if folder.parent.name == PARTS_DIR and merged.is_file():
+                return json.loads(merged.read_text())
+            index = folder / INDEX
             return json.loads(index.read_text()) if index.is_file() else {}
     return {}
 
@@ -251,6 +312,7 @@ def encode_shards(
     keep_logvar: bool = False,
     keep: list[str] | tuple[str, ...] = (),
     maxcount: int = 1000,
+    part: Part | None = None,
 ) -> dict:
     """Encode every sample of `urls` (in order, once) with the TAE `net` into latent shards at `output`; returns
     the index.
@@ -260,7 +322,13 @@ def encode_shards(
     encoded (posterior mean; `encode_tiled` when `tiled`). Written with `datamodules.write_shards.ShardSink`
     under the same key, as the module docstring lays out (`latent.npz` with "logvar" if `keep_logvar`, `txt`,
     `json`, and the raw members named in `keep`). Unreadable samples are skipped and listed with their reason.
+
+    With `part` (`datamodules.parts.Part`) only the part's range of `urls` is encoded (the shard is the unit: have
+    at least as many source shards as parts), the index records "part", and a part with nothing to encode writes
+    an empty index; the parts merge with `datamodules.parts.merge_parts(..., combine={"latent":
+    merge_latent_entries})`, their statistics combined exactly.
     """
+    urls = part.take(urls) if part is not None else list(urls)
     was_training = net.training
     net.eval().to(device)
     sink = ShardSink(output, maxcount=maxcount)
@@ -307,9 +375,10 @@ def encode_shards(
             flush(name)
     finally:
         net.train(was_training)
-    if statistics.count == 0:
+    if statistics.count == 0 and part is None:
         raise ValueError(f"encode_shards: no sample of {urls[:3]}... could be encoded; skipped: {skipped[:5]}")
-    return sink.close(skipped=skipped, latent=index_latent_entry(net, statistics, dtype, tiled, urls))
+    extra = {"part": {"index": part.index, "count": part.count}} if part is not None else {}
+    return sink.close(skipped=skipped, latent=index_latent_entry(net, statistics, dtype, tiled, urls), **extra)
 
 
 def encode_cache(net: torch.nn.Module, source: Any, output: str | Path, splits: Sequence[str] = ("train", "val"),

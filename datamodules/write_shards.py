@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import webdataset as wds
 
@@ -51,6 +51,9 @@ from datamodules.media import (
     scan_video,
 )
 from datamodules.synthetic.world import motion_bucket
+
+if TYPE_CHECKING:  # parts.py imports this module (its schema and statistics)
+    from datamodules.parts import Part
 
 SCHEMA = "mediagen-shards/1"
 VIDEO_EXTENSIONS = ("mp4", "webm", "mov", "mkv")
@@ -87,6 +90,15 @@ def _to_bytes(key: str, ext: str, value: Any) -> bytes:
     raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, str or json (dict/list), got {type(value)}")
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as json to `path` atomically (a temporary file renamed over it): a reader, or a rerun that
+    checks whether the file exists, never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+
+
 def sample_stats(meta: dict, stats: dict) -> None:
     """Accumulate a sample's json into shard-set statistics."""
     stats.setdefault("kinds", Counter())[meta.get("kind", "unknown")] += 1
@@ -102,11 +114,27 @@ def sample_stats(meta: dict, stats: dict) -> None:
         stats.setdefault("audio_rates", Counter())[str(meta["audio_rate"])] += 1
 
 
+def merge_stats(parts: Iterable[dict]) -> dict:
+    """The statistics of shard sets (index.json's "stats", as `sample_stats` builds them) as one: counts and
+    per-value tallies summed, seconds summed (to the millisecond, as `sample_stats` rounds them)."""
+    merged: dict = {}
+    for stats in parts:
+        for name, value in stats.items():
+            if isinstance(value, dict):
+                merged.setdefault(name, Counter()).update(value)
+            else:
+                merged[name] = merged.get(name, 0) + value
+    if "seconds" in merged:
+        merged["seconds"] = round(merged["seconds"], 3)
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in merged.items()}
+
+
 class ShardSink:
     """Write samples into `<output>/shard-%06d.tar`, a new shard after `maxcount` samples or `maxsize` bytes.
 
-    `write({"__key__": key, "mp4": bytes, "txt": str, "json": dict, ...})`; `close()` writes index.json and
-    returns it. Tar members get mtime 0, so the same samples give byte-identical shards.
+    `write({"__key__": key, "mp4": bytes, "txt": str, "json": dict, ...})`; `close()` writes index.json (last,
+    atomically: a shard set with an index.json is complete) and returns it. Tar members get mtime 0, so the same
+    samples give byte-identical shards.
     """
 
     def __init__(self, output: str | Path, maxcount: int = 1000, maxsize: int | str = "1GB",
@@ -168,7 +196,7 @@ class ShardSink:
             "skipped": list(skipped),
             **extra,
         }
-        (self.output / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+        write_json(self.output / INDEX, index)
         return index
 
 
@@ -289,6 +317,7 @@ def folder_to_shards(
     metadata: str | Path | None = None,
     progress: bool = True,
     missing_caption: str = "skip",
+    part: Part | None = None,
 ) -> FolderReport:
     """Probe every video/image/audio file under `input_dir` and write the readable ones as shards.
 
@@ -298,6 +327,12 @@ def folder_to_shards(
     written if any of its media files is good. A sample without a caption: `missing_caption="skip"` leaves it
     out (reported as no_caption), "empty" writes it with an empty caption, "fail" stops with
     MissingCaptionError naming the file. Files that are not media are listed as ignored.
+
+    Keys come from the relative paths of all samples in sorted order (made unique with -2, -3, ...), whether a
+    sample is written or not, so they do not depend on what other samples decode. With `part`
+    (`datamodules.parts.Part`) only the part's range of the samples (and of the ignored files) is handled and
+    the index records "part": {"index", "count"}; the parts' indexes merged (`datamodules.parts.merge_parts`)
+    equal the index of one run over the folder, shard names aside.
     """
     from tqdm import tqdm
 
@@ -317,11 +352,15 @@ def folder_to_shards(
             groups.setdefault(path.with_suffix(""), []).append(path)
         elif path.is_file() and path.suffix.lower() != ".txt" and path.name not in captions:
             ignored.append(path.relative_to(input_dir).as_posix())
+    taken: set[str] = set()
+    keys = {stem: _key_for(stem.relative_to(input_dir), taken) for stem in groups}
+    stems = part.take(list(groups)) if part is not None else list(groups)
+    ignored = part.take(ignored) if part is not None else ignored
     sink = ShardSink(output_dir, maxcount=maxcount, maxsize=maxsize)
     skipped: list[dict] = []
     empty_captions: list[str] = []
-    keys: set[str] = set()
-    for stem, files in tqdm(groups.items(), desc="probing", unit="sample", disable=not progress):
+    for stem in tqdm(stems, desc=f"probing ({part})" if part else "probing", unit="sample", disable=not progress):
+        files = groups[stem]
         sample: dict[str, Any] = {}
         meta: dict[str, Any] = {"source": []}
         for path in sorted(files, key=lambda f: ("video", "image", "audio").index(_media_kind(f))):
@@ -372,10 +411,11 @@ def folder_to_shards(
             sample["txt"] = meta["caption"] = ""
             empty_captions.append(", ".join(meta["source"]))
         sample["json"] = meta
-        sample["__key__"] = _key_for(stem.relative_to(input_dir), keys)
+        sample["__key__"] = keys[stem]
         sink.write(sample)
+    extra = {"part": {"index": part.index, "count": part.count}} if part is not None else {}
     index = sink.close(skipped=skipped, source=str(input_dir), missing_caption=missing_caption,
-                       empty_captions=empty_captions, ignored=ignored)
+                       empty_captions=empty_captions, ignored=ignored, **extra)
     return FolderReport(index, skipped, empty_captions, ignored)
 
 
@@ -390,32 +430,68 @@ def _world_sample(args: tuple) -> dict:
 
 
 def write_world(output_dir: str | Path, config: Any = None, kinds: Iterable[str] | None = None,
-                workers: int = 0, progress: bool = True) -> Path:
-    """Generate the shapes world into `<output>/<kind>/<split>/` shard sets and `<output>/world.json`."""
+                workers: int = 0, progress: bool = True, part: Part | None = None) -> Path:
+    """Generate the shapes world into `<output>/<kind>/<split>/` shard sets and `<output>/world.json`.
+
+    With `part` (`datamodules.parts.Part`) only the part's range of each set's sample indices is generated, into
+    `<output>/<kind>/<split>/parts/<part>/` (sets the part finished before are skipped); `merge_world` then
+    joins the parts and writes world.json.
+    """
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
+    from datamodules.parts import open_part  # here: parts.py imports this module
     from datamodules.synthetic import KINDS, SPLITS, WorldConfig
 
     config = config if isinstance(config, WorldConfig) else WorldConfig(**(config or {}))
     output = Path(output_dir)
     summary = {}
+    extra = {"part": {"index": part.index, "count": part.count}} if part is not None else {}
     pool = get_context("fork").Pool(workers) if workers > 1 else None
     try:
         for kind in kinds or KINDS:
             for split in SPLITS:
                 jobs = [(config, kind, split, i) for i in range(config.count(kind, split))]
+                folder = output / kind / split
+                if part is not None:
+                    jobs, folder = part.take(jobs), open_part(folder, part)
+                    if folder is None:
+                        print(f"{kind}/{split}: {part} already done")
+                        continue
                 samples = pool.imap(_world_sample, jobs, chunksize=4) if pool else map(_world_sample, jobs)
-                sink = ShardSink(output / kind / split, maxcount=config.shard_size)
+                sink = ShardSink(folder, maxcount=config.shard_size)
                 for sample in tqdm(samples, total=len(jobs), desc=f"{kind}/{split}", disable=not progress):
                     sink.write(sample)
-                summary[f"{kind}/{split}"] = sink.close(world=config.to_dict())["num_samples"]
+                summary[f"{kind}/{split}"] = sink.close(world=config.to_dict(), **extra)["num_samples"]
     finally:
         if pool:
             pool.close()
-    (output / "world.json").write_text(json.dumps({"config": config.to_dict(), "sets": summary}, indent=1))
+    if part is None:
+        write_world_summary(output, config.to_dict(), summary)
     return output
+
+
+def write_world_summary(output: Path, config: dict, sets: dict[str, int]) -> None:
+    """`<output>/world.json`: the world's config and the samples of each `<kind>/<split>` set (written last: a
+    world folder with a world.json is complete)."""
+    write_json(output / "world.json", {"config": config, "sets": sets})
+
+
+def merge_world(output_dir: str | Path, count: int | None = None) -> dict[str, dict]:
+    """Merge the parts of every set of a world written by parts (`write_world(part=...)`) and write world.json;
+    returns {"<kind>/<split>": merged index}."""
+    from datamodules.parts import merge_parts, part_sets
+
+    output = Path(output_dir)
+    merged = {folder.relative_to(output).as_posix(): merge_parts(folder, count) for folder in part_sets(output)}
+    if not merged:
+        raise FileNotFoundError(f"no world parts to merge under {output} (no <kind>/<split>/parts folders)")
+    configs = [index["world"] for index in merged.values()]
+    if any(c != configs[0] for c in configs):
+        raise ValueError(f"the sets under {output} were generated with different world configs")
+    write_world_summary(output, configs[0], {name: index["num_samples"] for name, index in merged.items()})
+    return merged
 
 
 def world_dir(data_dir: str | Path, config: Any = None) -> Path:

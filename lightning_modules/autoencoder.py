@@ -22,7 +22,8 @@ side by side along the width}.
 
 `task=encode` (`run_task`): every split of the datamodule's shard set is encoded to latent shards under
 `latent_cache.output_dir` with the text and metadata kept (`datamodules.latent_cache.encode_shards`, which holds
-the cache's format).
+the cache's format); by parts with `latent_cache.part` / `latent_cache.parts` or the launcher's environment
+(`datamodules.parts`), merged by `python experiments/make_shards.py merge=true output=<output_dir>`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from datamodules.latent_cache import encode_shards
+from datamodules.parts import current_part, open_part, rank_device
 from lightning_modules.base import BaseModule, OptimizerFactory, SchedulerFactory
 from lightning_modules.nn.tae import TAE, MidBlock, ResBlock, inflate_image_weights
 from lightning_modules.tae_losses import TAELoss, frames, outlier_stats
@@ -198,26 +200,41 @@ class AutoencoderModule(BaseModule):
     def run_task(self, name: str, trainer: L.Trainer, datamodule: L.LightningDataModule | None, cfg: Any) -> Any:
         """`task=encode`: every split in `latent_cache.splits` of the datamodule's shard set → latent shards in
         `<latent_cache.output_dir>/<split>/` (see `datamodules.latent_cache.encode_shards`); the summary goes to
-        MLflow."""
+        MLflow. By parts (`latent_cache.part` / `latent_cache.parts`, else RANK / WORLD_SIZE or a SLURM array, see
+        `datamodules.parts.current_part`): this part's range of each split's shards into
+        `<split>/parts/<part>/`, a part done before is skipped; then `python experiments/make_shards.py
+        merge=true output=<output_dir>` joins them."""
         if name != "encode":
             return super().run_task(name, trainer, datamodule, cfg)
         options = dict(self.latent_cache)
         output_dir = options.pop("output_dir", None)
         splits = options.pop("splits", ["train", "val"])
+        part = current_part(options.pop("part", None), options.pop("parts", None))
         if not output_dir:
             raise ValueError("task=encode needs model.latent_cache.output_dir")
         if datamodule is None or not hasattr(datamodule, "urls") or not hasattr(datamodule, "sources"):
             raise ValueError(f"task=encode needs a shard datamodule (datamodules.shard_datamodule.ShardDataModule), got {type(datamodule).__name__}")
         datamodule.setup("encode")
         handler = datamodule.sources(train=False)[0].handler  # deterministic: centre crop, clip start 0
+        device = trainer.strategy.root_device
+        if part is not None and trainer.num_devices == 1:  # torchrun ranks without a process group: a GPU each
+            device = rank_device(device)
         summary = {}
         for split in splits:
             urls = datamodule.urls.get(split)
             if not urls:
                 raise ValueError(f"task=encode: the datamodule has no {split!r} shards (it has {sorted(k for k, v in datamodule.urls.items() if v)})")
-            index = encode_shards(self.net, urls, handler, Path(output_dir) / split, device=trainer.strategy.root_device, **options)
+            folder = Path(output_dir) / split
+            if part is not None:
+                folder = open_part(folder, part)
+                if folder is None:
+                    print(f"encode {split}: {part} already done")
+                    continue
+            index = encode_shards(self.net, urls, handler, folder, device=device, part=part, **options)
             summary[split] = {k: index[k] for k in ("num_samples", "num_shards")} | {"skipped": len(index["skipped"])}
-            print(f"encode {split}: {summary[split]} -> {Path(output_dir) / split}")
+            print(f"encode {split}{f' ({part})' if part else ''}: {summary[split]} -> {folder}")
+        if part is not None:
+            print(f"{part} done; when every part is: python experiments/make_shards.py merge=true output={output_dir}")
         logger = trainer.logger
         if logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment, "log_text"):
             logger.experiment.log_text(logger.run_id, json.dumps(summary, indent=1), "latent_cache/summary.json")
