@@ -4,9 +4,11 @@
     python experiments/plan.py model=moviegen_30b num_gpus=512 seconds=16 fps=16 height=768 width=768 batch=512
     python experiments/plan.py model=moviegen_tiny num_gpus=1 seconds=1 fps=8 height=32 width=32 json=plan.json
 
-Plan keys (the rest are Hydra overrides of conf/train.yaml): num_gpus (FSDP world size), seconds, fps, height,
-width (the clip), batch (global batch per step; default one clip per GPU), micro_batch (clips per GPU at once),
-cp (context-parallel degree: GPUs sharing one clip's sequence), gpu_memory_gb (80), peak_tflops (989, H100
+Plan keys (the rest are Hydra overrides of conf/train.yaml): num_gpus (world size = dp x tp x cp), seconds, fps,
+height, width (the clip), batch (global batch per step; default one clip per data-parallel rank), micro_batch
+(clips per GPU at once), tp (tensor-parallel degree), cp (context-parallel degree: GPUs sharing one clip's
+sequence), dtype (bf16: bf16 compute with fp32 master weights; fp32: everything fp32, as on CPU),
+checkpointing (activation checkpointing per block, default true), gpu_memory_gb (80), peak_tflops (989, H100
 bf16 dense), mfu (0.4, to turn FLOPs into a step time), json (write the numbers to a file).
 
 Counting (per clip; N video tokens, N_c text tokens, L blocks, width d, SwiGLU width f):
@@ -16,11 +18,24 @@ Counting (per clip; N video tokens, N_c text tokens, L blocks, width d, SwiGLU w
         the attention terms are QKᵀ and AV of full self-attention and of cross-attention
     training FLOPs = 3 × forward (forward + backward); with activation checkpointing the hardware runs one more
                      forward: 4 × forward
-Memory per GPU under FSDP (full sharding over num_gpus), bf16 compute, fp32 master weights and AdamW:
-    sharded states   = 16 bytes · P / num_gpus                (fp32 weights, gradients, Adam m and v)
-    gathered weights = 2 bytes · 2 blocks + 4 bytes · 1 block  (bf16 current + prefetched; fp32 block grads)
-    checkpoints      = 2 bytes · L · micro_batch · N·d / cp    (block inputs kept for the backward)
-    block activations= 2 bytes · micro_batch · N·(12·d + 3·f) / cp   (one block recomputed in the backward)
+Memory per GPU, as `lightning_modules/model_parallel.py` runs it: dp = num_gpus / (tp·cp) ranks shard the
+parameters with FSDP (the cp ranks hold replicas); in each block tensor parallelism splits S parameters (Q, K,
+V, O of both attentions, SwiGLU) over tp and replicates the R others (norms, modulation); a = bytes of an
+activation (2 for bf16, 4 for fp32), w = bytes of a gathered weight (the same):
+    sharded states   = 16 bytes · (L·(S/tp + R) + P_rest) / dp     (fp32 weights, gradients, Adam m and v)
+    gathered weights = (2·w + 4) · (S/tp + R)      (current + prefetched block; fp32 block gradients)
+    checkpoints      = a · L · micro_batch · N·d / (cp·tp)         (block inputs, sequence-parallel)
+    block activations= a · micro_batch · (N/cp) · (10·d/tp + 3·d + (6·d + 4·f)/tp)       (one block, recomputed in
+                       the backward; with cp > 1 two of the 6·d, the keys and values, are all-gathered: N, not N/cp)
+        what this DiT's block saves for the backward per token, counted with saved-tensor hooks on CPU (fp32,
+        PyTorch SDPA): 19·d + 4·f. Of it, 3·d are the all-gathered inputs of the three tensor-parallel sub-layers,
+        6·d + 4·f the tensors split by heads or hidden units (Q, K, V, attention outputs; SwiGLU's four), and
+        10·d the per-token rest (norms, adaLN, residuals) on this rank's 1/(cp·tp) of the sequence
+    without checkpointing every block's activations are kept: L x block activations, no checkpoints
+Communication per GPU per step (bytes sent, ring collectives: a group of k moves (k−1)/k of the tensor):
+    FSDP  = (dp−1)/dp · (2·w + 4) · P_local·dp      all-gather forward and backward, reduce-scatter fp32 grads
+    TP    = (tp−1)/tp · 3 sub-layers · 2 (all-gather + reduce-scatter) · (2 + recompute) passes · a·micro·N/cp·d·L
+    CP    = (cp−1)/cp · 2 (K, V) · (2 + recompute) passes · a·micro·N·d/tp·L
 The text encoders and the TAE are not counted (the paper precomputes latents; encoders are frozen, replicated
 or FSDP-sharded on their own).
 """
@@ -43,7 +58,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 PLAN_KEYS = {"num_gpus": 8, "seconds": 16.0, "fps": 16.0, "height": 768, "width": 768, "batch": None,
-             "micro_batch": 1, "cp": 1, "gpu_memory_gb": 80.0, "peak_tflops": 989.0, "mfu": 0.4, "json": None}
+             "micro_batch": 1, "tp": 1, "cp": 1, "dtype": "bf16", "checkpointing": "true", "gpu_memory_gb": 80.0,
+             "peak_tflops": 989.0, "mfu": 0.4, "json": None}
+STRING_KEYS = ("json", "dtype", "checkpointing")
 
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
@@ -53,7 +70,7 @@ def split_args(argv: list[str]) -> tuple[dict, list[str]]:
         key, _, value = arg.partition("=")
         if key in PLAN_KEYS:
             default = PLAN_KEYS[key]
-            plan[key] = value if default is None or key == "json" else type(default)(float(value) if isinstance(default, int) and "." in value else value)
+            plan[key] = value if default is None or key in STRING_KEYS else type(default)(float(value) if isinstance(default, int) and "." in value else value)
             if key == "batch":
                 plan[key] = int(value)
         else:
@@ -92,6 +109,46 @@ def parameter_breakdown(net: torch.nn.Module) -> dict[str, int]:
             "embeddings_and_heads": total - blocks}
 
 
+def tensor_parallel_split(net: torch.nn.Module) -> tuple[int, int]:
+    """(S, R) of one block: parameters tensor parallelism splits (the projections of both attentions and
+    SwiGLU, `model_parallel._block_plan`) and the ones it replicates (norms, QK-norms, modulation)."""
+    block = net.blocks[0]
+    layers = [getattr(a, n) for a in (block.attn, block.cross) for n in ("to_q", "to_k", "to_v", "to_out")]
+    layers += [block.ffn.w1, block.ffn.w2, block.ffn.w3]
+    split = sum(p.numel() for layer in layers for p in layer.parameters())
+    return split, sum(p.numel() for p in block.parameters()) - split
+
+
+def memory_and_communication(params: dict, split: tuple[int, int], text_params: int, n: int, d: int, f: int,
+                             layers: int, micro: int, num_gpus: int, tp: int, cp: int, dtype: str = "bf16",
+                             checkpointing: bool = True) -> dict:
+    """Bytes per GPU (memory) and bytes sent per GPU per step (communication); the formulas are in the module
+    docstring."""
+    if num_gpus % (tp * cp):
+        raise ValueError(f"num_gpus={num_gpus} is not a multiple of tp x cp = {tp * cp}")
+    a = w = {"bf16": 2, "fp32": 4}[dtype]
+    dp = num_gpus // (tp * cp)
+    s, r = split
+    per_block = s / tp + r
+    local_params = (layers * per_block + params["total"] - layers * (s + r) + text_params) / dp
+    states = 16 * local_params
+    gathered = (2 * w + 4) * per_block if dp > 1 else 0.0  # one rank: FSDP gathers nothing
+    block = a * micro * (n / cp) * (10 * d / tp + 3 * d + (6 * d + 4 * f) / tp)
+    if cp > 1:  # the keys and values attention keeps are the whole sequence's
+        block += a * micro * 2 * d / tp * (n - n / cp)
+    if checkpointing:
+        checkpoints, activations = a * layers * micro * n * d / (cp * tp), block
+    else:
+        checkpoints, activations = 0.0, layers * block
+    passes = 3 if checkpointing else 2
+    comm = {"fsdp": (dp - 1) / dp * (2 * w + 4) * local_params * dp,
+            "tp": (tp - 1) / tp * 3 * 2 * passes * a * micro * n / cp * d * layers,
+            "cp": (cp - 1) / cp * 2 * passes * a * micro * n * d / tp * layers}
+    return {"dp": dp, "tp": tp, "cp": cp, "states": states, "gathered_weights": gathered,
+            "checkpointed_block_inputs": checkpoints, "activations": activations,
+            "total": states + gathered + checkpoints + activations, "communication": comm}
+
+
 def text_context(cfg: DictConfig, dim: int) -> tuple[int, int]:
     """(text tokens N_c, text projection parameters) from the encoders' dims and lengths in the config."""
     tokens = params = 0
@@ -115,14 +172,12 @@ def plan(cfg: DictConfig, options: dict) -> dict:
     p_text_side = layers * 2 * d * d + text_params  # cross-attn K/V act on text tokens
     p_token = params["total"] - layers * 2 * d * d - sum(p.numel() for p in net.pos.parameters())
     forward = 2 * n * p_token + 2 * n_text * p_text_side + layers * (4 * n * n * d + 4 * n * n_text * d)
-    gpus, micro, cp = int(options["num_gpus"]), int(options["micro_batch"]), int(options["cp"])
-    batch = int(options["batch"] or max(1, gpus * micro // cp))
+    gpus, micro, cp, tp = int(options["num_gpus"]), int(options["micro_batch"]), int(options["cp"]), int(options["tp"])
+    batch = int(options["batch"] or max(1, gpus * micro // (cp * tp)))
     bytes_gb = 1024**3
-    sharded = 16 * (params["total"] + text_params) / gpus
-    gathered = (2 * 2 + 4) * params["per_block"]
-    checkpoints = 2 * layers * micro * n * d / cp
-    block_act = 2 * micro * n * (12 * d + 3 * f) / cp
-    total_mem = sharded + gathered + checkpoints + block_act
+    checkpointing = str(options["checkpointing"]).lower() in ("true", "1", "yes")
+    mem = memory_and_communication(params, tensor_parallel_split(net), text_params, n, d, f, layers, micro, gpus, tp,
+                                   cp, str(options["dtype"]), checkpointing)
     step_flops = 3 * forward * batch
     result = {
         "model": cfg.model.net._target_, "layers": layers, "width": d, "ffn": f, "heads": net.heads,
@@ -134,12 +189,15 @@ def plan(cfg: DictConfig, options: dict) -> dict:
                            "dense_6PN": 6 * params["total"] * n, "self_attention_12LN2d": 12 * layers * n * n * d},
         "step": {"global_batch": batch, "training_flops": step_flops,
                  "seconds_at_mfu": 4 * forward * batch / (gpus * options["peak_tflops"] * 1e12 * options["mfu"])},
-        "memory_per_gpu_gb": {"num_gpus": gpus, "micro_batch": micro, "context_parallel": cp,
-                              "sharded_states": sharded / bytes_gb, "gathered_weights": gathered / bytes_gb,
-                              "checkpointed_block_inputs": checkpoints / bytes_gb,
-                              "one_block_activations": block_act / bytes_gb, "total": total_mem / bytes_gb,
+        "memory_per_gpu_gb": {"num_gpus": gpus, "micro_batch": micro, "data_parallel": mem["dp"],
+                              "tensor_parallel": tp, "context_parallel": cp, "dtype": options["dtype"],
+                              "checkpointing": checkpointing,
+                              "sharded_states": mem["states"] / bytes_gb, "gathered_weights": mem["gathered_weights"] / bytes_gb,
+                              "checkpointed_block_inputs": mem["checkpointed_block_inputs"] / bytes_gb,
+                              "one_block_activations": mem["activations"] / bytes_gb, "total": mem["total"] / bytes_gb,
                               "gpu_memory_gb": options["gpu_memory_gb"],
-                              "fits": total_mem / bytes_gb <= options["gpu_memory_gb"]},
+                              "fits": mem["total"] / bytes_gb <= options["gpu_memory_gb"]},
+        "communication_per_gpu_gb": {k: v / bytes_gb for k, v in mem["communication"].items()},
     }
     return result
 
@@ -167,10 +225,12 @@ def report(r: dict) -> str:
         f"{fl['training_with_checkpointing']:.3e}; 6PN {fl['dense_6PN']:.2e} + 12LN^2d {fl['self_attention_12LN2d']:.2e})",
         f"step         global batch {r['step']['global_batch']}: {r['step']['training_flops']:.3e} FLOPs; "
         f"~{r['step']['seconds_at_mfu']:.1f} s on {m['num_gpus']} GPUs at the given MFU",
-        f"memory/GPU   FSDP over {m['num_gpus']} GPUs, activation checkpointing, micro-batch {m['micro_batch']}, "
-        f"CP {m['context_parallel']}: states {m['sharded_states']:.2f} + gathered weights {m['gathered_weights']:.2f} + "
-        f"checkpoints {m['checkpointed_block_inputs']:.2f} + one block {m['one_block_activations']:.2f} = "
+        f"memory/GPU   {m['num_gpus']} GPUs = dp {m['data_parallel']} (FSDP) x tp {m['tensor_parallel']} x cp "
+        f"{m['context_parallel']}, {m['dtype']}, {'' if m['checkpointing'] else 'no '}activation checkpointing, "
+        f"micro-batch {m['micro_batch']}: states {m['sharded_states']:.2f} + gathered weights {m['gathered_weights']:.2f} + "
+        f"checkpoints {m['checkpointed_block_inputs']:.2f} + activations {m['one_block_activations']:.2f} = "
         f"{m['total']:.2f} GiB ({'fits' if m['fits'] else 'does NOT fit'})",
+        "comm/GPU     " + ", ".join(f"{k} {v:.2f}" for k, v in r["communication_per_gpu_gb"].items()) + " GiB sent per step",
     ]
     return "\n".join(lines)
 

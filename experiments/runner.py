@@ -132,7 +132,9 @@ def instantiate_strategy(cfg: DictConfig) -> tuple[Any, ParallelConfig | None]:
     parallel = node.pop("parallel", None)
     if "_target_" not in node:
         return node.get("name", "auto"), None
-    return hydra.utils.instantiate(node), ParallelConfig(**parallel) if parallel is not None else None
+    if parallel is not None:
+        parallel = ParallelConfig(**parallel, tensor_parallel_size=int(node.get("tensor_parallel_size", 1)))
+    return hydra.utils.instantiate(node), parallel
 
 
 def make_logger(cfg: DictConfig, resume_meta: dict[str, Any], parent_run_id: str | None) -> MLFlowLogger | None:

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_modules.model_parallel import (ModelParallel, apply_model_parallel, broadcast_batch, clip_grad_norm,
+                                              sync_gradients)
 from lightning_modules.parallel import ParallelConfig, apply_parallelism, has_meta_tensors, materialise
 from lightning_modules.schedules import fill_length
 
@@ -44,17 +46,25 @@ class BaseModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         # Set from the strategy config by the runner; None means: no activation checkpointing, no FSDP.
         self.parallel: ParallelConfig | None = None
+        self.model_parallel: ModelParallel | None = None  # tensor / context parallelism, set in configure_model
 
     # -- parallelism -------------------------------------------------------------------------------------
     def shard_units(self) -> list[nn.Module]:
         """The repeated blocks to checkpoint and shard one by one. Default: none (the root is one unit)."""
         return []
 
+    def model_parallel_net(self) -> nn.Module | None:
+        """The backbone that tensor and context parallelism split (a `nn.dit.DiT`); None: the module has none."""
+        return None
+
     def configure_model(self) -> None:
-        """Activation checkpointing and FSDP2 per unit (when configured), then the networks built on the meta
-        device get their local shards and their `init_weights()` values, before Lightning moves the model and
-        builds the optimizer."""
+        """Tensor and context parallelism of the backbone (when configured), activation checkpointing and FSDP2
+        per unit, then the networks built on the meta device get their local shards and their `init_weights()`
+        values, before Lightning moves the model and builds the optimizer."""
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        config = self.parallel or ParallelConfig()
+        if mesh is not None and config.tensor_parallel_size * config.context_parallel_size > 1:
+            mesh = self._apply_model_parallel(config)
         if self.parallel is not None or mesh is not None:
             apply_parallelism(self, self.shard_units(), mesh, self.parallel or ParallelConfig())
         if has_meta_tensors(self):
@@ -64,6 +74,38 @@ class BaseModule(L.LightningModule):
                 rank = mesh.get_local_rank() if mesh is not None else 0
                 print(f"[parallel] rank {rank}: materialised {done.tensors} tensors of {', '.join(done.owners)} from the "
                       f"meta device on {device}: {done.local_bytes / 2**20:.1f} MiB here of {done.full_bytes / 2**20:.1f} MiB")
+
+    def _apply_model_parallel(self, config: ParallelConfig) -> Any:
+        """Split the backbone over the (dp, cp, tp) mesh (once: Lightning may call configure_model per stage);
+        returns the data-parallel mesh that FSDP shards over."""
+        if self.model_parallel is None:
+            net = self.model_parallel_net()
+            if net is None:
+                raise ValueError(f"strategy.tensor_parallel_size / strategy.parallel.context_parallel_size: "
+                                 f"{type(self).__name__} has no backbone to split (model_parallel_net)")
+            device_type = self.device_mesh.device_type
+            if device_type == "cpu" and has_meta_tensors(self):
+                raise ValueError("tensor / context parallelism on CPU processes needs strategy.parallel.meta_init=false "
+                                 "(DTensor has no CPU random-number tracker to initialise tensor-parallel shards)")
+            self.model_parallel = ModelParallel.build(device_type, self.device_mesh.size(),
+                                                      tp=config.tensor_parallel_size, cp=config.context_parallel_size)
+            apply_model_parallel(net, self.model_parallel)
+        return self.model_parallel.dp_mesh
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the ranks that split one clip (tensor / context parallel) train on the same batch and noise (after the
+        # transfer: datamodules own on_before_batch_transfer)
+        return broadcast_batch(batch, self.model_parallel)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        sync_gradients(self.model_parallel)  # once per optimizer step, before gradient clipping
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if self.model_parallel is None or not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_grad_norm(params, float(gradient_clip_val))  # PyTorch's cannot mix the dp and (dp, tp) meshes
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As `nn.Module.load_state_dict`; on a model with parts still on the meta device (before

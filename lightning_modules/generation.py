@@ -51,7 +51,7 @@ from lightning_modules.conditioning.text import batch_fps
 from lightning_modules.evaluation import Evaluator
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
 from lightning_modules.generative import guidance, multidiffusion, paths, solvers, timesteps
-from lightning_modules.nn.dit import grow_input_channels, grow_position_tables
+from lightning_modules.nn.dit import DiT, grow_input_channels, grow_position_tables
 
 
 @dataclass
@@ -238,6 +238,9 @@ class GenerationModule(BaseModule):
                              f"({sorted(self.conditioners)})")
 
     # -- parallelism -------------------------------------------------------------------------------------------------
+    def model_parallel_net(self) -> nn.Module | None:
+        return self.net if isinstance(self.net, DiT) else None
+
     def shard_units(self) -> list[nn.Module]:
         """FSDP2 / activation-checkpointing units: the backbone's blocks and every conditioner with weights. The
         backbone's other parameters belong to the root module, which FSDP2 gathers around `forward` only:

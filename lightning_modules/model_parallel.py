@@ -248,6 +248,19 @@ def sync_gradients(parallel: ModelParallel | None) -> None:
                 dist.all_reduce(_local(p.grad), group=group)
 
 
+@torch.no_grad()
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for gradients on different meshes (FSDP's dp, FSDP x TP's (dp, tp)),
+    which PyTorch's cannot stack: each norm is made whole (`full_tensor`) first. Returns the total norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = [g.norm() for g in grads]
+    total = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).norm()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        _local(g).mul_(scale)
+    return total
+
+
 def broadcast_batch(batch: Any, parallel: ModelParallel | None) -> Any:
     """The batch (and the CPU random state) of the first rank of this rank's (cp, tp) group, on every rank of
     it: they must train on the same clips with the same noise."""

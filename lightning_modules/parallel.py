@@ -77,12 +77,15 @@ class ParallelConfig:
 
     meta_init: build the networks that define `init_weights()` on the meta device and materialise them per shard
         after sharding (see the module docstring). Used by the runner for fit / validate / test.
+    tensor_parallel_size, context_parallel_size: TP and CP of the backbone (`lightning_modules.model_parallel`).
     """
 
     mixed_precision: str | None = None
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
     meta_init: bool = False
+    tensor_parallel_size: int = 1     # from the strategy (lightning_modules/model_parallel.py)
+    context_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

@@ -79,3 +79,39 @@ def test_ddp_multirun_runs_each_job_once(outputs: Path) -> None:
     assert jobs == ["0", "1"]
     runs = finished_runs(outputs)
     assert sorted(r.data.params["seed"] for r in runs if "seed" in r.data.params) == ["0", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["strategy.tensor_parallel_size=2", "strategy.parallel.context_parallel_size=2"])
+def test_tensor_or_context_parallel_quickstart_trains_resumes_and_samples_in_one_process(
+        outputs: Path, tmp_path: Path, split: str) -> None:
+    """The reduced quickstart with its DiT split over 2 gloo processes (FSDP x TP, or CP): it trains, resumes
+    from its sharded checkpoint into the same MLflow run, and a plain process samples from that checkpoint."""
+    from tests.lightning_modules.test_generation import QUICK
+
+    args = [*QUICK, "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp",
+            "trainer.devices=2", "strategy.parallel.meta_init=false", split]
+    run_cli(*args, timeout=900)
+    (run,) = finished_runs(outputs, "quickstart")
+    client = MlflowClient(sqlite_uri(outputs))
+    first = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    run_cli(*[a for a in args if not a.startswith("trainer.max_steps")], "trainer.max_steps=10", "ckpt_path=last",
+            timeout=900)
+    (run,) = finished_runs(outputs, "quickstart")
+    resumed = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert resumed > first, "the resumed run logged its further steps into the same MLflow run"
+    (ckpt,) = outputs.glob("quickstart/runs/*/checkpoints/last.ckpt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A red circle moves right, on a plain navy background.\n")
+    run_cli(*QUICK, f"data.data_dir={tmp_path / 'data'}", "task=sample", f"ckpt_path={ckpt}",
+            f"model.sample.prompts={prompts}", f"model.sample.output_dir={tmp_path / 'samples'}", timeout=600)
+    assert list((tmp_path / "samples").glob("*.mp4"))
+
+
+def test_meta_init_with_tensor_parallel_on_cpu_says_what_to_set(outputs: Path, tmp_path: Path) -> None:
+    from tests.lightning_modules.test_generation import QUICK
+
+    result = run_cli(*QUICK, f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp", "trainer.devices=2",
+                     "strategy.tensor_parallel_size=2", check=False, timeout=600)
+    assert result.returncode != 0
+    assert "strategy.parallel.meta_init=false" in result.stdout + result.stderr
