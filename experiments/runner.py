@@ -132,8 +132,10 @@ def instantiate_strategy(cfg: DictConfig) -> tuple[Any, ParallelConfig | None]:
     parallel = node.pop("parallel", None)
     if "_target_" not in node:
         return node.get("name", "auto"), None
+    context_parallel_size = int(node.pop("context_parallel_size", 1))  # ours, not a Lightning argument
     if parallel is not None:
-        parallel = ParallelConfig(**parallel, tensor_parallel_size=int(node.get("tensor_parallel_size", 1)))
+        parallel = ParallelConfig(**parallel, tensor_parallel_size=int(node.get("tensor_parallel_size", 1)),
+                                  context_parallel_size=context_parallel_size)
     return hydra.utils.instantiate(node), parallel
 
 

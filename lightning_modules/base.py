@@ -16,9 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_modules.model_parallel import (ModelParallel, apply_model_parallel, broadcast_batch, clip_grad_norm,
-                                              sync_gradients)
-from lightning_modules.parallel import ParallelConfig, apply_parallelism, has_meta_tensors, materialise
+from lightning_modules.model_parallel import ModelParallel, broadcast_batch, clip_grad_norm, sync_gradients
+from lightning_modules.parallel import ParallelConfig, has_meta_tensors, materialise, parallelize
 from lightning_modules.schedules import fill_length
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -61,12 +60,11 @@ class BaseModule(L.LightningModule):
         """Tensor and context parallelism of the backbone (when configured), activation checkpointing and FSDP2
         per unit, then the networks built on the meta device get their local shards and their `init_weights()`
         values, before Lightning moves the model and builds the optimizer."""
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        config = self.parallel or ParallelConfig()
-        if mesh is not None and config.tensor_parallel_size * config.context_parallel_size > 1:
-            mesh = self._apply_model_parallel(config)
-        if self.parallel is not None or mesh is not None:
-            apply_parallelism(self, self.shard_units(), mesh, self.parallel or ParallelConfig())
+        mesh = None
+        if self.parallel is not None or self.device_mesh is not None:
+            mesh, self.model_parallel = parallelize(self, self.shard_units(), self.model_parallel_net(),
+                                                    self.device_mesh, self.parallel or ParallelConfig(),
+                                                    self.model_parallel)
         if has_meta_tensors(self):
             device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             done = materialise(self, device, mesh)
@@ -74,23 +72,6 @@ class BaseModule(L.LightningModule):
                 rank = mesh.get_local_rank() if mesh is not None else 0
                 print(f"[parallel] rank {rank}: materialised {done.tensors} tensors of {', '.join(done.owners)} from the "
                       f"meta device on {device}: {done.local_bytes / 2**20:.1f} MiB here of {done.full_bytes / 2**20:.1f} MiB")
-
-    def _apply_model_parallel(self, config: ParallelConfig) -> Any:
-        """Split the backbone over the (dp, cp, tp) mesh (once: Lightning may call configure_model per stage);
-        returns the data-parallel mesh that FSDP shards over."""
-        if self.model_parallel is None:
-            net = self.model_parallel_net()
-            if net is None:
-                raise ValueError(f"strategy.tensor_parallel_size / strategy.parallel.context_parallel_size: "
-                                 f"{type(self).__name__} has no backbone to split (model_parallel_net)")
-            device_type = self.device_mesh.device_type
-            if device_type == "cpu" and has_meta_tensors(self):
-                raise ValueError("tensor / context parallelism on CPU processes needs strategy.parallel.meta_init=false "
-                                 "(DTensor has no CPU random-number tracker to initialise tensor-parallel shards)")
-            self.model_parallel = ModelParallel.build(device_type, self.device_mesh.size(),
-                                                      tp=config.tensor_parallel_size, cp=config.context_parallel_size)
-            apply_model_parallel(net, self.model_parallel)
-        return self.model_parallel.dp_mesh
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # the ranks that split one clip (tensor / context parallel) train on the same batch and noise (after the

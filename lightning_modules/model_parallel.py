@@ -2,7 +2,7 @@
 
 The device mesh is (dp, cp, tp), row-major: rank = (dp_index · cp + cp_index) · tp + tp_index.
 
-- **dp**: FSDP2 shards the parameters over it (`parallel.apply_parallelism`); its ranks read different batches.
+- **dp**: FSDP2 shards the parameters over it (`parallel.parallelize`, which calls `apply_model_parallel` first); its ranks read different batches.
 - **tp, tensor parallelism** (Megatron): in every block, Q, K, V and SwiGLU's W1, W3 are split by output columns
   (`ColwiseParallel`: each rank holds a share of the heads / of the hidden units) and the attention output and
   W2 by input rows (`RowwiseParallel`), with DTensor's `parallelize_module`. A block then costs two collectives
@@ -42,6 +42,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                parallelize_module)
+
+from lightning_modules.nn.dit import Block
 
 
 # -- collectives with the backward each one needs ------------------------------------------------------------
@@ -183,8 +185,6 @@ def apply_model_parallel(net: nn.Module, parallel: ModelParallel) -> None:
     """Tensor, sequence and context parallelism for a `nn.dit.DiT` (see the module docstring). Call it before
     FSDP (on `parallel.dp_mesh`), as torchtitan does. Records in `parallel.sums` which parameters
     `sync_gradients` must sum."""
-    from lightning_modules.nn.dit import Block
-
     if parallel.sequence is None:
         return
     check_divisible(net, parallel)

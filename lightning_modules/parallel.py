@@ -1,8 +1,10 @@
 """Apply parallelism to a plain model from outside, block by block, and build it without its memory (torchtitan's order).
 
 The networks in `lightning_modules/nn/` know nothing of sharding. A LightningModule names its repeated units
-(`BaseModule.shard_units()`, e.g. transformer blocks); `apply_parallelism` then, in this order:
+(`BaseModule.shard_units()`, e.g. transformer blocks) and its backbone; `parallelize` then, in this order:
 
+0. splits the backbone with tensor and context parallelism when configured (`lightning_modules.model_parallel`:
+   a (dp, cp, tp) mesh; what follows shards over dp),
 1. wraps each unit in activation checkpointing (recompute its activations in backward: memory for compute),
 2. applies FSDP2 `fully_shard` to each unit (one all-gather per unit in forward and backward),
 3. applies `fully_shard` to the root module, which owns every parameter left over (embeddings, heads).
@@ -60,6 +62,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+
+from lightning_modules.model_parallel import ModelParallel, apply_model_parallel
 
 MIXED_PRECISION = {
     None: None,
@@ -122,6 +126,33 @@ def apply_parallelism(
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(root, **kwargs)
+
+
+def parallelize(root: nn.Module, units: list[nn.Module], backbone: nn.Module | None, device_mesh: DeviceMesh | None,
+                config: ParallelConfig, done: ModelParallel | None = None) -> tuple[DeviceMesh | None, ModelParallel | None]:
+    """Every parallelism of a LightningModule, in torchtitan's order: tensor and context parallelism of the
+    `backbone` (`lightning_modules.model_parallel`, when tensor_parallel_size x context_parallel_size > 1), then
+    activation checkpointing and FSDP2 over the data-parallel ranks (`apply_parallelism`).
+
+    device_mesh: Lightning's (data_parallel, tensor_parallel) mesh, or None (one process, DDP). `done`: the
+    split of an earlier call (Lightning may call configure_model once per stage), reused. Returns the mesh FSDP
+    shards over and the split (None without TP / CP)."""
+    mesh = device_mesh["data_parallel"] if device_mesh is not None else None
+    split = done
+    if mesh is not None and config.tensor_parallel_size * config.context_parallel_size > 1:
+        if split is None:
+            if backbone is None:
+                raise ValueError(f"strategy.tensor_parallel_size / strategy.context_parallel_size: "
+                                 f"{type(root).__name__} has no backbone to split")
+            if device_mesh.device_type == "cpu" and has_meta_tensors(root):
+                raise ValueError("tensor / context parallelism on CPU processes needs strategy.parallel.meta_init=false "
+                                 "(DTensor has no CPU random-number tracker to initialise tensor-parallel shards)")
+            split = ModelParallel.build(device_mesh.device_type, device_mesh.size(),
+                                        tp=config.tensor_parallel_size, cp=config.context_parallel_size)
+            apply_model_parallel(backbone, split)
+        mesh = split.dp_mesh
+    apply_parallelism(root, units, mesh, config)
+    return mesh, split
 
 
 def _checkpoint_units(root: nn.Module, units: list[nn.Module]) -> None:

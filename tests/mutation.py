@@ -163,8 +163,13 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "the placeholder for an absent weight's partials: the kernel gets dx instead (HAS_W False) and dweight is "
         "x.new_empty(0) whatever it holds",
     ("callbacks/ema.py", 82, "1 -> 2"):
-        "the initial _last_step, a marker for 'no step seen yet': global_step is never negative, so -1 and -2 "
-        "both differ from every step",
+        "the initial _last_step, a marker for 'no step seen yet': on_train_start replaces it with the step the run "
+        "starts from before any batch ends",
+    ("callbacks/ema.py", 82, "drop USub"):
+        "the same initial _last_step (-1 or 1): on_train_start replaces it before any batch ends",
+    ("callbacks/ema.py", 70, "0 -> 1"):
+        "the default start_step 0 or 1: the step a batch ends at is >= 1 once an optimizer step was taken (and a "
+        "batch without one is skipped before the comparison), so both let every update through",
     ("lightning_modules/evaluation/world_measures.py", 101, "0.0 -> 1.0"):
         "a NaN move comes from a frame where the object is missing: that pair scores 0 (lost in one frame) or is "
         "skipped (empty in both, IoU NaN) whatever it is shifted by",

@@ -82,7 +82,7 @@ def test_ddp_multirun_runs_each_job_once(outputs: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["strategy.tensor_parallel_size=2", "strategy.parallel.context_parallel_size=2"])
+@pytest.mark.parametrize("split", ["strategy.tensor_parallel_size=2", "strategy.context_parallel_size=2"])
 def test_tensor_or_context_parallel_quickstart_trains_resumes_and_samples_in_one_process(
         outputs: Path, tmp_path: Path, split: str) -> None:
     """The reduced quickstart with its DiT split over 2 gloo processes (FSDP x TP, or CP): it trains, resumes
