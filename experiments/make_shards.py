@@ -5,7 +5,7 @@ embeddings of a shard set; by parts on many processes, then merged.
                                       [missing_caption=skip|empty|fail]
     python experiments/make_shards.py synthetic=true output=DIR [world.seed=0] [world.scenes=[256,32]] [workers=2]
     python experiments/make_shards.py text_encoder=DIR shards=SPEC output=DIR [max_length=256] [quoted_only=false]
-                                      [batch_size=64] [dtype=float32] [device=cpu]
+                                      [fps_in_text=true] [fps=RATE] [batch_size=64] [dtype=float32] [device=cpu]
     python experiments/make_shards.py ... part=K parts=N      (or RANK / WORLD_SIZE, or a SLURM array's task)
     python experiments/make_shards.py merge=true output=DIR [parts=N] [synthetic=true]
 
@@ -17,7 +17,10 @@ last frame. Files that cannot be read or decoded are skipped; a sample without a
 summary at the end counts every skipped file by reason and lists each with why. Synthetic mode writes the shapes world
 (`<output>/<kind>/<split>/`, kinds: scenes, images, identities, edits, stickers; options: WorldConfig).
 Text mode writes the text-embedding cache of a frozen Hugging Face encoder saved in DIR (HFTextEncoder, nothing
-is downloaded): each caption of the shard set SPEC as `text.npz` (schema: datamodules/text_cache.py).
+is downloaded): each caption of the shard set SPEC as `text.npz` (schema: datamodules/text_cache.py), as the
+prompt the Text conditioner forms from it (fps_in_text=true, its default: "FPS-<fps> <caption>" for videos, at
+the json's rate or at fps=RATE, the video datamodule's data.fps; false: the caption alone), and the null prompt
+"". Train with it: lightning_modules.nn.text.CachedTextEncoder (its docstring shows the overrides).
 
 By parts (datamodules/parts.py): with part=K parts=N, or under torchrun (RANK, WORLD_SIZE) or a SLURM array
 (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT), a process writes only its contiguous range of the sorted samples
@@ -29,6 +32,7 @@ synthetic=true: the world's sets and world.json).
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -58,7 +62,7 @@ from datamodules.write_shards import folder_to_shards, merge_world, write_world 
 USAGE = __doc__.split("\n\n")[1]
 KEYS = {"input", "output", "maxcount", "maxsize", "metadata", "synthetic", "world", "kinds", "workers", "progress",
         "missing_caption", "part", "parts", "merge", "text_encoder", "shards", "max_length", "quoted_only",
-        "batch_size", "dtype", "device"}
+        "batch_size", "dtype", "device", "fps_in_text", "fps"}
 # index.json entries that the merge combines from the parts' values (other lists are concatenated, other
 # values must agree)
 COMBINE = {"latent": merge_latent_entries, "text_embedding": merge_text_entries}
@@ -134,6 +138,7 @@ def write(args: dict) -> int:
 
 def write_text_embeddings(args: dict, output: Path, part: Part | None, merge_hint: str) -> int:
     """Text mode: the captions of the shard set `shards` encoded by the frozen encoder in `text_encoder`."""
+    from lightning_modules.conditioning.text import Text, fps_prompt
     from lightning_modules.nn.text import HFTextEncoder  # here: only this mode needs transformers
 
     if "shards" not in args:
@@ -147,8 +152,12 @@ def write_text_embeddings(args: dict, output: Path, part: Part | None, merge_hin
     options = {"max_length": int(args.get("max_length", 256)), "quoted_only": bool(args.get("quoted_only", False))}
     encoder = HFTextEncoder(str(args["text_encoder"]), **options).to(rank_device(args.get("device", "cpu")))
     describe = {"class": "HFTextEncoder", "path": str(Path(args["text_encoder"]).resolve()), **options}
+    # The conditioner's own default and prompt function: the cache holds what training encodes.
+    fps_in_text = bool(args.get("fps_in_text", inspect.signature(Text).parameters["fps_in_text"].default))
+    fps = float(args["fps"]) if args.get("fps") is not None else None
     index = encode_texts(encoder, urls, folder, describe, batch_size=int(args.get("batch_size", 64)),
-                         dtype=str(args.get("dtype", "float32")), maxcount=int(args.get("maxcount", 1000)), part=part)
+                         dtype=str(args.get("dtype", "float32")), maxcount=int(args.get("maxcount", 1000)), part=part,
+                         fps_prompt=fps_prompt if fps_in_text else None, fps=fps)
     print(f"wrote {index['num_samples']} text embeddings in {index['num_shards']} shards"
           + (f"; skipped {len(index['skipped'])}" if index["skipped"] else "") + f"\nindex: {folder / 'index.json'}"
           + (merge_hint if part else ""))

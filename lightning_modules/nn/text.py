@@ -18,6 +18,9 @@ True = a real token. Encoders:
   refused (they would be random). `quoted_only` encodes only the text between double quotes (how Movie Gen
   uses ByT5 for "visual text"). A prompt the tokenizer turns into no token at all (the empty prompt with a
   tokenizer that adds no EOS) keeps one PAD token as its real token, so that it can still be attended to.
+- `CachedTextEncoder`: a frozen encoder's outputs read from a text-embedding cache (`datamodules.text_cache`,
+  written by `experiments/make_shards.py text_encoder=...`) instead of computed: the frozen model need not run
+  (nor fit in memory) while training. Prompts not in the cache go to a fallback encoder, if one is given.
 
 `TextConditioner` combines several encoders the paper's way: each encoder's sequence goes through its own
 Linear + LayerNorm into the model width, and the sequences are concatenated along the sequence axis:
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from datamodules.text_cache import read_text_cache
 from lightning_modules.nn.attention import Attention
 
 BOS, PAD, BYTE_VOCAB = 256, 257, 258
@@ -264,6 +268,82 @@ class HFTextEncoder(TextEncoder):
         ids, mask = ids.to(device), mask.to(device)
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return hidden.float(), mask
+
+
+class CachedTextEncoder(TextEncoder):
+    """The embeddings of a text-embedding cache (see the module docstring), served like the live encoder's.
+
+    Build the cache with the prompts the Text conditioner forms (fps_in_text as in training) and swap it in for
+    the live encoder, e.g. for a T5 (`encoder` optional: held-out prompts when sampling):
+
+        python experiments/make_shards.py text_encoder=T5_DIR shards=DATA output=CACHE max_length=256 [fps=data.fps]
+        python experiments/run.py ... \\
+          +model.conditioners.text.encoder.encoders.t5._target_=lightning_modules.nn.text.CachedTextEncoder \\
+          +model.conditioners.text.encoder.encoders.t5.cache=CACHE \\
+          +model.conditioners.text.encoder.encoders.t5.encoder._target_=lightning_modules.nn.text.HFTextEncoder \\
+          +model.conditioners.text.encoder.encoders.t5.encoder.path=T5_DIR \\
+          +model.conditioners.text.encoder.encoders.t5.encoder.max_length=256
+
+    Returns (tokens float32 [B, L, dim], mask bool [B, L]) on the module's device, L = the batch's longest prompt
+    (as `HFTextEncoder`: its real tokens equal the live encoder's; padding is zeros). The cache stays in host
+    memory (in its dtype), outside parameters and state dicts: nothing trains, nothing goes to a checkpoint, and
+    the encoder has no `init_weights`, so it is never built on the meta device.
+
+    Args:
+        cache: the cache's folder (its index.json: one run's, or the merge of its parts).
+        encoder: the same frozen encoder, for prompts the cache lacks (same `dim` and `max_length`, no trainable
+            parameters); None: such a prompt is a ValueError naming it and the cache.
+
+    Attributes: `hits`, `misses` (prompts served from the cache / by `encoder`, counted since built),
+    `fps_in_text` (how the cache's prompts were formed), `skipped` (the cache's unreadable samples).
+    """
+
+    def __init__(self, cache: str, encoder: TextEncoder | None = None) -> None:
+        super().__init__()
+        stored = read_text_cache(cache)
+        if not stored.tokens:
+            raise ValueError(f"CachedTextEncoder: the text-embedding cache {cache} holds no readable prompt")
+        self.cache = str(cache)
+        self.dim = int(stored.entry["dim"])
+        described = stored.entry.get("encoder") or {}
+        self.max_length = int(described.get("max_length") or max(len(t) for t in stored.tokens.values()))
+        self.fps_in_text = stored.entry.get("fps_in_text")
+        self.skipped = stored.skipped
+        if encoder is not None:
+            shape = (encoder.dim, getattr(encoder, "max_length", self.max_length))
+            if shape != (self.dim, self.max_length):
+                raise ValueError(f"CachedTextEncoder: the fallback encoder's (dim, max_length) = {shape} are not the "
+                                 f"cache's {(self.dim, self.max_length)} in {cache}")
+            if any(p.requires_grad for p in encoder.parameters()):
+                raise ValueError("CachedTextEncoder: the fallback encoder has trainable parameters; the cache holds "
+                                 "a frozen encoder's outputs, so its fallback must be that frozen encoder")
+        self.encoder = encoder
+        # A plain dict, not buffers: the cache may be large and is data, not state.
+        self.tokens = {prompt: torch.from_numpy(t) for prompt, t in stored.tokens.items()}
+        self.hits = self.misses = 0
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = list(texts)
+        rows = [self.tokens.get(text) for text in texts]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing and self.encoder is None:
+            raise ValueError(
+                f"CachedTextEncoder: prompt {texts[missing[0]]!r} is not in the text-embedding cache {self.cache} "
+                f"({len(missing)} of {len(texts)} prompts of the batch are not; cache fps_in_text="
+                f"{self.fps_in_text}); encode them into the cache, or give the encoder a fallback (encoder=...)")
+        if missing:
+            tokens, mask = self.encoder([texts[i] for i in missing])
+            for row, i in enumerate(missing):
+                rows[i] = tokens[row][mask[row]].cpu()
+        self.hits += len(texts) - len(missing)
+        self.misses += len(missing)
+        lengths = torch.tensor([len(row) for row in rows])
+        tokens = nn.utils.rnn.pad_sequence([row.float() for row in rows], batch_first=True)
+        mask = torch.arange(tokens.shape[1]) < lengths[:, None]
+        device = self._device_anchor.device
+        return tokens.to(device), mask.to(device)
 
 
 class TextConditioner(nn.Module):

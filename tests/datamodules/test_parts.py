@@ -17,7 +17,7 @@ from datamodules.latents import LatentDataModule
 from datamodules.media import encode_image
 from datamodules.parts import MissingPartsError, Part, current_part, merge_parts, part_folder
 from datamodules.shards import expand_shards, read_shard, shard_sample_counts
-from datamodules.text_cache import read_text_embedding
+from datamodules.text_cache import NULL_KEY, read_text_embedding
 from datamodules.write_shards import folder_to_shards, write_world
 from experiments.make_shards import main as make_shards
 from lightning_modules.nn.text import HFTextEncoder
@@ -299,11 +299,15 @@ def test_text_embedding_cache_in_three_parts_merges_to_one_pass(scenes: Path, t5
     assert make_shards(["merge=true", f"output={tmp_path / 'parts'}"]) == 0
 
     one, merged = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "parts"))
-    assert without_shards(merged) == without_shards(one) and merged["num_samples"] == 17
+    assert without_shards(merged) == without_shards(one) and merged["num_samples"] == 17 + 1  # + the null prompt
     assert [(s["key"], s["reason"]) for s in merged["skipped"]] == [("uncaptioned", "no_caption")]
     assert merged["text_embedding"]["dim"] == 32 and merged["text_embedding"]["source"] == expand_shards(source)
+    assert merged["text_embedding"]["fps_in_text"] is True  # the Text conditioner's default
     samples = samples_in(tmp_path / "parts")
-    assert samples == samples_in(tmp_path / "one")  # the same keys, embeddings, captions, json
+    assert samples == samples_in(tmp_path / "one")  # the same keys, embeddings, prompts, json
+    # the null prompt once (part 0), then the prompts the conditioner forms: the scenes are 8 fps videos
+    assert [key for key, _ in samples].count(NULL_KEY) == 1 and samples[0][1]["txt"] == b""
+    assert all(members["txt"].startswith(b"FPS-8 ") for key, members in samples if key != NULL_KEY)
 
     encoder = HFTextEncoder(str(t5_dir), max_length=32)
     for _, members in samples[::5]:
