@@ -159,7 +159,7 @@ class ModelParallel:
 # -- applying it to a DiT ------------------------------------------------------------------------------------
 def _block_plan() -> dict[str, Any]:
     """Megatron's split of one Movie Gen block, sequence-parallel between the sub-layers."""
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))  # all-gather tokens
     return {
         "attn": gather,
         "attn.to_q": ColwiseParallel(), "attn.to_k": ColwiseParallel(), "attn.to_v": ColwiseParallel(),
@@ -168,7 +168,7 @@ def _block_plan() -> dict[str, Any]:
                                     desired_input_layouts=(Replicate(), Replicate())),
         "cross.to_q": ColwiseParallel(), "cross.to_k": ColwiseParallel(), "cross.to_v": ColwiseParallel(),
         "cross.to_out": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "ffn": gather,
         "ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(),
         "ffn.w2": RowwiseParallel(output_layouts=Shard(1)),
     }
