@@ -285,6 +285,7 @@ class UNet(nn.Module):
             if not last:
                 skips.append(width)
         self.down = nn.ModuleList(down)
+        self.skip_channels = tuple(skips)  # widths of the skip features, in order (structure guidance matches them)
 
         self.mid = Level([ResBlock(width, width, dim, groups, dropout), ResBlock(width, width, dim, groups, dropout)],
                          [transformer(width)], None)
@@ -366,10 +367,17 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                 fps: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                frame_features: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+                frame_features: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                structure: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None,
+                structure_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
         """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → prediction [B, C_out, T, H, W].
         cond [B, cond_channels, T, H, W] is concatenated to x; frame_features [B, T, dim] are added to the time
-        embedding of their frame; guidance [B, guidance_inputs] are the guidance scales (`guidance_inputs`)."""
+        embedding of their frame; guidance [B, guidance_inputs] are the guidance scales (`guidance_inputs`).
+
+        structure = (residuals, middle) of `nn.controlnet.StructureGuidance` (ControlNet-style, AVID's structure
+        guidance): frame-major [B, T, C_i, H_i, W_i], one per skip feature (`skip_channels`), and one for the
+        middle block's output; added as skip_i += w_s·r_i and mid += w_s·r_mid, w_s = structure_weight (a number
+        or [B]). None: the plain UNet."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects a latent [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.dim:
@@ -398,6 +406,8 @@ class UNet(nn.Module):
         h = self.mid.res[0](h, emb)
         h = self.mid.attn[0](h, context, context_mask)
         h = self.mid.res[1](h, emb)
+        if structure is not None:
+            skips, h = self.add_structure(skips, h, structure, structure_weight)
         for level in self.up:
             for i in range(len(level.res)):
                 h = level.layer(i, torch.cat([h, skips.pop()], dim=2), emb, context, context_mask)
@@ -405,6 +415,21 @@ class UNet(nn.Module):
                 h = level.resample(h)
         out = self.conv_out(nn.functional.silu(self.norm_out(h)))
         return rearrange(out, "b t c h w -> b c t h w")
+
+    def add_structure(self, skips: list[torch.Tensor], mid: torch.Tensor,
+                      structure: tuple[Sequence[torch.Tensor], torch.Tensor],
+                      weight: float | torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """ControlNet's injection: skip_i + w_s·r_i and mid + w_s·r_mid (see `forward`)."""
+        residuals, middle = structure
+        if len(residuals) != len(skips) or any(r.shape != s.shape for r, s in zip(residuals, skips)):
+            raise ValueError(f"UNet: structure residuals {[tuple(r.shape) for r in residuals]} must match the skip "
+                             f"features {[tuple(s.shape) for s in skips]}")
+        if middle.shape != mid.shape:
+            raise ValueError(f"UNet: the middle structure residual {tuple(middle.shape)} must be {tuple(mid.shape)}")
+        if isinstance(weight, torch.Tensor):  # one w_s per sample: a batch mixing AVID's tasks
+            weight = (rearrange(weight, "b -> b 1 1 1 1") if weight.ndim == 1 else weight).to(mid.dtype)
+        skips = [s + weight * r.to(s.dtype) for s, r in zip(skips, residuals)]
+        return skips, mid + weight * middle.to(mid.dtype)
 
 
 def video_unet(freeze_spatial: bool = False, **kwargs: Any) -> UNet:
