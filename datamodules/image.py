@@ -1,7 +1,7 @@
 """`ImageDataModule`: text-image pairs from shards (default: the synthetic world's images).
 
 Batches: "video" float32 [B, 3, 1, H, W] in [-1, 1] (an image is a one-frame video), "text" list[str],
-"fps" float32 [B] (zeros), "key" list[str], "meta" list[dict]; with `with_masks` "mask" int64 [B, 1, H, W].
+"fps" float32 [B] (zeros), "key" list[str], "meta" list[dict]; with `with_masks` "labels" int64 [B, 1, H, W] (label maps).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Batch keys (CONVENTIONS.tmp.md): "video" float32 [B, 3, T, H, W] in [-1, 1] (an image is T = 1), "audio"
 float32 [B, C, S] in [-1, 1] with "sample_rate" int, "text" list[str], "fps" float32 [B] (0 for images),
-"key" list[str], "meta" list[dict] (the sample's json). Optional: "mask" int64 [B, T, H, W] (label maps,
-`mask == id` selects object `id`), "target_video" (the `edit.mp4` of an edit pair, decoded with the same
+"key" list[str], "meta" list[dict] (the sample's json). Optional: "labels" int64 [B, T, H, W] (label maps,
+`labels == id` selects object `id`), "target_video" (the `edit.mp4` of an edit pair, decoded with the same
 frames and crop as "video").
 
 Handlers: `bucket(sample)` (metadata only), `load(sample, bucket, rng)` in the loader's worker (video frames
@@ -256,7 +256,7 @@ class VideoHandler(FrameHandler):
         }
         if self.with_masks:
             labels = read_labels(sample)
-            item["mask"] = resize_crop_labels(labels[np.clip(clip.indices, 0, len(labels) - 1)], size, offset)
+            item["labels"] = resize_crop_labels(labels[np.clip(clip.indices, 0, len(labels) - 1)], size, offset)
         if self.with_target:
             target = decode_video(sample["edit.mp4"], bucket.frames, fps, start)
             item["target_video"] = crop_resize_frames(target.frames, size, offset)
@@ -275,7 +275,7 @@ class VideoHandler(FrameHandler):
             "fps": torch.tensor([i["fps"] for i in items], dtype=torch.float32),
             "meta": [i["meta"] for i in items],
         }
-        for name in ("mask", "target_video", "audio"):
+        for name in ("labels", "target_video", "audio"):
             if name in items[0]:
                 batch[name] = stack([i[name] for i in items])
         if self.audio_rate:
@@ -311,7 +311,7 @@ class ImageHandler(FrameHandler):
         item = {"video": crop_resize_frames(image[None], size, offset), "text": read_text(sample, self.require_text),
                 "fps": 0.0, "meta": meta}
         if self.with_masks:
-            item["mask"] = resize_crop_labels(read_labels(sample)[:1], size, offset)
+            item["labels"] = resize_crop_labels(read_labels(sample)[:1], size, offset)
         return item
 
     def collate(self, items: list[dict[str, Any]], bucket: Bucket) -> dict[str, Any]:
@@ -322,7 +322,7 @@ class ImageHandler(FrameHandler):
             "meta": [i["meta"] for i in items],
         }
         if self.with_masks:
-            batch["mask"] = stack([i["mask"] for i in items])
+            batch["labels"] = stack([i["labels"] for i in items])
         return batch
 
 

@@ -1,7 +1,7 @@
 """Video datamodules: text-video clips (`VideoDataModule`) and text-video-audio clips (`AudioVideoDataModule`).
 
 Batches: "video" float32 [B, 3, T, H, W] in [-1, 1], "text" list[str], "fps" float32 [B], "key" list[str],
-"meta" list[dict]; with `with_masks` "mask" int64 [B, T, H, W]; with `with_target` "target_video" (edit
+"meta" list[dict]; with `with_masks` "labels" int64 [B, T, H, W] (label maps); with `with_target` "target_video" (edit
 pairs); `AudioVideoDataModule` adds "audio" float32 [B, C, S] (the clip's time window of the soundtrack,
 S = round(T / fps * sample_rate)) and "sample_rate". Images mixed in (`image_ratio` > 0) arrive as their
 own batches with T = 1 and fps 0, never mixed with clips inside a batch.
@@ -25,7 +25,7 @@ class VideoDataModule(ShardDataModule):
         fps: frame rate clips are sampled at (None: each clip's native rate).
         image_shards: image shards to mix in (None with image_ratio > 0: the world's images).
         image_ratio: fraction of batches that are image batches.
-        with_masks: add "mask" (needs mask.npz); with_target: add "target_video" (needs edit.mp4).
+        with_masks: add the label maps "labels" (needs mask.npz); with_target: add "target_video" (needs edit.mp4).
         fps_in_caption: prefix captions with "FPS-<fps> " (Movie Gen's fps conditioning).
         random_crop: random crop offsets and clip starts in training (centre/0 in validation).
         min_motion_bucket: keep only clips whose json motion_bucket (computed when shards are written) is at

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_modules.conditioning.base import Conditioner, Encode
+from lightning_modules.conditioning.masks import MaskGenerator
 
 
 def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -134,47 +135,46 @@ class StillImage(LatentConcat):
         return {"image": self.image(batch).expand(-1, -1, frames, -1, -1)}
 
 
-def random_box_masks(batch_size: int, frames: int, height: int, width: int, min_frac: float = 0.25,
-                     max_frac: float = 0.6, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, 1, T, H, W] masks (1 = to fill) of one axis-aligned box per clip, the same in every frame, with sides
-    between `min_frac` and `max_frac` of the frame."""
-    masks = torch.zeros(batch_size, 1, frames, height, width)
-    for i in range(batch_size):
-        frac = torch.empty(2).uniform_(min_frac, max_frac, generator=generator)
-        bh, bw = max(1, int(frac[0] * height)), max(1, int(frac[1] * width))
-        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator))
-        masks[i, :, :, top:top + bh, left:left + bw] = 1.0
-    return masks
+STATIC_BOXES = MaskGenerator({"box": 1.0}, moving=0.0)
 
 
-def batch_mask(batch: dict[str, Any]) -> torch.Tensor:
-    """The batch's "mask" [B, 1, T, H, W] (1 = region to generate); random boxes when it has none. The core
-    stores the drawn mask back in the batch, so the mask and the masked video of one step agree."""
+def batch_mask(batch: dict[str, Any], masks: MaskGenerator | None = None) -> torch.Tensor:
+    """The batch's "mask" [B, 1, T, H, W] (1 = region to generate); drawn by `masks` (static boxes by default;
+    object masks from the batch's "labels") when it has none. The core stores the drawn mask back in the batch,
+    so the mask and the masked video of one step agree."""
     if "mask" not in batch:
         b, _, t, h, w = batch["video"].shape
-        batch["mask"] = random_box_masks(b, t, h, w).to(batch["video"].device)
+        labels = batch.get("labels")
+        drawn = (masks or STATIC_BOXES)(b, t, h, w, None if labels is None else labels.cpu())
+        batch["mask"] = drawn.to(batch["video"].device)
     return batch["mask"].float()
 
 
 class Mask(LatentConcat):
-    """The inpainting mask on the latent grid (area-averaged), 1 channel."""
+    """The inpainting mask on the latent grid (area-averaged), 1 channel. A batch without a "mask" gets one drawn
+    by `masks` (`conditioning.masks.MaskGenerator`; static boxes by default)."""
 
-    def __init__(self, channels: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int = 1, dropout: float = 0.0, masks: MaskGenerator | None = None) -> None:
         super().__init__(channels, dropout)
+        self.masks = masks
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
-        mask = nn.functional.adaptive_avg_pool3d(batch_mask(batch), tuple(latent_shape[1:]))
+        mask = nn.functional.adaptive_avg_pool3d(batch_mask(batch, self.masks), tuple(latent_shape[1:]))
         return self._check(mask, latent_shape)
 
 
 class MaskedVideo(LatentConcat):
-    """Enc(x ⊙ (1 − mask)): the video with the region to fill blanked (0, mid-grey in [-1, 1])."""
+    """Enc(x ⊙ (1 − mask)): the video with the region to fill blanked (0, mid-grey in [-1, 1]). Give it the same
+    `masks` as the `Mask` conditioner: whichever runs first draws the batch's mask, the other reads it."""
+
+    def __init__(self, channels: int, dropout: float = 0.0, masks: MaskGenerator | None = None) -> None:
+        super().__init__(channels, dropout)
+        self.masks = masks
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
-        masked = batch["video"].float() * (1.0 - batch_mask(batch))
+        masked = batch["video"].float() * (1.0 - batch_mask(batch, self.masks))
         with torch.no_grad():
             return self._check(encode(masked), latent_shape)
 
     def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"masked": batch["video"].float() * (1.0 - batch_mask(batch))}
+        return {"masked": batch["video"].float() * (1.0 - batch_mask(batch, self.masks))}

@@ -32,17 +32,17 @@ def test_datamodules_yield_the_convention_keys(world_dir):
     b = video["video"].shape[0]
     assert video["video"].dtype == torch.float32 and video["video"].shape[1:3] == (3, 8)
     assert -1 <= video["video"].min() and video["video"].max() <= 1
-    assert video["mask"].shape == (b, *video["video"].shape[2:]) and video["mask"].dtype == torch.int64
+    assert video["labels"].shape == (b, *video["video"].shape[2:]) and video["labels"].dtype == torch.int64
     assert video["text"][0].startswith("FPS-8 ") and video["fps"].tolist() == [8.0] * b
     assert len(video["key"]) == len(video["meta"]) == b and "objects" in video["meta"][0]
     ids = {o["id"] for o in video["meta"][0]["objects"]}
-    assert set(video["mask"][0].unique().tolist()) <= ids | {0}
+    assert set(video["labels"][0].unique().tolist()) <= ids | {0}
 
     av = _first(AudioVideoDataModule(sizes=[[32, 32]], frames=[8], fps=8, sample_rate=8000, **common))
     assert av["audio"].shape == (av["video"].shape[0], 1, 8000) and av["sample_rate"] == 8000
 
     image = _first(ImageDataModule(sizes=[[32, 32]], with_masks=True, **common))
-    assert image["video"].shape[1:3] == (3, 1) and (image["fps"] == 0).all() and image["mask"].shape[1] == 1
+    assert image["video"].shape[1:3] == (3, 1) and (image["fps"] == 0).all() and image["labels"].shape[1] == 1
 
     audio = _first(AudioDataModule(durations=[0.5, 1.0], sample_rate=8000, **common))
     assert audio["audio"].shape[1] == 1 and audio["audio"].shape[2] in (4000, 8000)

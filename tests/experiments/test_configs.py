@@ -26,9 +26,9 @@ ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") o
 # The paper-size model on a smaller clip in fp32, so one CPU step fits in memory (256² x 32 frames needs > 24 GiB)
 # and time (bf16 autocast of 3D convolutions on a CPU took over 25 minutes for a 64² x 16 clip).
 CPU_CLIP = {"tae_moviegen": ["data.sizes=[[32,32]]", "data.frames=[8]", "data.num_workers=0", "trainer.precision=32-true"]}
-# The stickers line's world, shrunk: one step needs a few clips, not the 1700 the experiments train on.
+# The stickers' and AVID's world, shrunk: one step needs a few clips, not the 1700 the experiments train on.
 SMALL_WORLD = ["data.world.scenes=[16,8]", "data.world.images=[16,8]", "data.world.stickers=[16,8]"]
-CPU_CLIP |= {e: SMALL_WORLD for e in EXPERIMENTS if e.startswith("sticker_")}
+CPU_CLIP |= {e: SMALL_WORLD for e in EXPERIMENTS if e.startswith(("sticker_", "avid_"))}
 CPU_CLIP["sticker_student"] = [*SMALL_WORLD, "data.shards=null"]  # not the ensemble's selected set
 
 
