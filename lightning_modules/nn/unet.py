@@ -51,7 +51,7 @@ from torch import nn
 from kernels import Backend
 from lightning_modules.nn.attention import Attention
 from lightning_modules.nn.dit import TimestepEmbedder, pooled
-from lightning_modules.nn.temporal import inflate
+from lightning_modules.nn.temporal import default_attention, inflate
 
 
 def fold(x: torch.Tensor) -> torch.Tensor:
@@ -432,8 +432,19 @@ class UNet(nn.Module):
         return skips, mid + weight * middle.to(mid.dtype)
 
 
-def video_unet(freeze_spatial: bool = False, **kwargs: Any) -> UNet:
-    """`UNet(**kwargs)` inflated with temporal layers (`nn.temporal.inflate`): the image+text-to-video network of
-    Animated Stickers in one call, for configs (`_target_: lightning_modules.nn.unet.video_unet`). Its spatial
-    weights keep the image UNet's names, so `init_from` an image checkpoint loads them."""
+TEMPORAL_LAYOUTS = ("conv_and_attention", "motion_modules")
+
+
+def video_unet(freeze_spatial: bool = False, temporal: str = "conv_and_attention", **kwargs: Any) -> UNet:
+    """`UNet(**kwargs)` inflated with temporal layers (`nn.temporal.inflate`), in one call for configs
+    (`_target_: lightning_modules.nn.unet.video_unet`). Its spatial weights keep the image UNet's names, so
+    `init_from` an image checkpoint loads them.
+
+    temporal: "conv_and_attention" (Emu Video, Animated Stickers): a temporal conv after each spatial conv and a
+        temporal attention after each spatial attention; "motion_modules" (AnimateDiff, AVID): a temporal
+        transformer after every spatial layer, convs and attentions alike. Every one starts as the identity."""
+    if temporal not in TEMPORAL_LAYOUTS:
+        raise ValueError(f"model.net.temporal={temporal!r}; choose one of {TEMPORAL_LAYOUTS}")
+    if temporal == "motion_modules":
+        return inflate(UNet(**kwargs), freeze_spatial, make_conv=default_attention, make_attention=default_attention)
     return inflate(UNet(**kwargs), freeze_spatial)

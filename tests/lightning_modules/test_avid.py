@@ -41,3 +41,37 @@ def test_the_unet_input_is_noisy_latent_then_mask_then_masked_latent(outputs: Pa
     torch.testing.assert_close(channels[:, c:c + 1], on_grid)
     torch.testing.assert_close(channels[:, c + 1:], module.encode(video * (1 - mask)))
     assert channels[0, c].amax() == 1 and channels[1, c, 0, :, -1].eq(0).all()
+
+
+def test_motion_modules_start_as_the_image_model_on_every_frame_and_alone_train(outputs: Path, tmp_path: Path) -> None:
+    """Stage 1 (experiment=avid_motion) from the image model's checkpoint: a temporal transformer after every
+    spatial layer, each the identity at first, so every frame gets the image model's prediction; only they train."""
+    torch.manual_seed(0)
+    image = hydra.utils.instantiate(compose_config(["experiment=avid_image"], outputs / "image").model,
+                                    _convert_="object")
+    with torch.no_grad():  # away from the zero initialisations, so that the comparison means something
+        for p in image.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"state_dict": image.state_dict()}, tmp_path / "image.ckpt")
+    video = hydra.utils.instantiate(compose_config(["experiment=avid_motion"], outputs / "video").model,
+                                    _convert_="object")
+    video.load_stage_weights(tmp_path / "image.ckpt")
+
+    temporal = [n for n, _ in video.net.named_modules() if n.endswith(".temporal")]
+    sites = [n for n, m in video.net.named_modules() if getattr(m, "inflate_site", None)]
+    assert len(temporal) == len(sites) and all(
+        type(m.temporal).__name__ == "TemporalAttention" for n, m in video.net.named_modules()
+        if getattr(m, "inflate_site", None)), "a temporal transformer after every spatial layer"
+    trainable = [n for n, p in video.net.named_parameters() if p.requires_grad]
+    assert trainable and all(".temporal." in n for n in trainable), "the inpainting UNet is frozen"
+
+    clip = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    batch = {"video": clip, "text": ["A red circle.", "A blue square."], "fps": torch.full((2,), 8.0), "frames": 4}
+    x1 = video.to_latent(batch)
+    raw = video.condition_inputs(batch, tuple(x1.shape[1:]), train=True)  # draws a (possibly moving) mask
+    conditions = video.conditions(raw, batch["fps"], {})
+    x_t, t = torch.randn_like(x1), torch.full((2,), 0.4)
+    out = video(x_t, t, conditions)
+    for f in range(x1.shape[2]):
+        frame = image.net(x_t[:, :, f:f + 1], t, **conditions.window(f, f + 1).backbone_kwargs())
+        torch.testing.assert_close(out[:, :, f:f + 1], frame, rtol=1e-4, atol=1e-5)
