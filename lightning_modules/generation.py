@@ -282,10 +282,13 @@ class GenerationModule(BaseModule):
         state = read_module_state(path)
         state = grow_input_channels(grow_position_tables(state, self.net, prefix="net."), self.net, prefix="net.")
         missing, unexpected = self.load_state_dict(state, strict=False)
-        new = tuple(f"conditioners.{name}." for name in self.conditioners)
-        missing = [k for k in missing if not k.startswith((*new, "net.guidance_embedders.")) and ".temporal." not in k]
+        new = (*(f"conditioners.{name}." for name in self.conditioners), "net.guidance_embedders.",
+               *(f"net.{prefix}" for prefix in getattr(self.net, "new_in_stage", ())))
+        missing = [k for k in missing if not k.startswith(new) and ".temporal." not in k]
         if missing or unexpected:
             raise ValueError(f"model.init_from={path} does not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        if hasattr(self.net, "on_stage_loaded"):  # parts derived from the loaded weights (ControlNet's copy)
+            self.net.on_stage_loaded()
         print(f"[generation] initialised from {path}")
 
     # -- latents and conditions --------------------------------------------------------------------------------------

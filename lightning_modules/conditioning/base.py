@@ -6,6 +6,7 @@ A conditioner turns part of a batch into something the backbone consumes, in one
     "tokens"   extra tokens appended to that sequence (reference image, task)    → Conditions.context / mask
     "concat"   latents concatenated to x_t on the channels (image, mask, ...)   → Conditions.concat
     "frames"   features per latent frame added to the video tokens              → Conditions.frame_features
+    "structure" a map the backbone's structure guidance reads (edges, AVID)     → Conditions.structure
 
 It works in three parameter-free steps and one learned one:
 
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-KINDS = ("context", "tokens", "concat", "frames")
+KINDS = ("context", "tokens", "concat", "frames", "structure")
 Encode = Callable[[torch.Tensor], torch.Tensor]  # pixels [B, 3, T, H, W] in [-1, 1] → normalised latent
 
 
@@ -84,25 +85,31 @@ class Conditions:
     frame_features: torch.Tensor | None = None   # [B, T, dim] (latent frames)
     fps: torch.Tensor | None = None              # [B]
     guidance: torch.Tensor | None = None         # [B, n] guidance scales, for a guidance-distilled backbone
+    structure: torch.Tensor | None = None        # [B, C_s, T, H, W] structure map (latent grid), for a guided backbone
 
     def backbone_kwargs(self) -> dict[str, torch.Tensor | None]:
-        """The backbone's keyword arguments; `guidance` only when set (a backbone without guidance inputs, such
-        as the DiT, does not take it)."""
+        """The backbone's keyword arguments; `guidance` and `structure_map` only when set (a backbone without
+        guidance inputs or structure guidance, such as the DiT, does not take them)."""
         kwargs = {"context": self.context, "context_mask": self.context_mask, "cond": self.concat,
                   "frame_features": self.frame_features, "fps": self.fps}
-        return kwargs if self.guidance is None else {**kwargs, "guidance": self.guidance}
+        if self.guidance is not None:
+            kwargs["guidance"] = self.guidance
+        if self.structure is not None:
+            kwargs["structure_map"] = self.structure
+        return kwargs
 
     def window(self, start: int, end: int) -> Conditions:
         """The conditions of latent frames [start, end) (temporal windows of MultiDiffusion); the per-sample
         fields (context, fps, guidance) are the same in every window."""
         return replace(self, concat=None if self.concat is None else self.concat[:, :, start:end],
-                       frame_features=None if self.frame_features is None else self.frame_features[:, start:end])
+                       frame_features=None if self.frame_features is None else self.frame_features[:, start:end],
+                       structure=None if self.structure is None else self.structure[:, :, start:end])
 
     @staticmethod
     def cat(parts: Sequence[Conditions]) -> Conditions:
         """Stack along the batch (one part per guidance pass); context sequences are padded to the longest."""
         out = {}
-        for name in ("concat", "frame_features", "fps", "guidance"):
+        for name in ("concat", "frame_features", "fps", "guidance", "structure"):
             values = [getattr(p, name) for p in parts]
             out[name] = None if values[0] is None else torch.cat(values)
         if parts[0].context is None:
@@ -117,8 +124,9 @@ class Conditions:
 
 def assemble(conditioners: dict[str, Conditioner], values: dict[str, Any], fps: torch.Tensor | None) -> Conditions:
     """Conditions from the embedded values of each conditioner, in the conditioners' order: context and tokens
-    are concatenated along the sequence, concat latents along the channels, frame features summed."""
-    context, masks, concat, frames = [], [], [], None
+    are concatenated along the sequence, concat latents and structure maps along the channels, frame features
+    summed."""
+    context, masks, concat, frames, structure = [], [], [], None, []
     for name, conditioner in conditioners.items():
         value = values[name]
         if conditioner.kind in ("context", "tokens"):
@@ -129,8 +137,11 @@ def assemble(conditioners: dict[str, Conditioner], values: dict[str, Any], fps: 
             concat.append(value)
         elif conditioner.kind == "frames":
             frames = value if frames is None else frames + value
+        elif conditioner.kind == "structure":
+            structure.append(value)
         else:
             raise ValueError(f"conditioner {name}: unknown kind {conditioner.kind!r}; one of {KINDS}")
     return Conditions(context=torch.cat(context, dim=1) if context else None,
                       context_mask=torch.cat(masks, dim=1) if masks else None,
-                      concat=torch.cat(concat, dim=1) if concat else None, frame_features=frames, fps=fps)
+                      concat=torch.cat(concat, dim=1) if concat else None, frame_features=frames, fps=fps,
+                      structure=torch.cat(structure, dim=1) if structure else None)

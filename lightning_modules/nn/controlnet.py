@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from lightning_modules.nn.unet import ResBlock, SpatialConv, SpatialTransformer, UNet
+from lightning_modules.nn.unet import ResBlock, SpatialConv, SpatialTransformer, UNet, inflate_layout
 
 LUMA = (0.299, 0.587, 0.114)
 SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
@@ -242,3 +243,55 @@ class StructureGuidance(nn.Module):
         h = self.mid.attn[0](h, context, context_mask)
         h = self.mid.res[1](h, emb)
         return [zero(f) for zero, f in zip(self.zero, features)], self.zero_mid(h)
+
+
+class StructureGuidedUNet(UNet):
+    """AVID stage 2's backbone: the stage-1 UNet (inpainting input, motion modules), frozen, with its structure
+    guidance s_θ (`StructureGuidance`, trainable):
+
+        prediction = UNet(x_t, t, c; skips += w_s·r_i, middle += w_s·r_mid),   (r, r_mid) = s_θ(x_t, t, c, hint)
+
+    The hint is the structure map of the conditions (`Conditions.structure`, a "structure" conditioner such as
+    `conditioning.structure.EdgeMap`); without one, or with w_s = `structure_weight` = 0, it is the plain UNet
+    (AVID's task presets: retexturing w_s = 1, object swap 0, uncropping 0). Its parameter names are the UNet's
+    plus `guide.*`, so `model.init_from` a stage-1 checkpoint loads the UNet, and `on_stage_loaded` copies the
+    loaded encoder into the guidance.
+
+    Args:
+        hint_channels, hint_hidden: of `StructureGuidance`.
+        structure_weight: w_s.
+        temporal: the temporal layout of stage 1 (`unet.video_unet`), or None for an image UNet.
+        **kwargs: the UNet's.
+    """
+
+    new_in_stage = ("guide.",)  # parameters a previous stage's checkpoint does not have
+
+    def __init__(self, hint_channels: int = 1, hint_hidden: int = 16, structure_weight: float = 1.0,
+                 temporal: str | None = "motion_modules", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if temporal is not None:
+            inflate_layout(self, temporal)
+        self.requires_grad_(False)  # stage 2 trains the guidance only
+        self.structure_weight = structure_weight
+        self.guide = StructureGuidance.from_unet(self, hint_channels, hint_hidden)
+
+    def init_weights(self) -> None:
+        """The UNet's initialisation, then the guidance as a copy of its encoder with zero outputs (the meta-init
+        contract of `lightning_modules.parallel`)."""
+        super().init_weights()
+        if hasattr(self, "guide"):
+            self.guide.zero_outputs()
+            self.guide.copy_from(self)
+
+    def on_stage_loaded(self) -> None:
+        """After `model.init_from` loaded the UNet: the guidance starts from the loaded encoder."""
+        self.guide.copy_from(self)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
+                structure_map: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """As `UNet.forward`, with `structure_map` [B, hint_channels, T, H, W] the guidance's hint."""
+        if structure_map is None or self.structure_weight == 0:
+            return super().forward(x, t, context, context_mask, **kwargs)
+        residuals = self.guide(x, t, context, structure_map, context_mask, **kwargs)
+        return super().forward(x, t, context, context_mask, structure=residuals,
+                               structure_weight=self.structure_weight, **kwargs)

@@ -443,8 +443,13 @@ def video_unet(freeze_spatial: bool = False, temporal: str = "conv_and_attention
     temporal: "conv_and_attention" (Emu Video, Animated Stickers): a temporal conv after each spatial conv and a
         temporal attention after each spatial attention; "motion_modules" (AnimateDiff, AVID): a temporal
         transformer after every spatial layer, convs and attentions alike. Every one starts as the identity."""
+    return inflate_layout(UNet(**kwargs), temporal, freeze_spatial)
+
+
+def inflate_layout(net: UNet, temporal: str, freeze_spatial: bool = False) -> UNet:
+    """`net` inflated in place with the temporal layout `temporal` (see `video_unet`)."""
     if temporal not in TEMPORAL_LAYOUTS:
         raise ValueError(f"model.net.temporal={temporal!r}; choose one of {TEMPORAL_LAYOUTS}")
     if temporal == "motion_modules":
-        return inflate(UNet(**kwargs), freeze_spatial, make_conv=default_attention, make_attention=default_attention)
-    return inflate(UNet(**kwargs), freeze_spatial)
+        return inflate(net, freeze_spatial, make_conv=default_attention, make_attention=default_attention)
+    return inflate(net, freeze_spatial)

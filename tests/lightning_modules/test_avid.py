@@ -4,6 +4,7 @@ zero weight."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -75,3 +76,44 @@ def test_motion_modules_start_as_the_image_model_on_every_frame_and_alone_train(
     for f in range(x1.shape[2]):
         frame = image.net(x_t[:, :, f:f + 1], t, **conditions.window(f, f + 1).backbone_kwargs())
         torch.testing.assert_close(out[:, :, f:f + 1], frame, rtol=1e-4, atol=1e-5)
+
+
+def test_structure_guidance_from_stage_one_starts_as_stage_one_and_w_s_zero_is_no_guidance(
+        outputs: Path, tmp_path: Path) -> None:
+    """Stage 2 (experiment=avid_structure) from stage 1's checkpoint: its guidance is a copy of the loaded encoder
+    with zero outputs (stage 1's prediction, with or without edges); once trained (here: perturbed), edges change
+    the prediction at w_s = 1, and w_s = 0 is exactly no guidance. Only the guidance trains."""
+    torch.manual_seed(0)
+    motion = hydra.utils.instantiate(compose_config(["experiment=avid_motion"], outputs / "motion").model,
+                                     _convert_="object")
+    with torch.no_grad():
+        for p in motion.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"state_dict": motion.state_dict()}, tmp_path / "motion.ckpt")
+    guided = hydra.utils.instantiate(compose_config(["experiment=avid_structure"], outputs / "structure").model,
+                                     _convert_="object")
+    guided.load_stage_weights(tmp_path / "motion.ckpt")
+    assert torch.equal(guided.net.guide.conv_in.conv.weight, motion.net.conv_in.conv.weight), "copied after loading"
+    trainable = [n for n, p in guided.net.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("guide.") for n in trainable)
+
+    clip = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    clip[..., 8:] = -1.0  # a sharp vertical edge: the map is not empty
+    batch = {"video": clip, "text": ["A red circle.", "A blue square."], "fps": torch.full((2,), 8.0), "frames": 4,
+             "mask": torch.zeros(2, 1, 4, 16, 16)}
+    batch["mask"][..., 4:12, 4:12] = 1.0
+    x1 = guided.to_latent(batch)
+    raw = guided.condition_inputs(batch, tuple(x1.shape[1:]), train=False)
+    assert raw["edges"].shape == (2, 1, *x1.shape[2:]) and raw["edges"].amax() > 0.5
+    conditions = guided.conditions(raw, batch["fps"], {})
+    assert conditions.structure is not None
+    x_t, t = torch.randn_like(x1), torch.full((2,), 0.4)
+    plain = motion(x_t, t, replace(conditions, structure=None))  # stage 1 has no use for the map
+    torch.testing.assert_close(guided(x_t, t, conditions), plain, rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():  # a trained guidance
+        for p in guided.net.guide.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert (guided(x_t, t, conditions) - plain).abs().max() > 1e-3
+    guided.net.structure_weight = 0.0
+    torch.testing.assert_close(guided(x_t, t, conditions), plain, rtol=1e-5, atol=1e-6)
