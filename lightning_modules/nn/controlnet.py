@@ -47,7 +47,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from lightning_modules.nn.unet import ResBlock, SpatialConv, SpatialTransformer, UNet, inflate_layout
+from lightning_modules.nn.unet import ResBlock, SpatialConv, SpatialTransformer, UNet, encoder_pass, inflate_layout
 
 LUMA = (0.299, 0.587, 0.114)
 SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
@@ -231,17 +231,7 @@ class StructureGuidance(nn.Module):
         emb = UNet.embedding(self, t, h.shape[1], context, context_mask, fps, frame_features, guidance).to(h.dtype)
         context = context.to(h.dtype)
 
-        features = [h]
-        for level in self.down:
-            for i in range(len(level.res)):
-                h = level.layer(i, h, emb, context, context_mask)
-                features.append(h)
-            if level.resample is not None:
-                h = level.resample(h)
-                features.append(h)
-        h = self.mid.res[0](h, emb)
-        h = self.mid.attn[0](h, context, context_mask)
-        h = self.mid.res[1](h, emb)
+        features, h = encoder_pass(self.down, self.mid, h, emb, context, context_mask)
         return [zero(f) for zero, f in zip(self.zero, features)], self.zero_mid(h)
 
 

@@ -395,17 +395,7 @@ class UNet(nn.Module):
         emb = self.embedding(t, h.shape[1], context, context_mask, fps, frame_features, guidance).to(h.dtype)
         context = context.to(h.dtype)
 
-        skips = [h]
-        for level in self.down:
-            for i in range(len(level.res)):
-                h = level.layer(i, h, emb, context, context_mask)
-                skips.append(h)
-            if level.resample is not None:
-                h = level.resample(h)
-                skips.append(h)
-        h = self.mid.res[0](h, emb)
-        h = self.mid.attn[0](h, context, context_mask)
-        h = self.mid.res[1](h, emb)
+        skips, h = encoder_pass(self.down, self.mid, h, emb, context, context_mask)
         if structure is not None:
             skips, h = self.add_structure(skips, h, structure, structure_weight)
         for level in self.up:
@@ -430,6 +420,23 @@ class UNet(nn.Module):
             weight = (rearrange(weight, "b -> b 1 1 1 1") if weight.ndim == 1 else weight).to(mid.dtype)
         skips = [s + weight * r.to(s.dtype) for s, r in zip(skips, residuals)]
         return skips, mid + weight * middle.to(mid.dtype)
+
+
+def encoder_pass(down: nn.ModuleList, mid: Level, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                 context_mask: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The encoder half from conv_in's output h: (the skip features, conv_in's included; the middle's output).
+    Shared by the UNet and its structure guidance's copy of the encoder (`nn.controlnet`)."""
+    skips = [h]
+    for level in down:
+        for i in range(len(level.res)):
+            h = level.layer(i, h, emb, context, context_mask)
+            skips.append(h)
+        if level.resample is not None:
+            h = level.resample(h)
+            skips.append(h)
+    h = mid.res[0](h, emb)
+    h = mid.attn[0](h, context, context_mask)
+    return skips, mid.res[1](h, emb)
 
 
 TEMPORAL_LAYOUTS = ("conv_and_attention", "motion_modules")

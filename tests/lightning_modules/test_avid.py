@@ -44,19 +44,25 @@ def test_the_unet_input_is_noisy_latent_then_mask_then_masked_latent(outputs: Pa
     assert channels[0, c].amax() == 1 and channels[1, c, 0, :, -1].eq(0).all()
 
 
+def chained(previous: str, stage: str, outputs: Path, tmp_path: Path) -> tuple:
+    """(previous stage's module with weights moved off their zero initialisations, the next stage's module
+    initialised from its checkpoint as `model.init_from` does)."""
+    torch.manual_seed(0)
+    before = hydra.utils.instantiate(compose_config([f"experiment={previous}"], outputs / previous).model,
+                                     _convert_="object")
+    with torch.no_grad():  # away from the zero initialisations, so that the comparisons mean something
+        for p in before.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"state_dict": before.state_dict()}, tmp_path / f"{previous}.ckpt")
+    after = hydra.utils.instantiate(compose_config([f"experiment={stage}"], outputs / stage).model, _convert_="object")
+    after.load_stage_weights(tmp_path / f"{previous}.ckpt")
+    return before, after
+
+
 def test_motion_modules_start_as_the_image_model_on_every_frame_and_alone_train(outputs: Path, tmp_path: Path) -> None:
     """Stage 1 (experiment=avid_motion) from the image model's checkpoint: a temporal transformer after every
     spatial layer, each the identity at first, so every frame gets the image model's prediction; only they train."""
-    torch.manual_seed(0)
-    image = hydra.utils.instantiate(compose_config(["experiment=avid_image"], outputs / "image").model,
-                                    _convert_="object")
-    with torch.no_grad():  # away from the zero initialisations, so that the comparison means something
-        for p in image.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    torch.save({"state_dict": image.state_dict()}, tmp_path / "image.ckpt")
-    video = hydra.utils.instantiate(compose_config(["experiment=avid_motion"], outputs / "video").model,
-                                    _convert_="object")
-    video.load_stage_weights(tmp_path / "image.ckpt")
+    image, video = chained("avid_image", "avid_motion", outputs, tmp_path)
 
     temporal = [n for n, _ in video.net.named_modules() if n.endswith(".temporal")]
     sites = [n for n, m in video.net.named_modules() if getattr(m, "inflate_site", None)]
@@ -83,16 +89,7 @@ def test_structure_guidance_from_stage_one_starts_as_stage_one_and_w_s_zero_is_n
     """Stage 2 (experiment=avid_structure) from stage 1's checkpoint: its guidance is a copy of the loaded encoder
     with zero outputs (stage 1's prediction, with or without edges); once trained (here: perturbed), edges change
     the prediction at w_s = 1, and w_s = 0 is exactly no guidance. Only the guidance trains."""
-    torch.manual_seed(0)
-    motion = hydra.utils.instantiate(compose_config(["experiment=avid_motion"], outputs / "motion").model,
-                                     _convert_="object")
-    with torch.no_grad():
-        for p in motion.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    torch.save({"state_dict": motion.state_dict()}, tmp_path / "motion.ckpt")
-    guided = hydra.utils.instantiate(compose_config(["experiment=avid_structure"], outputs / "structure").model,
-                                     _convert_="object")
-    guided.load_stage_weights(tmp_path / "motion.ckpt")
+    motion, guided = chained("avid_motion", "avid_structure", outputs, tmp_path)
     assert torch.equal(guided.net.guide.conv_in.conv.weight, motion.net.conv_in.conv.weight), "copied after loading"
     trainable = [n for n, p in guided.net.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("guide.") for n in trainable)
