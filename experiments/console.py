@@ -139,7 +139,7 @@ def _stream_handlers() -> list[logging.StreamHandler]:
 
 # -- errors ----------------------------------------------------------------------------------------------------------
 TOP_LEVEL_KEYS = ("trainer", "model", "data", "callbacks", "dp", "logger", "strategy", "paths", "loop", "sweep",
-                  "ckpt_path", "seed", "task", "threads", "experiment", "run_name", "tags", "optimized_metric")
+                  "ckpt_path", "seed", "task", "threads", "experiment", "run_name", "tags", "optimized_metric", "inpaint")
 # "model.sample.prompts=x: no such file", "trainer.max_steps: ...": a message that starts by naming a config key.
 _NAMES_KEY = re.compile(r"^\s*\+?(?:" + "|".join(TOP_LEVEL_KEYS) + r")(?:\.[\w\-]+)*\s*(?:=|:|\s)")
 

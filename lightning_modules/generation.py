@@ -494,9 +494,16 @@ class GenerationModule(BaseModule):
     # -- custom tasks ------------------------------------------------------------------------------------------------
     def run_task(self, name: str, trainer: L.Trainer, datamodule: L.LightningDataModule | None, cfg: Any) -> Any:
         """`task=sample` (prompts and/or input videos → videos), `task=evaluate` (the test loop as eval/*) and
-        `task=ensemble` (Animated Stickers' teachers → judged candidates, gallery, selected shards)."""
+        `task=ensemble` (Animated Stickers' teachers → judged candidates, gallery, selected shards) and
+        `task=inpaint` (AVID: a video, a mask and a prompt → the inpainted video)."""
         if name == "sample":
             return self.sample_to_files(trainer)
+        if name == "inpaint":  # AVID: any-length text-guided video inpainting (lightning_modules.inpainting)
+            from lightning_modules.inpainting import inpaint_to_files  # it builds on this module
+
+            if "inpaint" not in cfg:
+                raise ValueError("task=inpaint needs an `inpaint:` config (see conf/experiment/avid_structure.yaml)")
+            return inpaint_to_files(self, trainer, dict(cfg.inpaint))
         if name == "ensemble":  # Animated Stickers: teachers' clips judged, reviewed, selected (lightning_modules.stickers)
             from lightning_modules.stickers import TeacherEnsemble  # it builds on this module
 
@@ -512,7 +519,7 @@ class GenerationModule(BaseModule):
             finally:
                 self._stage_prefix = "test"
         raise ValueError(f"task={name!r} is not offered by {type(self).__name__}; it supports fit, validate, test, "
-                         "sample, evaluate, ensemble")
+                         "sample, evaluate, ensemble, inpaint")
 
     def sample_requests(self) -> list[dict[str, Any]]:
         """One batch of one item per request of `task=sample`: each prompt (× per_prompt), each input video."""
