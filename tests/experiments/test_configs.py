@@ -20,7 +20,9 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # Paper-size experiments (names ending in _moviegen) take minutes and many GB for one CPU step: `-m slow`. So do,
 # for CI's 20 minutes, the latent-cache experiment (it encodes a cache first) and the teachers that only change
 # stage 2's recipe (their configs still compose in the default suite).
-HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving"}
+# The quickstart's one step also trains its probe (its end-to-end test in test_generation.py runs the reduced
+# quickstart); AVID's stage 1 is stage 2's model without the guidance (test_avid.py builds both).
+HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion"}
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
             for e in EXPERIMENTS]
 # The paper-size model on a smaller clip in fp32, so one CPU step fits in memory (256² x 32 frames needs > 24 GiB)

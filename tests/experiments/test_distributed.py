@@ -108,6 +108,7 @@ def test_tensor_or_context_parallel_quickstart_trains_resumes_and_samples_in_one
     assert list((tmp_path / "samples").glob("*.mp4"))
 
 
+@pytest.mark.slow
 def test_meta_init_with_tensor_parallel_on_cpu_says_what_to_set(outputs: Path, tmp_path: Path) -> None:
     from tests.lightning_modules.test_generation import QUICK
 
