@@ -40,8 +40,8 @@ from callbacks.ema import load_ema_weights  # noqa: E402
 from experiments.compose import compose_config  # noqa: E402
 from experiments.quickstart_grid import frames_row, run_checkpoint  # noqa: E402
 from lightning_modules.checkpoint_io import read_module_state  # noqa: E402
-from lightning_modules.inpainting import PRESETS, composite, inpainting_metrics  # noqa: E402
 from lightning_modules.generative.multidiffusion import window_spans  # noqa: E402
+from lightning_modules.inpainting import PRESETS, composite, inpainting_metrics  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
 FRAMES, WINDOW = 20, 8

@@ -16,9 +16,9 @@ and writes experiments/benchmarks/results/parallel_memory.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import ctypes
 import socket
 import sys
 import tempfile

@@ -47,7 +47,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from lightning_modules.nn.unet import ResBlock, SpatialConv, SpatialTransformer, UNet, encoder_pass, inflate_layout
+from lightning_modules.nn.unet import (
+    ResBlock,
+    SpatialConv,
+    SpatialTransformer,
+    UNet,
+    encoder_pass,
+    inflate_layout,
+)
 
 LUMA = (0.299, 0.587, 0.114)
 SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))

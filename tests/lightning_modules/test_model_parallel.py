@@ -13,7 +13,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from lightning_modules.model_parallel import ModelParallel, apply_model_parallel, broadcast_batch, sync_gradients
+from lightning_modules.model_parallel import (
+    ModelParallel,
+    apply_model_parallel,
+    broadcast_batch,
+    sync_gradients,
+)
 from lightning_modules.nn.dit import DiT
 from lightning_modules.parallel import ParallelConfig, apply_parallelism
 from tests.helpers import free_port
