@@ -50,6 +50,20 @@ def run_checkpoint(location: str | None) -> tuple[Path, list[str]]:
                   for o in overrides if not o.startswith(RUN_ONLY)]
 
 
+def load_run(ckpt: Path, overrides: list[str], job: str) -> tuple[torch.nn.Module, bool, dict]:
+    """(the run's module with the checkpoint's weights (EMA when it has them), whether EMA, its first validation
+    batch), composed from the run's overrides."""
+    cfg = compose_config(overrides, Path("/tmp") / job)
+    module = hydra.utils.instantiate(cfg.model, _convert_="object")
+    module.load_state_dict(read_module_state(ckpt))
+    ema = load_ema_weights(module, ckpt)
+    module.eval()
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    return module, ema, next(iter(datamodule.val_dataloader()))
+
+
 def frames_row(video: torch.Tensor, scale: int) -> np.ndarray:
     """[3, T, H, W] in [-1, 1] → uint8 [H·scale, T·(W·scale + 2), 3]: the frames left to right, 2 px apart."""
     pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -84,15 +98,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt, overrides = run_checkpoint(run)
     overrides += [a for a in rest if not a.startswith("run=")]
     torch.set_num_threads(1)
-    cfg = compose_config(overrides, Path("/tmp") / "quickstart_grid")
-    module = hydra.utils.instantiate(cfg.model, _convert_="object")
-    module.load_state_dict(read_module_state(ckpt))
-    ema = load_ema_weights(module, ckpt)
-    module.eval()
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    batch = next(iter(datamodule.val_dataloader()))
+    module, ema, batch = load_run(ckpt, overrides, "quickstart_grid")
     n = min(args.prompts, len(batch["text"]))
     part = {k: v[:n] if isinstance(v, torch.Tensor | list | tuple) else v for k, v in batch.items()}
     frames, height, width = part["video"].shape[2:]

@@ -27,7 +27,6 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from PIL import Image
@@ -36,10 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from callbacks.ema import load_ema_weights  # noqa: E402
-from experiments.compose import compose_config  # noqa: E402
-from experiments.quickstart_grid import frames_row, run_checkpoint  # noqa: E402
-from lightning_modules.checkpoint_io import read_module_state  # noqa: E402
+from experiments.quickstart_grid import frames_row, load_run, run_checkpoint  # noqa: E402
 from lightning_modules.generative.multidiffusion import window_spans  # noqa: E402
 from lightning_modules.inpainting import PRESETS, composite, inpainting_metrics  # noqa: E402
 
@@ -86,15 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = Path(run) if run else Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "avid_structure"
     ckpt, overrides = run_checkpoint(str(base))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = compose_config([*overrides, "data.batch_size=" + str(args.clips)], Path("/tmp") / "avid_inpaint")
-    module = hydra.utils.instantiate(cfg.model, _convert_="object")
-    module.load_state_dict(read_module_state(ckpt))
-    ema = load_ema_weights(module, ckpt)
-    module.eval()
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    batch = next(iter(datamodule.val_dataloader()))
+    module, ema, batch = load_run(ckpt, [*overrides, f"data.batch_size={args.clips}"], "avid_inpaint")
     n = min(args.clips, len(batch["text"]))
     source = ping_pong(batch["video"][:n].float(), FRAMES)
     labels = ping_pong(batch["labels"][:n, None], FRAMES)[:, 0]
