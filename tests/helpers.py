@@ -47,3 +47,18 @@ def fixed_loss(model, batch: dict, times: int = 10) -> float:
                              noise=torch.randn(x1.shape, generator=g)) for k in range(times)]
     model.train()
     return torch.stack(losses).mean().item()
+
+
+def fixed_loss_before_and_after(model, held_out: dict, train_clips: list[dict], steps: int = 40,
+                                batch_size: int = 8) -> tuple[float, float]:
+    """`fixed_loss` on `held_out` before and after `steps` optimizer steps of `model` on `train_clips` (shuffled,
+    no validation, no checkpoints): a short training that should lower it."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    before = fixed_loss(model, held_out, times=8)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(model, DataLoader(train_clips, batch_size=batch_size, shuffle=True))
+    return before, fixed_loss(model, held_out, times=8)

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 from einops import rearrange
 from torch import nn
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from experiments.compose import compose_config
 from lightning_modules.conditioning.masks import MaskGenerator
-from tests.helpers import fixed_loss
+from tests.helpers import fixed_loss_before_and_after
 from tests.lightning_modules.test_unet import colour_clips
 
 
@@ -129,10 +128,5 @@ def test_short_training_of_the_inpainting_model_lowers_the_loss(outputs: Path) -
                                     _convert_="object")
     held_out = next(iter(DataLoader(colour_clips(12, seed=1), batch_size=12)))
     held_out["mask"] = MaskGenerator()(12, 2, 8, 8, generator=torch.Generator().manual_seed(2))
-    before = fixed_loss(model, held_out, times=8)
-    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    trainer.fit(model, DataLoader(colour_clips(96), batch_size=8, shuffle=True))
-    after = fixed_loss(model, held_out, times=8)
+    before, after = fixed_loss_before_and_after(model, held_out, colour_clips(96))
     assert after < 0.7 * before, (before, after)

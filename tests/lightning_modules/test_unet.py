@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 
 import hydra
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -19,7 +18,7 @@ from lightning_modules.generation import GenerationModule
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
 from lightning_modules.nn.unet import ResBlock, SpatialTransformer, UNet
-from tests.helpers import fixed_loss
+from tests.helpers import fixed_loss_before_and_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -166,12 +165,7 @@ def test_short_training_in_the_generation_core_lowers_the_loss() -> None:
     model = module()
     assert model.shard_units()[:len(model.net.blocks)] == model.net.blocks  # FSDP / checkpointing units
     held_out = next(iter(DataLoader(colour_clips(12, seed=1), batch_size=12)))
-    before = fixed_loss(model, held_out, times=8)
-    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    trainer.fit(model, DataLoader(colour_clips(96), batch_size=8, shuffle=True))
-    after = fixed_loss(model, held_out, times=8)
+    before, after = fixed_loss_before_and_after(model, held_out, colour_clips(96))
     assert after < 0.6 * before, (before, after)
     video = model.generate({"text": ["A red square.", "A blue square."], "fps": 8.0}, 2, 8, 8, seed=3)
     assert video.shape == (2, 3, 2, 8, 8) and torch.isfinite(video).all()
