@@ -51,6 +51,7 @@ from lightning_modules.conditioning.text import batch_fps
 from lightning_modules.evaluation import Evaluator
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
 from lightning_modules.generative import guidance, multidiffusion, paths, solvers, timesteps
+from lightning_modules.nn.attention import MiddleFrameAnchors, install_anchors
 from lightning_modules.nn.dit import DiT, grow_input_channels, grow_position_tables
 
 
@@ -104,7 +105,9 @@ class SamplerConfig:
     linspace, with `steps` (emulating `emulated_steps` for linear_quadratic; `shift` for shifted);
     guidance: condition name → scale, in the order of the passes (e.g. {image: 1.5, text: 7.5} is
     InstructPix2Pix's); guidance_order: that order when it differs from the dict's (a config that adds a
-    condition to an inherited {text: ...} cannot put it first); window / overlap / weighting: temporal windows in latent frames (null: none); seed.
+    condition to an inherited {text: ...} cannot put it first); window / overlap / weighting: temporal windows in
+    latent frames (null: none); anchor_weight: ω_a of AVID's middle-frame attention guidance across windows (0: off;
+    `nn.attention.MiddleFrameAnchors`, for backbones whose blocks have an `anchors` slot); seed.
     """
 
     solver: str = "euler"
@@ -117,6 +120,7 @@ class SamplerConfig:
     window: int | None = None
     overlap: int = 0
     weighting: str = "uniform"
+    anchor_weight: float = 0.0
     seed: int = 0
 
 
@@ -418,20 +422,35 @@ class GenerationModule(BaseModule):
             passes, scales = self.guidance_passes(guidance_scales)
             conditions = Conditions.cat([self.conditions(raw, fps, on) for on in passes])
 
+        # AVID: the window holding the middle latent frame runs first at every step and its attention guides the rest
+        anchors = MiddleFrameAnchors(cfg.anchor_weight) if cfg.window and cfg.anchor_weight > 0 else None
+        middle = shape[1] // 2
+
         def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not cfg.window:
                 return self(x, t, conditions)
+            spans = multidiffusion.window_spans(x.shape[2], cfg.window, cfg.overlap)
+            middle_span = spans[multidiffusion.middle_window(spans, middle)]
 
             def one_window(piece: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+                if anchors is not None and span == middle_span:
+                    anchors.record(middle - span[0])
+                elif anchors is not None:
+                    anchors.guide()
                 return self(piece, t, conditions.window(*span))
 
-            return multidiffusion.fuse_windows(one_window, x, cfg.window, cfg.overlap, dim=2, weighting=cfg.weighting)
+            return multidiffusion.fuse_windows(one_window, x, cfg.window, cfg.overlap, dim=2, weighting=cfg.weighting,
+                                               first=middle if anchors is not None else None)
 
         model_fn = guidance.guided(batched, scales) if scales else batched
         grid = timesteps.schedule(schedule or cfg.schedule, steps or cfg.steps, cfg.emulated_steps, shift=cfg.shift,
                                   train_steps=getattr(self.objective.path, "num_train_steps", 1000))
-        x1 = solvers.solve(cfg.solver, model_fn, x0, grid, path=self.objective.path,
-                           prediction=self.objective.prediction)
+        install_anchors(self.net, anchors)
+        try:
+            x1 = solvers.solve(cfg.solver, model_fn, x0, grid, path=self.objective.path,
+                               prediction=self.objective.prediction)
+        finally:
+            install_anchors(self.net, None)
         return x1 if return_latent else self.from_latent(x1, frames)
 
     def previews(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -20,13 +20,19 @@ Metrics (`inpainting_metrics`), on pixels in [-1, 1]:
     seam_jump          the frame-to-frame change inside the mask at window boundaries over the change elsewhere
                        (1 = no visible seam)
     colour_drift       |mean colour of the filled region in the last frame − in the first|
-Text alignment of the filled region needs the synthetic world's evaluator (issue 12's probe): not computed here.
-Middle-frame attention guidance (AVID §3.3) is not implemented yet.
+    text_alignment     the share of frames whose filled region reads, by the world's palette
+                       (`evaluation.palette`), as the colour the prompt names (the first of the world's object
+                       colours in it; absent when it names none): majority object-colour label of its pixels
+
+Middle-frame attention guidance (AVID §3.3; `inpaint.anchor_weight` = ω_a, `nn.attention.MiddleFrameAnchors`):
+at every step the window holding the middle frame is denoised first; its spatial self-attention keys and values
+of that frame then guide every frame of the other windows, blended with weight ω_a.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +40,15 @@ import torch
 from einops import rearrange
 
 from datamodules.media import decode_image, decode_video, frames_to_video
+from datamodules.synthetic.world import OBJECT_COLOURS
 from lightning_modules.conditioning import resize_video
+from lightning_modules.evaluation.palette import palette_labels
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
 from lightning_modules.generative.multidiffusion import window_spans
 
 PRESETS = {"retexture": 1.0, "object_swap": 0.0, "uncrop": 0.0}  # structure guidance weight w_s
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+OBJECT_NAMES = list(OBJECT_COLOURS)
 
 
 def read_frames(location: str | Path) -> tuple[torch.Tensor, float]:
@@ -79,10 +88,31 @@ def composite(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor)
     return torch.where(mask > 0.5, generated, source)
 
 
+def prompt_colour(prompt: str) -> int | None:
+    """Index (in the world's OBJECT_COLOURS) of the first object colour named in the prompt, or None."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return next((OBJECT_NAMES.index(w) for w in words if w in OBJECT_NAMES), None)
+
+
+def fill_colour_alignment(video: torch.Tensor, mask: torch.Tensor, colour: int) -> float:
+    """Share of the frames (with a hole) of video [1, 3, T, H, W] whose masked pixels' most common object-colour
+    label (`palette_labels`, labels < 8; a frame with none counts as a miss) is `colour`."""
+    labels = palette_labels(video)[0]  # [T, H, W]
+    hits = []
+    for f in range(labels.shape[0]):
+        inside = labels[f][mask[0, 0, f] > 0.5]
+        if inside.numel() == 0:
+            continue
+        objects = inside[inside < len(OBJECT_NAMES)]
+        hits.append(objects.numel() > 0 and int(objects.mode().values) == colour)
+    return float(sum(hits) / len(hits)) if hits else float("nan")
+
+
 def inpainting_metrics(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
-                       window_starts: list[int]) -> dict[str, float]:
+                       window_starts: list[int], prompt: str | None = None) -> dict[str, float]:
     """The metrics of the module docstring for one clip: generated (before the paste), source [1, 3, T, H, W],
-    mask [1, 1, T, H, W]; `window_starts` the first frame of each window after the first."""
+    mask [1, 1, T, H, W]; `window_starts` the first frame of each window after the first; `prompt` (optional)
+    for text_alignment."""
     inside, outside = mask.expand_as(source) > 0.5, mask.expand_as(source) <= 0.5
     out = composite(generated, source, mask)
     metrics = {"background_error": float((generated - source).abs()[outside].mean()) if outside.any() else 0.0}
@@ -98,6 +128,9 @@ def inpainting_metrics(generated: torch.Tensor, source: torch.Tensor, mask: torc
         others = [f for f in range(per_step.shape[0]) if f not in seams]
         if seams and others and per_step[others].mean() > 0:
             metrics["seam_jump"] = float(per_step[seams].mean() / per_step[others].mean())
+    colour_index = prompt_colour(prompt) if prompt else None
+    if colour_index is not None:
+        metrics["text_alignment"] = fill_colour_alignment(out, mask, colour_index)
     colour = [rearrange(out[:, :, f], "1 c h w -> (h w) c")[rearrange(inside[:, 0, f], "1 h w -> (h w)")].mean(0)
               for f in (0, out.shape[2] - 1) if inside[:, 0, f].any()]
     if len(colour) == 2:
@@ -124,12 +157,13 @@ def inpaint_to_files(module: Any, trainer: Any, options: dict[str, Any]) -> dict
         module.net.structure_weight = PRESETS[preset]
     window, overlap = int(options.get("window") or frames), int(options.get("overlap") or 0)
     module.sampler.window, module.sampler.overlap = (window, overlap) if frames > window else (None, 0)
+    module.sampler.anchor_weight = float(options.get("anchor_weight") or 0.0)
     prompt = str(options.get("prompt") or "")
     batch = {"video": source, "mask": mask, "text": [prompt], "fps": torch.tensor([fps])}
     generated = module.generate(batch, frames, height, width, seed=module.sampler.seed)
     starts = [s for s, _ in window_spans(frames, window, overlap)][1:] if frames > window else []
     metrics = {"frames": frames, "windows": len(starts) + 1, "w_s": PRESETS[preset],
-               **inpainting_metrics(generated.cpu(), source, mask, starts)}
+               "w_a": module.sampler.anchor_weight, **inpainting_metrics(generated.cpu(), source, mask, starts, prompt)}
     folder = Path(options.get("output_dir") or Path(trainer.default_root_dir) / "inpainted")
     stem = folder / f"{slug(Path(options['source']).stem)}_{preset}"
     written = write_clip(stem, composite(generated.cpu(), source, mask)[0], prompt, fps)

@@ -1,22 +1,34 @@
-"""AVID's inpainting measured on held-out clips of the world, beside a floor, and a frame grid for the README.
+"""AVID's inpainting measured on held-out clips of the world, beside its ceiling and floor, with the paper's
+ablations, and a frame grid for the README.
 
-    python experiments/benchmarks/avid_inpaint.py [run=<avid_structure run or checkpoint>] [--clips 16]
+    python experiments/benchmarks/avid_inpaint.py [run=<avid_structure run or checkpoint>] [--clips 8] [--steps 20]
 
 The newest `experiment=avid_structure` checkpoint (EMA weights when present) inpaints held-out clips of its world,
-each played forward and back to 20 frames (2.5 training windows), with the presets' masks: retexture and object
-swap get the exact mask of the clip's object (it moves with the object), uncrop a border of 1/4 of the frame on
-the left and right; the prompt is the clip's caption. Per preset, averaged over the clips (pixels in [-1, 1]):
+each played forward and back to the length asked (the training window is 8 frames), with the presets' masks:
+retexture and object swap get the exact mask of the clip's object (it moves with the object), uncrop a border of
+1/4 of the frame on the left and right; the prompt is the clip's caption. Sampling modes:
+
+    per_clip     independent windows of 8 frames (no overlap)
+    one_chunk    the whole clip in one pass (the motion modules see every frame)
+    tmd          Temporal MultiDiffusion: windows of 8 with an overlap of 4, fused at every step
+    tmd_guided   tmd + middle-frame attention guidance (w_a = 0.4, the CLI's default)
+
+Metrics, averaged over the clips (pixels in [-1, 1]; `lightning_modules.inpainting`):
 
     fill_error        mean |output - original| inside the mask (the original is what the caption describes)
     fill_error_floor  the same for the floor: the mask filled with the mean colour of the pixels outside it
+    text_alignment    share of frames whose filled region reads as the prompt's colour (real clip: the ceiling,
+                      mean fill: the floor); object masks only
     background_error  mean |generated - source| outside the mask before the paste (0 after it, by construction)
-    flicker           mean frame-to-frame change inside the mask, beside the original's (`flicker_source`)
-    seam_jump         the change at window boundaries over the change elsewhere, with overlap 4 (Temporal
-                      MultiDiffusion) and with overlap 0 (independent windows), beside the original's
+    flicker           mean frame-to-frame change inside the mask (temporal consistency), beside the original's
+    seam_jump         the change at window boundaries over the change elsewhere (1: no seam), beside the original's
     colour_drift      change of the filled region's mean colour from the first to the last frame
 
-Prints a table, writes experiments/benchmarks/results/avid_inpaint.json and avid_grid.png (per clip: original,
-masked, inpainted; first 10 frames).
+Sections: the presets (20 frames, tmd_guided); the ablation of the modes at 32 and 64 frames (object swap:
+w_s = 0, so that only the temporal mechanism keeps the object); w_a in {0, 0.3, 0.5, 0.8, 1} (tmd, 32 frames);
+w_s in {0, 0.5, 1} for retexturing (20 frames); time and peak memory against length for tmd_guided and
+one_chunk (one clip; memory: bytes malloc holds above the model's, sampled after every UNet level).
+Writes experiments/benchmarks/results/avid_inpaint.json and avid_grid.png (per clip: original, masked, inpainted).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +48,21 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from experiments.benchmarks.parallel_memory import Peak, in_use  # noqa: E402
 from experiments.quickstart_grid import frames_row, load_run, run_checkpoint  # noqa: E402
 from lightning_modules.generative.multidiffusion import window_spans  # noqa: E402
-from lightning_modules.inpainting import PRESETS, composite, inpainting_metrics  # noqa: E402
+from lightning_modules.inpainting import (  # noqa: E402
+    PRESETS,
+    composite,
+    fill_colour_alignment,
+    inpainting_metrics,
+    prompt_colour,
+)
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
-FRAMES, WINDOW = 20, 8
+WINDOW, OVERLAP, W_A = 8, 4, 0.4
+MODES = {"per_clip": (WINDOW, 0, 0.0), "one_chunk": (None, 0, 0.0), "tmd": (WINDOW, OVERLAP, 0.0),
+         "tmd_guided": (WINDOW, OVERLAP, W_A)}
 
 
 def ping_pong(video: torch.Tensor, frames: int) -> torch.Tensor:
@@ -74,58 +96,161 @@ def mean_fill(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return composite(colour.expand_as(source), source, mask)
 
 
+class Bench:
+    """The loaded run and its held-out clips; `inpaint` samples, `measure` scores."""
+
+    def __init__(self, module: torch.nn.Module, batch: dict, clips: int, steps: int) -> None:
+        self.module, self.n, self.steps = module, min(clips, len(batch["text"])), steps
+        self.clips, self.labels = batch["video"][:self.n].float(), batch["labels"][:self.n]
+        self.texts, self.fps = list(batch["text"][:self.n]), batch["fps"][:self.n]
+
+    def task(self, preset: str, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, mask) of every clip, `frames` long."""
+        source = ping_pong(self.clips, frames)
+        labels = ping_pong(self.labels[:, None], frames)[:, 0]
+        return source, preset_masks(labels, preset, *source.shape[-2:])
+
+    def inpaint(self, source: torch.Tensor, mask: torch.Tensor, mode: str, w_s: float, w_a: float | None = None,
+                clips: slice = slice(None)) -> torch.Tensor:
+        window, overlap, default_w_a = MODES[mode]
+        sampler = self.module.sampler
+        sampler.window, sampler.overlap = (window, overlap) if window and source.shape[2] > window else (None, 0)
+        sampler.anchor_weight = default_w_a if w_a is None else w_a
+        self.module.net.structure_weight = w_s
+        request = {"video": source[clips], "mask": mask[clips], "text": self.texts[clips], "fps": self.fps[clips]}
+        return self.module.generate(request, source.shape[2], *source.shape[-2:], steps=self.steps,
+                                    seed=sampler.seed).cpu()
+
+    def measure(self, generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, mode: str,
+                preset: str) -> dict[str, float]:
+        frames = source.shape[2]
+        window, overlap, _ = MODES[mode]
+        starts = [s for s, _ in window_spans(frames, window, overlap)][1:] if window and frames > window else \
+            [s for s, _ in window_spans(frames, WINDOW, OVERLAP)][1:]  # one chunk: where tmd's seams would be
+        prompts = self.texts if preset != "uncrop" else [None] * self.n
+        per_clip = [inpainting_metrics(generated[i:i + 1], source[i:i + 1], mask[i:i + 1], starts, prompts[i])
+                    for i in range(self.n)]
+        mean = lambda key: float(np.nanmean([m[key] for m in per_clip if key in m])) if any(  # noqa: E731
+            key in m for m in per_clip) else float("nan")
+        inside = mask.expand_as(source) > 0.5
+        out = composite(generated, source, mask)
+        return {"fill_error": float((out - source).abs()[inside].mean()), "text_alignment": mean("text_alignment"),
+                "background_error": mean("background_error"), "flicker": mean("temporal_flicker"),
+                "seam_jump": mean("seam_jump"), "colour_drift": mean("colour_drift")}
+
+    def reference(self, source: torch.Tensor, mask: torch.Tensor, preset: str) -> dict[str, float]:
+        """The real clip's values (the ceiling) and the mean-fill floor's fill error and text alignment."""
+        real = self.measure(source, source, mask, "tmd", preset)
+        floor = mean_fill(source, mask)
+        inside = mask.expand_as(source) > 0.5
+        colours = [prompt_colour(t) for t in self.texts]
+        floor_alignment = [fill_colour_alignment(floor[i:i + 1], mask[i:i + 1], c) for i, c in enumerate(colours)
+                           if c is not None and preset != "uncrop"]
+        return {**{f"{k}_real": v for k, v in real.items() if k not in ("fill_error", "background_error")},
+                "fill_error_floor": float((floor - source).abs()[inside].mean()),
+                "text_alignment_floor": float(np.nanmean(floor_alignment)) if floor_alignment else float("nan")}
+
+
+def scaling(bench: Bench, lengths: list[int]) -> dict[str, dict[int, dict[str, float]]]:
+    """Seconds and peak bytes (above the model's) to inpaint one clip of each length, tmd_guided vs one_chunk."""
+    peak = Peak()
+    hooks = [m.register_forward_hook(peak.sample) for m in [*bench.module.net.down, *bench.module.net.up]]
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    try:
+        for mode in ("tmd_guided", "one_chunk"):
+            out[mode] = {}
+            for frames in lengths:
+                source, mask = bench.task("object_swap", frames)
+                base = in_use()
+                peak.value = base
+                start = time.perf_counter()
+                bench.inpaint(source, mask, mode, 0.0, clips=slice(0, 1))
+                out[mode][frames] = {"seconds": time.perf_counter() - start, "peak_mib": (peak.value - base) / 2**20}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out
+
+
+def fmt(row: dict[str, float], keys: list[str]) -> str:
+    return "".join(f"{row.get(k, float('nan')):>10.3f}" for k in keys)
+
+
+def reference_rows(reference: dict[str, float], keys: list[str]) -> str:
+    """The real clip's row (ceiling) and the mean-fill floor's, under a table of `keys`."""
+    real = {k: reference.get(f"{k}_real", float("nan")) for k in keys if k not in ("fill_error", "background_error")}
+    floor = {k: reference.get(f"{k}_floor", float("nan")) for k in ("fill_error", "text_alignment")}
+    return f"{'  real clip':<22}{fmt(real, keys)}\n{'  floor (mean fill)':<22}{fmt(floor, keys)}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--steps", type=int, default=20, help="solver steps per sample")
     args, rest = parser.parse_known_args(argv)
     run = next((a.split("=", 1)[1] for a in rest if a.startswith("run=")), None)
     base = Path(run) if run else Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "avid_structure"
     ckpt, overrides = run_checkpoint(str(base))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     module, ema, batch = load_run(ckpt, [*overrides, f"data.batch_size={args.clips}"], "avid_inpaint")
-    n = min(args.clips, len(batch["text"]))
-    source = ping_pong(batch["video"][:n].float(), FRAMES)
-    labels = ping_pong(batch["labels"][:n, None], FRAMES)[:, 0]
-    _, _, _, height, width = source.shape
-    starts = [s for s, _ in window_spans(FRAMES, WINDOW, 4)][1:]
-    starts_naive = [s for s, _ in window_spans(FRAMES, WINDOW, 0)][1:]
+    bench = Bench(module, batch, args.clips, args.steps)
+    keys = ["fill_error", "text_alignment", "background_error", "flicker", "seam_jump", "colour_drift"]
+    head = "".join(f"{k[:9]:>10}" for k in keys)
+    result: dict = {"checkpoint": str(ckpt), "ema": ema, "clips": bench.n, "steps": args.steps, "window": WINDOW,
+                    "overlap": OVERLAP, "w_a": W_A}
+
+    print(f"\n== presets, 20 frames, tmd_guided ==\n{'preset':<22}{head}")
     rows, grid = {}, []
-    for preset in PRESETS:
-        mask = preset_masks(labels, preset, height, width)
-        module.net.structure_weight = PRESETS[preset]
-        request = {"video": source, "mask": mask, "text": list(batch["text"][:n]), "fps": batch["fps"][:n]}
-        outputs = {}
-        for overlap in (4, 0):
-            module.sampler.window, module.sampler.overlap = WINDOW, overlap
-            outputs[overlap] = module.generate(request, FRAMES, height, width, seed=module.sampler.seed).cpu()
-        per_clip = [inpainting_metrics(outputs[4][i:i + 1], source[i:i + 1], mask[i:i + 1], starts) for i in range(n)]
-        naive = [inpainting_metrics(outputs[0][i:i + 1], source[i:i + 1], mask[i:i + 1], starts_naive)
-                 for i in range(n)]
-        real = [inpainting_metrics(source[i:i + 1], source[i:i + 1], mask[i:i + 1], starts) for i in range(n)]
-        inside = mask.expand_as(source) > 0.5
-        out = composite(outputs[4], source, mask)
-        mean = lambda items, key: float(np.mean([m[key] for m in items if key in m]))  # noqa: E731
-        rows[preset] = {
-            "w_s": PRESETS[preset], "clips": n, "mask_fraction": float(mask.mean()),
-            "fill_error": float((out - source).abs()[inside].mean()),
-            "fill_error_floor": float((mean_fill(source, mask) - source).abs()[inside].mean()),
-            "background_error": mean(per_clip, "background_error"),
-            "flicker": mean(per_clip, "temporal_flicker"), "flicker_source": mean(per_clip, "temporal_flicker_source"),
-            "seam_jump": mean(per_clip, "seam_jump"), "seam_jump_no_overlap": mean(naive, "seam_jump"),
-            "seam_jump_source": mean(real, "seam_jump"), "colour_drift": mean(per_clip, "colour_drift"),
-            "colour_drift_source": mean(real, "colour_drift"),
-        }
+    for preset, w_s in PRESETS.items():
+        source, mask = bench.task(preset, 20)
+        generated = bench.inpaint(source, mask, "tmd_guided", w_s)
+        rows[preset] = {"w_s": w_s, "mask_fraction": float(mask.mean()),
+                        **bench.measure(generated, source, mask, "tmd_guided", preset),
+                        **bench.reference(source, mask, preset)}
+        print(f"{preset:<22}{fmt(rows[preset], keys)}")
+        print(reference_rows(rows[preset], keys))
         masked = source * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1, 1)  # magenta hole
-        for i in range(min(3, n)):
+        out = composite(generated, source, mask)
+        for i in range(min(3, bench.n)):
             grid += [frames_row(v[i, :, :10], 4) for v in (source, masked, out)]
-    print(f"{'preset':<12}{'w_s':>5}{'fill err':>10}{'floor':>8}{'bg err':>8}{'flicker':>9}{'(real)':>8}"
-          f"{'seam':>7}{'no ovl':>8}{'(real)':>8}{'drift':>7}")
-    for preset, r in rows.items():
-        print(f"{preset:<12}{r['w_s']:>5.1f}{r['fill_error']:>10.3f}{r['fill_error_floor']:>8.3f}"
-              f"{r['background_error']:>8.3f}{r['flicker']:>9.3f}{r['flicker_source']:>8.3f}{r['seam_jump']:>7.2f}"
-              f"{r['seam_jump_no_overlap']:>8.2f}{r['seam_jump_source']:>8.2f}{r['colour_drift']:>7.3f}")
+    result["presets"] = rows
+
+    result["ablation"] = {}
+    for frames in (32, 64):
+        print(f"\n== ablation, {frames} frames, object swap ==\n{'mode':<22}{head}")
+        source, mask = bench.task("object_swap", frames)
+        result["ablation"][frames] = {"real": bench.reference(source, mask, "object_swap")}
+        for mode in MODES:
+            row = bench.measure(bench.inpaint(source, mask, mode, 0.0), source, mask, mode, "object_swap")
+            result["ablation"][frames][mode] = row
+            print(f"{mode:<22}{fmt(row, keys)}")
+        print(reference_rows(result["ablation"][frames]["real"], keys))
+
+    print(f"\n== w_a (middle-frame guidance), 32 frames, tmd, object swap ==\n{'w_a':<22}{head}")
+    source, mask = bench.task("object_swap", 32)
+    result["w_a"] = {}
+    for w_a in (0.0, 0.3, 0.5, 0.8, 1.0):
+        row = bench.measure(bench.inpaint(source, mask, "tmd", 0.0, w_a=w_a), source, mask, "tmd", "object_swap")
+        result["w_a"][w_a] = row
+        print(f"{w_a:<22}{fmt(row, keys)}")
+
+    print(f"\n== w_s (structure guidance), 20 frames, retexture, tmd_guided ==\n{'w_s':<22}{head}")
+    source, mask = bench.task("retexture", 20)
+    result["w_s"] = {}
+    for w_s in (0.0, 0.5, 1.0):
+        row = bench.measure(bench.inpaint(source, mask, "tmd_guided", w_s), source, mask, "tmd_guided", "retexture")
+        result["w_s"][w_s] = row
+        print(f"{w_s:<22}{fmt(row, keys)}")
+
+    result["scaling"] = scaling(bench, args.lengths)
+    print(f"\n== time and memory against length (one clip) ==\n{'frames':<10}"
+          + "".join(f"{m + ' s':>18}{m + ' MiB':>18}" for m in result["scaling"]))
+    for frames in args.lengths:
+        print(f"{frames:<10}" + "".join(f"{result['scaling'][m][frames]['seconds']:>18.2f}"
+                                        f"{result['scaling'][m][frames]['peak_mib']:>18.1f}" for m in result["scaling"]))
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(ckpt), "ema": ema, "frames": FRAMES, "window": WINDOW, "rows": rows}
     (RESULTS / "avid_inpaint.json").write_text(json.dumps(result, indent=1))
     Image.fromarray(np.concatenate(grid, axis=0)).save(RESULTS / "avid_grid.png")
     return result

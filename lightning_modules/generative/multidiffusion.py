@@ -6,6 +6,10 @@ predictions are averaged where windows overlap, with per-position weights w (uni
 
     out[n] = Σ_k w_k(n − s_k)·f(x[s_k:e_k])[n − s_k] / Σ_k w_k(n − s_k),    over windows k with s_k ≤ n < e_k
 
+The sum does not depend on the order of the windows, but a model with state across windows does: AVID's middle-frame
+attention guidance denoises the window whose centre is nearest the sequence's middle first (`first=`), and
+guides the others with that window's attention.
+
 Triangular weights (Movie Gen Audio): w(j) = 1 − |2j / (W − 1) − 1| + ε, so window edges count little.
 Movie Gen's spatial upsampler uses windows of 14 frames with an overlap of 4 (in latent frames here).
 """
@@ -32,6 +36,11 @@ def window_spans(length: int, window: int, overlap: int) -> list[tuple[int, int]
     return [(s, s + window) for s in starts]
 
 
+def middle_window(spans: list[tuple[int, int]], position: int) -> int:
+    """Index of the span whose centre is nearest `position` (the first such span on a tie)."""
+    return min(range(len(spans)), key=lambda k: (abs((spans[k][0] + spans[k][1] - 1) / 2 - position), k))
+
+
 def window_weights(size: int, kind: str = "uniform", eps: float = 1e-3) -> torch.Tensor:
     """[size] weights: ones ("uniform") or 1 − |2j/(size − 1) − 1| + eps ("triangular")."""
     if kind == "uniform" or size == 1:
@@ -43,13 +52,17 @@ def window_weights(size: int, kind: str = "uniform", eps: float = 1e-3) -> torch
 
 
 def fuse_windows(fn: WindowFn, x: torch.Tensor, window: int, overlap: int, dim: int = 2,
-                 weighting: str = "uniform") -> torch.Tensor:
-    """Σ_k w_k·fn(x[window k], span_k) / Σ_k w_k along `dim` (see the module docstring); fn keeps the shape."""
+                 weighting: str = "uniform", first: int | None = None) -> torch.Tensor:
+    """Σ_k w_k·fn(x[window k], span_k) / Σ_k w_k along `dim` (see the module docstring); fn keeps the shape.
+    With `first`, the window whose centre is nearest that position runs before the others (in order)."""
     length = x.shape[dim]
     out = torch.zeros_like(x)
     total = torch.zeros(length, dtype=x.dtype, device=x.device)
     view = [1] * x.ndim
-    for start, end in window_spans(length, window, overlap):
+    spans = window_spans(length, window, overlap)
+    if first is not None:
+        spans.insert(0, spans.pop(middle_window(spans, first)))
+    for start, end in spans:
         piece = fn(x.narrow(dim, start, end - start), (start, end))
         if piece.shape != x.narrow(dim, start, end - start).shape:
             raise ValueError(f"fuse_windows: fn changed the window's shape to {tuple(piece.shape)}")

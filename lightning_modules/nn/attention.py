@@ -11,6 +11,9 @@ in a config).
 Attention is softmax(QKᵀ/sqrt(d))·V, non-causal (Movie Gen and the U-Nets attend bidirectionally):
 - self-attention: keys from x; cross-attention: keys from ``context`` (text), with an optional
   ``key_padding_mask`` [B, Lc] (True = real token);
+- segmented cross-attention (``context_segments``): the context is consecutive segments (the text, then extra
+  token groups such as a reference image's), each with its own softmax, their outputs summed (see
+  ``Attention.forward``);
 - packed: x is [T, C] with ``cu_seqlens`` (and the context [Tc, Cc] with ``cu_seqlens_context``), each
   sample attending only to itself, no padding;
 - AVID middle-frame guidance (``FrameGuidance``): frame-major tokens, each frame attends to itself and to
@@ -19,7 +22,7 @@ Attention is softmax(QKᵀ/sqrt(d))·V, non-causal (Movie Gen and the U-Nets att
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,9 +134,33 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cu_seqlens_context: torch.Tensor | None = None, max_seqlen: int | None = None,
-                max_seqlen_context: int | None = None, guidance: FrameGuidance | None = None) -> torch.Tensor:
-        """x [B, L, C] → [B, L, C]; packed: x [T, C] with cu_seqlens (context [Tc, Cc] with cu_seqlens_context)."""
+                max_seqlen_context: int | None = None, guidance: FrameGuidance | None = None,
+                context_segments: Sequence[int] | None = None) -> torch.Tensor:
+        """x [B, L, C] → [B, L, C]; packed: x [T, C] with cu_seqlens (context [Tc, Cc] with cu_seqlens_context).
+
+        context_segments (cross-attention): lengths (L_0, L_1, ...) of consecutive segments of the context, each
+        attended with its own softmax and the outputs summed (decoupled cross-attention, as IP-Adapter's, with the
+        K/V projections shared):
+
+            out = W_o · Σ_s softmax(q K_sᵀ/√d) V_s        K_s, V_s = W_k, W_v of segment s's tokens (and mask)
+
+        A segment with no real token adds 0, and so does one whose tokens are 0 (V_s = W_v·0 = 0, no bias): the
+        output is then exactly that of the first segment alone (`conditioning.tokens.ReferenceImage`)."""
         source = x if context is None else context
+        if context_segments is not None and context is not None and len(context_segments) > 1:
+            if cu_seqlens is not None or guidance is not None:
+                raise ValueError("Attention: context_segments take neither packed inputs nor guidance")
+            q = self._norm(rearrange(self.to_q(x), "b l (h d) -> b h l d", d=self.head_dim), self.q_norm)
+            out, start = None, 0
+            for length in context_segments:
+                k, v = self.project_kv(source[:, start:start + length])
+                mask = None if key_padding_mask is None else key_padding_mask[:, start:start + length]
+                part = attend(q, k, v, key_padding_mask=mask, backend=self.backend)
+                out, start = part if out is None else out + part, start + length
+            if start != source.shape[1]:
+                raise ValueError(f"Attention: context_segments {list(context_segments)} do not add up to the "
+                                 f"context's {source.shape[1]} tokens")
+            return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
         if cu_seqlens is not None:
             if key_padding_mask is not None or guidance is not None:
                 raise ValueError("Attention: packed inputs take neither key_padding_mask nor guidance")
@@ -153,3 +180,57 @@ class Attention(nn.Module):
             k, v = self.kv_hook(k, v)
         out = attend(q, k, v, key_padding_mask=key_padding_mask, guidance=guidance, backend=self.backend)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class MiddleFrameAnchors:
+    """AVID's middle-frame attention guidance across temporal windows (the spatial self-attention of a U-Net).
+
+    A sampler that denoises a long clip window by window runs, at every step, the window holding the clip's middle
+    frame first, in `record` mode: each hooked self-attention caches (k, v) of that frame (the anchor, from the
+    same layer at the same step) and attends as usual. The other windows run in `guide` mode: each of their
+    frames f blends its attention with the anchor's (`kernels.guided_attention`, weight ω_a):
+
+        out_f = (1 − ω_a)·softmax(Q_f K_fᵀ/√d)·V_f + ω_a·softmax(Q_f K_midᵀ/√d)·V_mid
+
+    A block holds it in its `anchors` slot (set from outside, e.g. `install_anchors`); one object serves every
+    block, each keyed by its attention module.
+    """
+
+    def __init__(self, weight: float = 0.4, mode: str = "blend") -> None:
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"MiddleFrameAnchors: weight (ω_a) must be in [0, 1], got {weight}")
+        self.weight, self.mode = weight, mode
+        self.record_frame: int | None = None
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, frame: int) -> None:
+        """The next pass caches frame `frame` (of the window) at every hooked layer, replacing the last anchors."""
+        self.record_frame = frame
+        self.cache.clear()
+
+    def guide(self) -> None:
+        """The next passes blend every frame with the cached anchors."""
+        self.record_frame = None
+
+    def self_attention(self, attn: Attention, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """attn's self-attention of per-frame tokens x [(B·T), N, C] (sample-major) → [(B·T), N, C]."""
+        frames, tokens = x.shape[0] // batch, x.shape[1]
+        if self.record_frame is not None:
+            per_sample = rearrange(x, "(b t) n c -> b t n c", b=batch)
+            self.cache[id(attn)] = attn.project_kv(per_sample[:, self.record_frame])
+            return attn(x)
+        anchor = self.cache.get(id(attn))
+        if anchor is None:  # nothing recorded (one window, or a layer the recording pass did not reach)
+            return attn(x)
+        if anchor[0].shape[0] != batch:
+            raise ValueError(f"MiddleFrameAnchors: anchors of batch {anchor[0].shape[0]} cannot guide batch {batch}")
+        guidance = FrameGuidance(frame_len=tokens, weight=self.weight, mode=self.mode, anchor_kv=anchor)
+        out = attn(rearrange(x, "(b t) n c -> b (t n) c", b=batch), guidance=guidance)
+        return rearrange(out, "b (t n) c -> (b t) n c", t=frames)
+
+
+def install_anchors(net: nn.Module, anchors: MiddleFrameAnchors | None) -> None:
+    """Fill (or, with None, empty) the `anchors` slot of every block of `net` that has one."""
+    for module in net.modules():
+        if hasattr(module, "anchors"):
+            module.anchors = anchors

@@ -10,9 +10,9 @@ in [0, 1]):
     canny   = Gaussian blur(σ) → Sobel → non-maximum suppression along the gradient (4 directions)
               → double threshold (weak ≥ low, strong ≥ high) → hysteresis (strong grows into connected weak)
 
-The paper uses HED edges; an HED network loaded from a local folder could stand in for these functions (same
-shapes: [B, 1, T, H, W] in [0, 1]); it is not implemented. The edges are computed on the original frames, the
-hole included (retexturing keeps the source's structure inside the mask).
+The paper uses HED edges: `nn.hed` (weights from a local folder, `EdgeMap(method="hed", hed_dir=...)`) stands
+in for these functions with the same shapes ([B, 1, T, H, W] in [0, 1]). The edges are computed on the original
+frames, the hole included (retexturing keeps the source's structure inside the mask).
 
 Structure guidance s_θ (ControlNet, Zhang et al. 2023, as AVID uses it):
 

@@ -49,7 +49,7 @@ from einops import rearrange
 from torch import nn
 
 from kernels import Backend
-from lightning_modules.nn.attention import Attention
+from lightning_modules.nn.attention import Attention, MiddleFrameAnchors
 from lightning_modules.nn.dit import TimestepEmbedder, pooled
 from lightning_modules.nn.temporal import default_attention, inflate
 
@@ -134,12 +134,14 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels)
         self.cross = Attention(channels, heads, context_dim=context_dim, backend=attention_backend)
         self.norm3, self.ffn = nn.LayerNorm(channels), GEGLU(channels, ffn_mult * channels)
+        self.anchors: MiddleFrameAnchors | None = None  # AVID's middle-frame guidance, set by a windowed sampler
 
     def forward(self, z: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         """z [B, T, N, C] (N = H·W positions of each frame), context [B, L, context_dim] → [B, T, N, C]."""
         b, t = z.shape[:2]
-        per_frame = rearrange(z, "b t n c -> (b t) n c")
-        z = z + rearrange(self.attn(self.norm1(per_frame)), "(b t) n c -> b t n c", b=b)
+        per_frame = self.norm1(rearrange(z, "b t n c -> (b t) n c"))
+        spatial = self.attn(per_frame) if self.anchors is None else self.anchors.self_attention(self.attn, per_frame, b)
+        z = z + rearrange(spatial, "(b t) n c -> b t n c", b=b)
         # cross-attention treats every query on its own, so all frames of a sample share one call (no repeat
         # of the context per frame) and frames stay independent
         all_frames = rearrange(z, "b t n c -> b (t n) c")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from datamodules.media import decode_video, frames_to_video, write_image, write_video
-from lightning_modules.inpainting import PRESETS, composite, inpainting_metrics, read_mask
+from datamodules.synthetic.world import BACKGROUND_COLOURS, OBJECT_COLOURS
+from lightning_modules.inpainting import PRESETS, composite, inpainting_metrics, prompt_colour, read_mask
 from tests.helpers import run_cli
 
 
@@ -41,6 +42,25 @@ def test_seam_jump_and_colour_drift_see_what_they_measure() -> None:
     assert inpainting_metrics(jumpy, source, mask, [4, 8])["seam_jump"] == pytest.approx(expected, rel=1e-4)
     still = inpainting_metrics(torch.zeros_like(ramp), source, mask, [4, 8])
     assert still["temporal_flicker"] == 0 and still["colour_drift"] == 0
+
+
+def test_text_alignment_reads_the_prompts_colour_in_the_fill() -> None:
+    """Frames whose hole is filled with the prompt's colour count, others do not; a prompt naming no colour of the
+    world gets no text_alignment."""
+    assert prompt_colour("A small Blue circle, on a red background.") == list(OBJECT_COLOURS).index("blue")
+    assert prompt_colour("A shape moves.") is None
+    as_video = lambda rgb: torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1  # noqa: E731
+    clip = as_video(BACKGROUND_COLOURS["teal"]).expand(1, 3, 4, 8, 8).clone()
+    mask = torch.zeros(1, 1, 4, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    fill = clip.clone()
+    inside = mask.expand_as(clip) > 0.5
+    fill[inside] = as_video(OBJECT_COLOURS["red"]).expand(1, 3, 4, 8, 8)[inside]
+    fill[:, :, 3][inside[:, :, 3]] = as_video(OBJECT_COLOURS["green"]).expand(1, 3, 1, 8, 8)[inside[:, :, 3:]]
+    assert inpainting_metrics(fill, clip, mask, [], "A red square.")["text_alignment"] == pytest.approx(0.75)
+    assert inpainting_metrics(fill, clip, mask, [], "A green square.")["text_alignment"] == pytest.approx(0.25)
+    assert inpainting_metrics(clip, clip, mask, [], "A red square.")["text_alignment"] == 0.0  # background only
+    assert "text_alignment" not in inpainting_metrics(fill, clip, mask, [], "A square.")
 
 
 def test_a_mask_image_is_propagated_and_a_mask_video_resampled(tmp_path: Path) -> None:
