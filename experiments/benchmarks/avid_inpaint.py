@@ -27,7 +27,8 @@ Metrics, averaged over the clips (pixels in [-1, 1]; `lightning_modules.inpainti
 Sections: the presets (20 frames, tmd_guided); the ablation of the modes at 32 and 64 frames (object swap:
 w_s = 0, so that only the temporal mechanism keeps the object); w_a in {0, 0.3, 0.5, 0.8, 1} (tmd, 32 frames);
 w_s in {0, 0.5, 1} for retexturing (20 frames); time and peak memory against length for tmd_guided and
-one_chunk (one clip; memory: bytes malloc holds above the model's, sampled after every UNet level).
+one_chunk (one clip; memory: bytes malloc holds above what it held before, sampled after every ResBlock and
+spatial transformer). `--sections` reruns some of them and keeps the others from the last results file.
 Writes experiments/benchmarks/results/avid_inpaint.json and avid_grid.png (per clip: original, masked, inpainted).
 """
 
@@ -61,6 +62,7 @@ from lightning_modules.inpainting import (  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
 WINDOW, OVERLAP, W_A = 8, 4, 0.4
+SECTIONS = ["presets", "ablation", "w_a", "w_s", "scaling"]
 MODES = {"per_clip": (WINDOW, 0, 0.0), "one_chunk": (None, 0, 0.0), "tmd": (WINDOW, OVERLAP, 0.0),
          "tmd_guided": (WINDOW, OVERLAP, W_A)}
 
@@ -154,10 +156,12 @@ class Bench:
 def scaling(bench: Bench, lengths: list[int]) -> dict[str, dict[int, dict[str, float]]]:
     """Seconds and peak bytes (above the model's) to inpaint one clip of each length, tmd_guided vs one_chunk."""
     peak = Peak()
-    hooks = [m.register_forward_hook(peak.sample) for m in [*bench.module.net.down, *bench.module.net.up]]
+    blocks = [m for m in bench.module.net.modules() if type(m).__name__ in ("ResBlock", "SpatialTransformer")]
+    hooks = [m.register_forward_hook(peak.sample) for m in blocks]
     out: dict[str, dict[int, dict[str, float]]] = {}
     try:
         for mode in ("tmd_guided", "one_chunk"):
+            bench.inpaint(*bench.task("object_swap", lengths[0]), mode, 0.0, clips=slice(0, 1))  # warm-up
             out[mode] = {}
             for frames in lengths:
                 source, mask = bench.task("object_swap", frames)
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--steps", type=int, default=20, help="solver steps per sample")
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
+                        help="run only these (the others are kept from the last results file)")
     args, rest = parser.parse_known_args(argv)
     run = next((a.split("=", 1)[1] for a in rest if a.startswith("run=")), None)
     base = Path(run) if run else Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "avid_structure"
@@ -197,9 +203,33 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(module, batch, args.clips, args.steps)
     keys = ["fill_error", "text_alignment", "background_error", "flicker", "seam_jump", "colour_drift"]
     head = "".join(f"{k[:9]:>10}" for k in keys)
-    result: dict = {"checkpoint": str(ckpt), "ema": ema, "clips": bench.n, "steps": args.steps, "window": WINDOW,
-                    "overlap": OVERLAP, "w_a": W_A}
+    path = RESULTS / "avid_inpaint.json"
+    result: dict = json.loads(path.read_text()) if set(args.sections) != set(SECTIONS) and path.exists() else {}
+    result.update({"checkpoint": str(ckpt), "ema": ema, "clips": bench.n, "steps": args.steps, "window": WINDOW,
+                   "overlap": OVERLAP, "w_a": W_A})
+    if "presets" in args.sections:
+        result["presets"] = presets(bench, keys, head)
+    if "ablation" in args.sections:
+        result["ablation"] = ablation(bench, keys, head)
+    if "w_a" in args.sections:
+        result["w_a"] = sweep(bench, keys, head, "w_a")
+    if "w_s" in args.sections:
+        result["w_s"] = sweep(bench, keys, head, "w_s")
+    if "scaling" in args.sections:
+        result["scaling"] = scaling(bench, args.lengths)
+        print(f"\n== time and memory against length (one clip) ==\n{'frames':<10}"
+              + "".join(f"{m + ' s':>18}{m + ' MiB':>18}" for m in result["scaling"]))
+        for frames in args.lengths:
+            print(f"{frames:<10}" + "".join(f"{result['scaling'][m][frames]['seconds']:>18.2f}"
+                                            f"{result['scaling'][m][frames]['peak_mib']:>18.1f}"
+                                            for m in result["scaling"]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
 
+
+def presets(bench: Bench, keys: list[str], head: str) -> dict:
+    """Every preset at 20 frames with the CLI's sampling (tmd_guided); writes avid_grid.png."""
     print(f"\n== presets, 20 frames, tmd_guided ==\n{'preset':<22}{head}")
     rows, grid = {}, []
     for preset, w_s in PRESETS.items():
@@ -214,45 +244,37 @@ def main(argv: list[str] | None = None) -> dict:
         out = composite(generated, source, mask)
         for i in range(min(3, bench.n)):
             grid += [frames_row(v[i, :, :10], 4) for v in (source, masked, out)]
-    result["presets"] = rows
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(grid, axis=0)).save(RESULTS / "avid_grid.png")
+    return rows
 
-    result["ablation"] = {}
+
+def ablation(bench: Bench, keys: list[str], head: str) -> dict:
+    """The sampling modes at 32 and 64 frames (object swap)."""
+    result = {}
     for frames in (32, 64):
         print(f"\n== ablation, {frames} frames, object swap ==\n{'mode':<22}{head}")
         source, mask = bench.task("object_swap", frames)
-        result["ablation"][frames] = {"real": bench.reference(source, mask, "object_swap")}
+        result[frames] = {"real": bench.reference(source, mask, "object_swap")}
         for mode in MODES:
             row = bench.measure(bench.inpaint(source, mask, mode, 0.0), source, mask, mode, "object_swap")
-            result["ablation"][frames][mode] = row
+            result[frames][mode] = row
             print(f"{mode:<22}{fmt(row, keys)}")
-        print(reference_rows(result["ablation"][frames]["real"], keys))
+        print(reference_rows(result[frames]["real"], keys))
+    return result
 
-    print(f"\n== w_a (middle-frame guidance), 32 frames, tmd, object swap ==\n{'w_a':<22}{head}")
-    source, mask = bench.task("object_swap", 32)
-    result["w_a"] = {}
-    for w_a in (0.0, 0.3, 0.5, 0.8, 1.0):
-        row = bench.measure(bench.inpaint(source, mask, "tmd", 0.0, w_a=w_a), source, mask, "tmd", "object_swap")
-        result["w_a"][w_a] = row
-        print(f"{w_a:<22}{fmt(row, keys)}")
 
-    print(f"\n== w_s (structure guidance), 20 frames, retexture, tmd_guided ==\n{'w_s':<22}{head}")
-    source, mask = bench.task("retexture", 20)
-    result["w_s"] = {}
-    for w_s in (0.0, 0.5, 1.0):
-        row = bench.measure(bench.inpaint(source, mask, "tmd_guided", w_s), source, mask, "tmd_guided", "retexture")
-        result["w_s"][w_s] = row
-        print(f"{w_s:<22}{fmt(row, keys)}")
-
-    result["scaling"] = scaling(bench, args.lengths)
-    print(f"\n== time and memory against length (one clip) ==\n{'frames':<10}"
-          + "".join(f"{m + ' s':>18}{m + ' MiB':>18}" for m in result["scaling"]))
-    for frames in args.lengths:
-        print(f"{frames:<10}" + "".join(f"{result['scaling'][m][frames]['seconds']:>18.2f}"
-                                        f"{result['scaling'][m][frames]['peak_mib']:>18.1f}" for m in result["scaling"]))
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "avid_inpaint.json").write_text(json.dumps(result, indent=1))
-    Image.fromarray(np.concatenate(grid, axis=0)).save(RESULTS / "avid_grid.png")
+def sweep(bench: Bench, keys: list[str], head: str, weight: str) -> dict:
+    """w_a: middle-frame guidance on tmd, 32 frames, object swap; w_s: structure guidance, 20 frames, retexture."""
+    preset, frames, mode, values = (("object_swap", 32, "tmd", (0.0, 0.3, 0.5, 0.8, 1.0)) if weight == "w_a" else
+                                    ("retexture", 20, "tmd_guided", (0.0, 0.5, 1.0)))
+    print(f"\n== {weight}, {frames} frames, {mode}, {preset} ==\n{weight:<22}{head}")
+    source, mask = bench.task(preset, frames)
+    result = {}
+    for value in values:
+        w_s, w_a = (0.0, value) if weight == "w_a" else (value, None)
+        result[value] = bench.measure(bench.inpaint(source, mask, mode, w_s, w_a=w_a), source, mask, mode, preset)
+        print(f"{value:<22}{fmt(result[value], keys)}")
     return result
 
 
