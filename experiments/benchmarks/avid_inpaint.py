@@ -205,8 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     head = "".join(f"{k[:9]:>10}" for k in keys)
     path = RESULTS / "avid_inpaint.json"
     result: dict = json.loads(path.read_text()) if set(args.sections) != set(SECTIONS) and path.exists() else {}
-    result.update({"checkpoint": str(ckpt), "ema": ema, "clips": bench.n, "steps": args.steps, "window": WINDOW,
-                   "overlap": OVERLAP, "w_a": W_A})
+    result.update({"checkpoint": str(ckpt), "ema": ema, "steps": args.steps, "window": WINDOW, "overlap": OVERLAP,
+                   "w_a": W_A})
+    if set(args.sections) - {"scaling"}:  # scaling always inpaints one clip
+        result["clips"] = bench.n
     if "presets" in args.sections:
         result["presets"] = presets(bench, keys, head)
     if "ablation" in args.sections:
