@@ -205,10 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     head = "".join(f"{k[:9]:>10}" for k in keys)
     path = RESULTS / "avid_inpaint.json"
     result: dict = json.loads(path.read_text()) if set(args.sections) != set(SECTIONS) and path.exists() else {}
-    result.update({"checkpoint": str(ckpt), "ema": ema, "steps": args.steps, "window": WINDOW, "overlap": OVERLAP,
-                   "w_a": W_A})
-    if set(args.sections) - {"scaling"}:  # scaling always inpaints one clip
-        result["clips"] = bench.n
+    result.update({"checkpoint": str(ckpt), "ema": ema, "window": WINDOW, "overlap": OVERLAP, "w_a": W_A})
+    if set(args.sections) - {"scaling"}:  # scaling always inpaints one clip, and keeps its own step count
+        result.update({"clips": bench.n, "steps": args.steps})
     if "presets" in args.sections:
         result["presets"] = presets(bench, keys, head)
     if "ablation" in args.sections:
@@ -218,13 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "w_s" in args.sections:
         result["w_s"] = sweep(bench, keys, head, "w_s")
     if "scaling" in args.sections:
-        result["scaling"] = scaling(bench, args.lengths)
+        result["scaling"] = {**scaling(bench, args.lengths), "steps": args.steps}
         print(f"\n== time and memory against length (one clip) ==\n{'frames':<10}"
-              + "".join(f"{m + ' s':>18}{m + ' MiB':>18}" for m in result["scaling"]))
+              + "".join(f"{m + ' s':>18}{m + ' MiB':>18}" for m in MODES if m in result["scaling"]))
         for frames in args.lengths:
             print(f"{frames:<10}" + "".join(f"{result['scaling'][m][frames]['seconds']:>18.2f}"
                                             f"{result['scaling'][m][frames]['peak_mib']:>18.1f}"
-                                            for m in result["scaling"]))
+                                            for m in MODES if m in result["scaling"]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
