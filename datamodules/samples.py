@@ -4,7 +4,8 @@ Batch keys (CONVENTIONS.tmp.md): "video" float32 [B, 3, T, H, W] in [-1, 1] (an 
 float32 [B, C, S] in [-1, 1] with "sample_rate" int, "text" list[str], "fps" float32 [B] (0 for images),
 "key" list[str], "meta" list[dict] (the sample's json). Optional: "labels" int64 [B, T, H, W] (label maps,
 `labels == id` selects object `id`), "target_video" (the `edit.mp4` of an edit pair, decoded with the same
-frames and crop as "video").
+frames and crop as "video"), "reference" float32 [B, 3, S, S] in [-1, 1] with "reference_from" list[dict] (a
+masked crop of the clip's identity, paired or cross-paired: `datamodules.references`).
 
 Handlers: `bucket(sample)` (metadata only), `load(sample, bucket, rng)` in the loader's worker (video frames
 stay uint8 [T, H, W, 3]), `collate(items)` (in the worker; tensors land in shared memory) and `finalize(batch)`
@@ -43,6 +44,7 @@ from datamodules.media import (
     probe_video,
     resize_crop_labels,
 )
+from datamodules.references import MODES, pick_reference, read_references
 from datamodules.sources import Bucket, SkipSample
 
 VIDEO_KEYS = ("mp4", "webm", "mov", "mkv")
@@ -131,6 +133,21 @@ def read_labels(sample: dict[str, Any], name: str = "labels") -> np.ndarray:
     return labels
 
 
+def read_reference(sample: dict[str, Any], mode: str, size: int, index: int,
+                   rng: np.random.Generator | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A reference of the sample (`datamodules.references.pick_reference` on its `ref.npz`) as float32 [3, size,
+    size] in [-1, 1], and where it comes from; SkipSample("bad_reference") if unreadable or absent for `mode`."""
+    try:
+        crop, source = pick_reference(read_references(sample["ref.npz"]), mode, index, rng)
+    except (OSError, KeyError, ValueError) as exc:
+        raise SkipSample("bad_reference", str(exc)) from exc
+    image = frames_to_video(torch.from_numpy(crop)[None])[:, 0]  # [3, S, S]
+    if image.shape[-1] != size:
+        image = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)[0]
+    return image, source
+
+
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack; inside a DataLoader worker the result is allocated in shared memory, which saves the
     copy the worker would otherwise make to send it to the main process."""
@@ -190,14 +207,21 @@ class VideoHandler(FrameHandler):
         audio_rate: int | None = None,
         audio_channels: int = 1,
         min_motion_bucket: int | None = None,
+        reference: str | None = None,
+        reference_size: int = 32,
+        identity_in_caption: bool = True,
     ) -> None:
         if audio_rate and not fps:
             raise ValueError("video with audio needs a fixed fps (clips of equal length have equal audio length)")
+        if reference is not None and reference not in MODES:
+            raise ValueError(f"reference={reference!r}: choose one of {MODES} (or null)")
         self.table, self.fps, self.train, self.random_crop = table, fps, train, random_crop
         self.require_text, self.fps_in_caption = require_text, fps_in_caption
         self.with_masks, self.with_target = with_masks, with_target
         self.audio_rate, self.audio_channels = audio_rate, audio_channels
         self.min_motion_bucket = min_motion_bucket
+        self.reference, self.reference_size = reference, int(reference_size)
+        self.identity_in_caption = identity_in_caption
 
     def _info(self, sample: dict[str, Any], meta: dict, key: str) -> tuple[int, int, float, float]:
         """(width, height, native fps, duration) from the json when complete, else by probing the container."""
@@ -232,6 +256,9 @@ class VideoHandler(FrameHandler):
                 raise SkipSample("low_motion", f"motion bucket {meta['motion_bucket']} < {self.min_motion_bucket}")
         if self.with_target and "edit.mp4" not in sample:
             raise SkipSample("missing_media", "no edit.mp4 target")
+        if self.reference and "ref.npz" not in sample:
+            raise SkipSample("missing_reference", "no ref.npz (identity clips written before reference crops: "
+                             "delete the world folder to write it again)")
         if self.audio_rate and _first(sample, AUDIO_KEYS) is None and not meta.get("audio_rate"):
             if not probe_video(sample[key]).has_audio:
                 raise SkipSample("missing_audio", "no wav/flac and no audio track")
@@ -248,6 +275,8 @@ class VideoHandler(FrameHandler):
         offset = (float(rng.uniform()), float(rng.uniform())) if self.train and self.random_crop else (0.5, 0.5)
         size = (bucket.height, bucket.width)
         clip = decode_video(sample[key], bucket.frames, fps, start)
+        if not self.identity_in_caption and meta.get("identity_token"):  # "The zq3 star ..." -> "The star ..."
+            text = text.replace(f"{meta['identity_token']} ", "")
         item: dict[str, Any] = {
             "video": crop_resize_frames(clip.frames, size, offset),
             "text": f"FPS-{fps:g} {text}" if self.fps_in_caption else text,
@@ -260,6 +289,12 @@ class VideoHandler(FrameHandler):
         if self.with_target:
             target = decode_video(sample["edit.mp4"], bucket.frames, fps, start)
             item["target_video"] = crop_resize_frames(target.frames, size, offset)
+        if self.reference:
+            index = int((meta.get("world") or {}).get("index", -1))
+            # validation: a fixed draw per clip (seeded by its index), so that clips of an identity differ
+            draw = rng if self.train else np.random.default_rng(max(index, 0))
+            item["reference"], item["reference_from"] = read_reference(sample, self.reference, self.reference_size,
+                                                                       index, draw)
         if self.audio_rate:
             source = sample.get(_first(sample, AUDIO_KEYS) or key)
             try:
@@ -275,9 +310,11 @@ class VideoHandler(FrameHandler):
             "fps": torch.tensor([i["fps"] for i in items], dtype=torch.float32),
             "meta": [i["meta"] for i in items],
         }
-        for name in ("labels", "target_video", "audio"):
+        for name in ("labels", "target_video", "audio", "reference"):
             if name in items[0]:
                 batch[name] = stack([i[name] for i in items])
+        if self.reference:
+            batch["reference_from"] = [i["reference_from"] for i in items]
         if self.audio_rate:
             batch["sample_rate"] = int(self.audio_rate)
         return batch

@@ -2,7 +2,8 @@
 
 Batches: "video" float32 [B, 3, T, H, W] in [-1, 1], "text" list[str], "fps" float32 [B], "key" list[str],
 "meta" list[dict]; with `with_masks` "labels" int64 [B, T, H, W] (label maps); with `with_target` "target_video" (edit
-pairs); `AudioVideoDataModule` adds "audio" float32 [B, C, S] (the clip's time window of the soundtrack,
+pairs); with `reference` "reference" [B, 3, S, S] and "reference_from" (identity clips, paired or cross-paired,
+`datamodules.references`); `AudioVideoDataModule` adds "audio" float32 [B, C, S] (the clip's time window of the soundtrack,
 S = round(T / fps * sample_rate)) and "sample_rate". Images mixed in (`image_ratio` > 0) arrive as their
 own batches with T = 1 and fps 0, never mixed with clips inside a batch.
 """
@@ -30,6 +31,12 @@ class VideoDataModule(ShardDataModule):
         random_crop: random crop offsets and clip starts in training (centre/0 in validation).
         min_motion_bucket: keep only clips whose json motion_bucket (computed when shards are written) is at
             least this; the others are filtered (Animated Stickers' motion bucketing). None: keep every clip.
+        reference: "paired" | "cross" | None: add a reference crop of the clip's identity from the clip itself or
+            from another clip of the identity (Movie Gen PT2V; needs `ref.npz`, written with identity clips);
+            random in training, a fixed draw per clip in validation. reference_size: its side S in pixels.
+        identity_in_caption: False drops the identity's token from identity captions ("The zq3 star ..." → "The
+            star ..."), so that only a reference tells who it is (PT2V: the paper's captions describe the person,
+            they do not name them; a token would let training identities bypass the reference).
         **kwargs: the streaming options of `ShardDataModule`.
     """
 
@@ -50,6 +57,9 @@ class VideoDataModule(ShardDataModule):
         fps_in_caption: bool = False,
         random_crop: bool = True,
         min_motion_bucket: int | None = None,
+        reference: str | None = None,
+        reference_size: int = 32,
+        identity_in_caption: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(shards, val_shards, **kwargs)
@@ -63,6 +73,8 @@ class VideoDataModule(ShardDataModule):
         self.with_masks, self.with_target = with_masks, with_target
         self.fps_in_caption, self.random_crop = fps_in_caption, random_crop
         self.min_motion_bucket = min_motion_bucket
+        self.reference, self.reference_size = reference, reference_size
+        self.identity_in_caption = identity_in_caption
 
     def extra_urls(self) -> dict[str, list[str] | None]:
         if self.image_ratio <= 0:
@@ -78,7 +90,8 @@ class VideoDataModule(ShardDataModule):
         return VideoHandler(self.table(self.frames), fps=self.fps, train=train, random_crop=self.random_crop,
                             require_text=self.require_text, fps_in_caption=self.fps_in_caption,
                             with_masks=self.with_masks, with_target=self.with_target,
-                            min_motion_bucket=self.min_motion_bucket)
+                            min_motion_bucket=self.min_motion_bucket, reference=self.reference,
+                            reference_size=self.reference_size, identity_in_caption=self.identity_in_caption)
 
     def sources(self, train: bool) -> list[Source]:
         split = "train" if train else "val"

@@ -34,6 +34,7 @@ Tasks: `task=sample` (a prompt file, and/or a folder of videos to condition on â
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from torch import nn
 from datamodules.media import decode_image, decode_video, frames_to_video, write_gif
 from lightning_modules.base import BaseModule, OptimizerFactory, SchedulerFactory
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
-from lightning_modules.conditioning import Conditioner, Conditions, assemble, resize_video
+from lightning_modules.conditioning import Conditioner, Conditions, ReferenceImage, assemble, resize_video
 from lightning_modules.conditioning.text import batch_fps
 from lightning_modules.evaluation import Evaluator
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
@@ -137,10 +138,13 @@ class SampleTaskConfig:
     """`task=sample`: a prompts file (one per line) and/or `inputs` (a video or image file or folder of them, each
     with an optional <name>.txt caption: videos are what a conditioner reads as "source", e.g. the upsampler's
     input; images are stickers to animate, written as mp4 and looping GIF);
-    where to write; clip size and rate for prompts (frames = 1 writes images); batch size; seeds per prompt."""
+    where to write; clip size and rate for prompts (frames = 1 writes images); batch size; seeds per prompt;
+    reference: an image file every prompt is sampled with, read as "reference" (Movie Gen personalization: a
+    masked crop of the identity, as in training; the conditioner resizes it), copied beside the samples."""
 
     prompts: str | None = None
     inputs: str | None = None
+    reference: str | None = None
     output_dir: str | None = None
     frames: int = 8
     height: int = 32
@@ -557,6 +561,12 @@ class GenerationModule(BaseModule):
         if not requests:
             raise ValueError("task=sample needs model.sample.prompts=<a text file, one prompt per line> and/or "
                              "model.sample.inputs=<a video file or a folder of videos>")
+        if cfg.reference:
+            reference = read_reference_image(cfg.reference)
+            if not any(isinstance(c, ReferenceImage) for c in self.conditioners.values()):
+                raise ValueError(f"model.sample.reference={cfg.reference}: this model has no reference conditioner "
+                                 "(model.conditioners.<name>: ReferenceImage, e.g. conf/model/pt2v_tiny.yaml)")
+            requests = [{**r, "reference": reference} for r in requests]
         return requests
 
     def output_size(self, request: dict[str, Any]) -> tuple[int, int, int]:
@@ -579,6 +589,9 @@ class GenerationModule(BaseModule):
         folder = Path(cfg.output_dir) if cfg.output_dir else Path(trainer.default_root_dir) / "samples"
         requests = self.sample_requests()
         written: list[Path] = []
+        if cfg.reference:  # the identity the clips show, beside them
+            folder.mkdir(parents=True, exist_ok=True)
+            written.append(Path(shutil.copyfile(cfg.reference, folder / f"reference{Path(cfg.reference).suffix}")))
         for index, request in enumerate(requests):
             frames, height, width = self.output_size(request)
             if "image" in request:  # a sticker: resized to the clip's frame size
@@ -596,12 +609,20 @@ class GenerationModule(BaseModule):
                 logger.experiment.log_dict(logger.run_id, asdict(self.sampler), "samples/sampling.json")
                 logger.experiment.log_text(logger.run_id, "\n".join(r["text"][0] for r in requests) + "\n",
                                            "samples/prompts.txt")
-        print(f"[generation] wrote {len(written) // 2} samples to {folder}")
+        print(f"[generation] wrote {len(requests)} samples to {folder}")
         return written
 
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_reference_image(location: str) -> torch.Tensor:
+    """A reference image file â†’ [1, 3, H, W] in [-1, 1]."""
+    path = Path(location)
+    if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise FileNotFoundError(f"model.sample.reference={location}: no image file ({', '.join(IMAGE_SUFFIXES)})")
+    return frames_to_video(torch.from_numpy(decode_image(path.read_bytes()))[None])[:, 0][None]
 
 
 def read_inputs(location: str, fps: float = 8.0) -> list[dict[str, Any]]:

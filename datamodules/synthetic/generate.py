@@ -5,7 +5,10 @@ Kinds (each with a train and a val split):
               `mask.npz` + `txt` + `json` (objects with per-frame positions, events, background, audio caption)
   images      still frames of the same world: `png` + `mask.npz` + `txt` + `json`
   identities  clips of one "identity" (a shape in a fixed patchwork texture, named by a caption token such as
-              "zq3") over varied backgrounds and motions; several clips per identity, val = held-out clips
+              "zq3") over varied backgrounds and motions; several clips per identity, val = held-out clips of
+              the same identities, or with `held_out_identities` clips of identities never in train; `ref.npz`
+              holds its reference crops (`datamodules.references`: paired from its own frames, cross-paired
+              from the other clips of its identity in the split)
   edits       pairs (source `mp4`, target `edit.mp4`) that differ by one edit: recolour, replace, add or
               remove an object; `txt` = the instruction; `mask.npz` holds source and target label maps
   stickers    one object on a plain background moving in a loop (frame T would equal frame 0); the middle
@@ -18,13 +21,16 @@ regenerated alone and the world does not depend on generation order or worker co
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
 from datamodules.media import encode_audio, encode_frames, encode_image
+from datamodules.references import REFERENCE_SIZE, clip_references
 from datamodules.synthetic import captions
 from datamodules.synthetic.sound import sonify
 from datamodules.synthetic.world import (
@@ -67,6 +73,8 @@ class WorldConfig:
     images: list[int] = field(default_factory=lambda: [256, 32])
     identities: int = 8
     clips_per_identity: list[int] = field(default_factory=lambda: [4, 1])
+    held_out_identities: int = 0  # > 0: val holds this many new identities (numbered after the training ones)
+    identity_radius_range: list[float] = field(default_factory=lambda: [0.18, 0.25])  # x the shorter side
     edits: list[int] = field(default_factory=lambda: [64, 8])
     stickers: list[int] = field(default_factory=lambda: [64, 8])
     sticker_size: int = 64
@@ -84,14 +92,27 @@ class WorldConfig:
             raise ValueError(f"world.radius_range={self.radius_range}: need 0 < low <= high < 0.5 (x the shorter side)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; those added after worlds were cached (`LATER_FIELDS`) only when set, so that the hash of
+        an existing world's config, its folder name (`write_shards.world_dir`), stays the same."""
+        fields = asdict(self)
+        return {k: v for k, v in fields.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
     def count(self, kind: str, split: str) -> int:
         """Number of samples of `kind` in `split`."""
         s = SPLITS.index(split)
         if kind == "identities":
-            return self.identities * self.clips_per_identity[s]
+            identities = self.held_out_identities if split == "val" and self.held_out_identities else self.identities
+            return identities * self.clips_per_identity[s]
         return int(getattr(self, kind)[s])
+
+    def identity(self, split: str, index: int) -> int:
+        """The identity of identity clip `index` of `split` (held-out identities follow the training ones)."""
+        identity = index // self.clips_per_identity[SPLITS.index(split)]
+        return identity + self.identities if split == "val" and self.held_out_identities else identity
+
+
+LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25]}  # field -> default, left out of
+# to_dict() at its default
 
 
 def rng_for(seed: int, kind: str, split: str, index: int) -> np.random.Generator:
@@ -270,19 +291,47 @@ def make_scene(config: WorldConfig, split: str, index: int) -> tuple[Rendered, d
 
 
 def make_identity_clip(config: WorldConfig, split: str, index: int) -> tuple[Rendered, int]:
-    """Clip `index` of the split: identity index // clips_per_identity, alone or with a distractor."""
-    per = config.clips_per_identity[SPLITS.index(split)]
-    identity = index // per
+    """Clip `index` of the split: identity `config.identity(split, index)`, alone or with a distractor."""
+    identity = config.identity(split, index)
     rng = rng_for(config.seed, "identities", split, index)
     shape, grid = identity_look(config.seed, identity)
     height, width, fps, frames = sample_canvas(rng, config)
-    background = sample_background(rng, height, width, frames / fps)
-    hero = sample_object(rng, 1, height, width, [], radius_range=(0.18, 0.25))
+    background = sample_background(rng, height, width, frames / fps, kinds=tuple(config.backgrounds))
+    hero = sample_object(rng, 1, height, width, [], radius_range=tuple(config.identity_radius_range))
     hero = replace(hero, shape=shape, texture="solid", identity=identity, patchwork=grid, colour=grid[1][1])
     objects = [hero]
     if rng.random() < 0.5:
         objects.append(sample_object(rng, 2, height, width, objects))
     return realise(SceneSpec(height, width, fps, frames, background, objects)), identity
+
+
+@lru_cache(maxsize=32)
+def _identity_crops(config_json: str, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """`clip_references` of identity clip `index` (its hero is object 1): cached, since every clip of an identity
+    is rendered again for its siblings' cross-pairs, and siblings are generated one after another."""
+    rendered, _ = make_identity_clip(WorldConfig(**json.loads(config_json)), split, index)
+    return clip_references(rendered.frames, rendered.labels == 1, REFERENCE_SIZE)
+
+
+def identity_references(config: WorldConfig, split: str, index: int) -> dict[str, np.ndarray]:
+    """The `ref.npz` arrays of identity clip `index` (see `datamodules.references`): paired crops of its own
+    frames, and one crop of a random eligible frame of each other clip of its identity in the split."""
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    paired, paired_frames = _identity_crops(key, split, index)
+    per = config.clips_per_identity[SPLITS.index(split)]
+    first = index // per * per
+    siblings = [j for j in range(first, first + per) if j != index]
+    rng = np.random.default_rng([config.seed, 98, SPLITS.index(split) + 1, index])  # not the clip's own stream
+    cross, frames = [], []
+    for j in siblings:
+        crops, chosen = _identity_crops(key, split, j)
+        k = int(rng.integers(len(crops)))
+        cross.append(crops[k])
+        frames.append(int(chosen[k]))
+    empty = np.zeros((0, *paired.shape[1:]), np.uint8)
+    return {"paired": paired, "paired_frames": paired_frames.astype(np.int32),
+            "cross": np.stack(cross) if cross else empty, "cross_clips": np.array(siblings, np.int32),
+            "cross_frames": np.array(frames, np.int32)}
 
 
 def make_sticker(config: WorldConfig, split: str, index: int) -> Rendered:
@@ -384,8 +433,10 @@ def world_sample(config: WorldConfig, kind: str, split: str, index: int) -> dict
     if kind == "identities":
         rendered, identity = make_identity_clip(config, split, index)
         extra = {"identity": identity, "identity_token": captions.identity_token(identity)}
+        extra_files = {"ref.npz": _npz(**identity_references(config, split, index))}
     else:
         rendered, extra = make_scene(config, split, index)
+        extra_files = {}
     caption = captions.scene_caption(rendered.scene)
     scene = rendered.scene
     shapes = {o.id: o.shape for o in scene.objects}
@@ -394,4 +445,4 @@ def world_sample(config: WorldConfig, kind: str, split: str, index: int) -> dict
     meta = {**base, "kind": "video", **scene_record(scene, rendered.trajectory, rendered.frames),
             "caption": caption, "audio_rate": config.sample_rate, "audio_channels": 1, **extra}
     return {"__key__": key, "mp4": video(rendered.frames, scene.fps), "wav": encode_audio(audio, config.sample_rate),
-            "txt": caption, "json": meta, "mask.npz": _npz(labels=rendered.labels)}
+            "txt": caption, "json": meta, "mask.npz": _npz(labels=rendered.labels), **extra_files}

@@ -4,6 +4,7 @@ A conditioner turns part of a batch into something the backbone consumes, in one
 
     "context"  a token sequence the backbone cross-attends to (the text)         → Conditions.context / mask
     "tokens"   extra tokens appended to that sequence (reference image, task)    → Conditions.context / mask
+               (with `own_softmax`, a segment of their own: Conditions.context_segments)
     "concat"   latents concatenated to x_t on the channels (image, mask, ...)   → Conditions.concat
     "frames"   features per latent frame added to the video tokens              → Conditions.frame_features
     "structure" a map the backbone's structure guidance reads (edges, AVID)     → Conditions.structure
@@ -42,6 +43,7 @@ class Conditioner(nn.Module):
 
     kind: ClassVar[str] = "concat"
     channels: int = 0  # "concat": latent channels added to x_t
+    own_softmax: bool = False  # "tokens": attended with a softmax of their own, not the text's (`assemble`)
 
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
@@ -86,16 +88,19 @@ class Conditions:
     fps: torch.Tensor | None = None              # [B]
     guidance: torch.Tensor | None = None         # [B, n] guidance scales, for a guidance-distilled backbone
     structure: torch.Tensor | None = None        # [B, C_s, T, H, W] structure map (latent grid), for a guided backbone
+    context_segments: tuple[int, ...] | None = None  # lengths of the context's softmax segments (None: one)
 
     def backbone_kwargs(self) -> dict[str, torch.Tensor | None]:
-        """The backbone's keyword arguments; `guidance` and `structure_map` only when set (a backbone without
-        guidance inputs or structure guidance, such as the DiT, does not take them)."""
+        """The backbone's keyword arguments; `guidance`, `structure_map` and `context_segments` only when set (a
+        backbone without guidance inputs, structure guidance or segmented cross-attention does not take them)."""
         kwargs = {"context": self.context, "context_mask": self.context_mask, "cond": self.concat,
                   "frame_features": self.frame_features, "fps": self.fps}
         if self.guidance is not None:
             kwargs["guidance"] = self.guidance
         if self.structure is not None:
             kwargs["structure_map"] = self.structure
+        if self.context_segments is not None:
+            kwargs["context_segments"] = self.context_segments
         return kwargs
 
     def window(self, start: int, end: int) -> Conditions:
@@ -107,29 +112,40 @@ class Conditions:
 
     @staticmethod
     def cat(parts: Sequence[Conditions]) -> Conditions:
-        """Stack along the batch (one part per guidance pass); context sequences are padded to the longest."""
+        """Stack along the batch (one part per guidance pass); context sequences are padded to the longest, each
+        softmax segment on its own (so the segments line up)."""
         out = {}
         for name in ("concat", "frame_features", "fps", "guidance", "structure"):
             values = [getattr(p, name) for p in parts]
             out[name] = None if values[0] is None else torch.cat(values)
         if parts[0].context is None:
             return Conditions(**out)
-        length = max(p.context.shape[1] for p in parts)
-        pad = lambda x, value: nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.ndim == 3
-                                                 else (0, length - x.shape[1]), value=value)
-        out["context"] = torch.cat([pad(p.context, 0.0) for p in parts])
-        out["context_mask"] = torch.cat([pad(p.context_mask, False) for p in parts])
+        segments = [p.context_segments or (p.context.shape[1],) for p in parts]
+        lengths = tuple(max(column) for column in zip(*segments))
+        pad = lambda x, length, value: nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.ndim == 3
+                                                         else (0, length - x.shape[1]), value=value)
+
+        def padded(x: torch.Tensor, own: Sequence[int], value: float | bool) -> torch.Tensor:
+            return torch.cat([pad(piece, length, value) for piece, length in zip(x.split(list(own), dim=1), lengths)],
+                             dim=1)
+
+        out["context"] = torch.cat([padded(p.context, own, 0.0) for p, own in zip(parts, segments)])
+        out["context_mask"] = torch.cat([padded(p.context_mask, own, False) for p, own in zip(parts, segments)])
+        out["context_segments"] = lengths if parts[0].context_segments else None
         return Conditions(**out)
 
 
 def assemble(conditioners: dict[str, Conditioner], values: dict[str, Any], fps: torch.Tensor | None) -> Conditions:
     """Conditions from the embedded values of each conditioner, in the conditioners' order: context and tokens
-    are concatenated along the sequence, concat latents and structure maps along the channels, frame features
-    summed."""
-    context, masks, concat, frames, structure = [], [], [], None, []
+    are concatenated along the sequence (first the text and the tokens that share its softmax, then each group
+    of tokens with `own_softmax`, a segment of its own), concat latents and structure maps along the channels,
+    frame features summed."""
+    context, masks, concat, frames, structure, own = [], [], [], None, [], []
     for name, conditioner in conditioners.items():
         value = values[name]
-        if conditioner.kind in ("context", "tokens"):
+        if conditioner.kind in ("context", "tokens") and conditioner.own_softmax:
+            own.append(value)
+        elif conditioner.kind in ("context", "tokens"):
             tokens, mask = value
             context.append(tokens)
             masks.append(mask)
@@ -141,7 +157,9 @@ def assemble(conditioners: dict[str, Conditioner], values: dict[str, Any], fps: 
             structure.append(value)
         else:
             raise ValueError(f"conditioner {name}: unknown kind {conditioner.kind!r}; one of {KINDS}")
+    segments = (sum(t.shape[1] for t in context), *(tokens.shape[1] for tokens, _ in own)) if own and context else None
+    context, masks = context + [t for t, _ in own], masks + [m for _, m in own]
     return Conditions(context=torch.cat(context, dim=1) if context else None,
                       context_mask=torch.cat(masks, dim=1) if masks else None,
                       concat=torch.cat(concat, dim=1) if concat else None, frame_features=frames, fps=fps,
-                      structure=torch.cat(structure, dim=1) if structure else None)
+                      structure=torch.cat(structure, dim=1) if structure else None, context_segments=segments)

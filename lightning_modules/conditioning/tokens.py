@@ -5,10 +5,18 @@
     TaskTokens      tokens = E[task]                        Movie Gen Edit (§6: a learned embedding per task)
 
 The output projection W (and E) starts at zero: the new tokens carry zero values, so they add nothing to the
-cross-attention's output. They do take a share of the attention weights (a zero key scores 0), so a
-checkpoint trained without them is not exactly unchanged: the text's share of attention is rescaled until
-the tokens learn keys of their own. A null condition (dropped for guidance, or absent) has its tokens masked
-out, which is exact.
+cross-attention's output. In the text's softmax they would still take a share of the attention weights (a zero
+key scores 0), rescaling the text's share until they learn keys of their own; so the reference's tokens, though
+concatenated to the text sequence (the paper's mechanism: the same cross-attention, the same K/V projections),
+are attended with a softmax of their own (`own_softmax`, decoupled cross-attention as in IP-Adapter), the two
+outputs summed:
+
+    CrossAttn(x, [P; R]) = softmax(q K_Pᵀ/√d) V_P + softmax(q K_Rᵀ/√d) V_R        (`nn.attention.Attention`)
+
+With W = 0, R = 0 and V_R = W_v·R = 0: a checkpoint trained without the reference predicts exactly what it did
+(`model.init_from` of a text-to-video model). The text's softmax is also the only one the DiT's pooled text
+reads. A null condition (dropped for guidance, or absent) has its tokens masked out, which is exact either way;
+a segment with no real token adds 0. TaskTokens share the text's softmax (own_softmax=False), as before.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.conditioning.base import Conditioner, Encode
@@ -29,20 +38,31 @@ class ReferenceImage(Conditioner):
         encoder: a vision network, image [B, 3, H, W] → features [B, N, F] with an attribute `dim` = F
             (e.g. `nn.vision.PatchEncoder`, or a pretrained encoder loaded from a local folder).
         dim: the backbone width; dropout: probability of training without the reference.
+        size: reference images are resized to size x size (bilinear; None: as given), e.g. a user's image at
+            `task=sample` to the size of the training crops.
+        own_softmax: attend to the tokens with a softmax of their own (see the module docstring; False: in
+            the text's softmax, not exact at initialisation).
+        train_encoder: False freezes the encoder (Movie Gen PT2V stages I and II; the projection still trains).
     """
 
     kind = "tokens"
 
-    def __init__(self, encoder: nn.Module, dim: int, dropout: float = 0.1) -> None:
+    def __init__(self, encoder: nn.Module, dim: int, dropout: float = 0.1, size: int | None = None,
+                 own_softmax: bool = True, train_encoder: bool = True) -> None:
         super().__init__(dropout)
-        self.encoder = encoder
+        self.encoder, self.size = encoder, size
         self.projection = nn.Linear(encoder.dim, dim)
         nn.init.zeros_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
+        self.own_softmax = own_softmax
+        self.encoder.requires_grad_(train_encoder)
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> dict:
-        image = batch["reference"] if "reference" in batch else batch["video"][:, :, 0]
-        return {"image": image.float(), "present": torch.ones(image.shape[0], dtype=torch.bool, device=image.device)}
+        image = (batch["reference"] if "reference" in batch else batch["video"][:, :, 0]).float()
+        if self.size and tuple(image.shape[-2:]) != (self.size, self.size):
+            image = F.interpolate(image, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+        return {"image": image, "present": torch.ones(image.shape[0], dtype=torch.bool, device=image.device)}
 
     def null(self, raw: dict) -> dict:
         return {"image": torch.zeros_like(raw["image"]), "present": torch.zeros_like(raw["present"])}

@@ -13,9 +13,14 @@ Evaluators are plain objects, not nn.Modules: their networks (a probe) stay out 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class Evaluator:
@@ -31,3 +36,23 @@ class Evaluator:
 
     def compute(self) -> dict[str, float]:
         return {}
+
+
+def cached_network(cache_dir: str | Path | None, kind: str, key: dict[str, Any], train: Callable[[], nn.Module],
+                   empty: Callable[[dict[str, torch.Tensor]], nn.Module]) -> nn.Module:
+    """An evaluator's network trained once (`train()`) and kept as `<cache_dir>/<kind>-<sha1 of key>.pt` (its
+    state dict); later calls load it into `empty(state)`. Without a cache_dir it is trained every time."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{kind}-{digest}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = empty(state)
+        net.load_state_dict(state)
+        return net
+    net = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(net)}")
+        torch.save(net.state_dict(), tmp)
+        tmp.replace(path)
+    return net

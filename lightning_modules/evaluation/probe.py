@@ -47,8 +47,6 @@ heads' bottlenecks). FD: see `frechet.py`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.synthetic.world import MOTIONS, OBJECT_COLOURS, PHOTOS, SHAPES, shape_vertices
-from lightning_modules.evaluation.base import Evaluator
+from lightning_modules.evaluation.base import Evaluator, cached_network
 from lightning_modules.evaluation.frechet import FrechetWithFloor
 from lightning_modules.evaluation.palette import (
     BACKGROUND_COLOURS,
@@ -605,24 +603,19 @@ def probe_from_datamodule(datamodule: Any, config: ProbeConfig, cache_dir: str |
     source = _video_source(datamodule)
     table = getattr(source.handler, "table", None)
     buckets = sorted(b.name for b in table.buckets.values()) if table is not None else []
-    key = json.dumps({"shards": source.shards, "buckets": buckets, "config": asdict(config), "version": 4},
-                     sort_keys=True)
-    path = Path(cache_dir) / f"probe-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        probe = VideoProbe(config.width, config.features, config.crop)
-        probe.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return probe.to(device).eval().requires_grad_(False)
-    clips = min(config.clips, config.steps * config.batch, available_clips(datamodule) or config.clips)
-    batch_size = int(getattr(datamodule, "batch_size", 8) or 8)
-    with torch.inference_mode(False), torch.enable_grad():
-        data = extract_batches(train_batches(datamodule, 2 * math.ceil(clips / batch_size) + 2, config.seed), clips)
-        probe = fit_probe(data, config, device)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(probe)}")
-        torch.save(probe.state_dict(), tmp)
-        tmp.replace(path)
-    return probe
+
+    def train() -> VideoProbe:
+        clips = min(config.clips, config.steps * config.batch, available_clips(datamodule) or config.clips)
+        batch_size = int(getattr(datamodule, "batch_size", 8) or 8)
+        with torch.inference_mode(False), torch.enable_grad():
+            data = extract_batches(train_batches(datamodule, 2 * math.ceil(clips / batch_size) + 2, config.seed),
+                                   clips)
+            return fit_probe(data, config, device)
+
+    key = {"shards": source.shards, "buckets": buckets, "config": asdict(config), "version": 4}
+    probe = cached_network(cache_dir, "probe", key, train, lambda _: VideoProbe(config.width, config.features,
+                                                                                config.crop))
+    return probe.to(device).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

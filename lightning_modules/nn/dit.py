@@ -13,6 +13,8 @@ optionally the frame rate fps [B] and channel-concatenated conditioning latents 
         x = x + pe                                             position embedding added at every layer
         x = x + g1 · SelfAttn(RMSNorm(x)·(1 + s1) + b1)        full bidirectional, no causal mask, no RoPE
         x = x + CrossAttn(RMSNorm(x), P)                       keys / values from the text; not modulated
+                                                               (segments of P, e.g. text | reference image, each
+                                                               with its own softmax: `nn.attention.Attention`)
         x = x + g2 · SwiGLU(RMSNorm(x)·(1 + s2) + b2)          SwiGLU(x) = W2(SiLU(W1 x) ⊙ W3 x)
 
     out = Unpatchify(Linear(RMSNorm(x)·(1 + s) + b))          (s, b) = Linear(SiLU(e)); → [B, C, T, H, W]
@@ -136,12 +138,13 @@ class Block(nn.Module):
         nn.init.zeros_(self.modulation)
 
     def forward(self, x: torch.Tensor, pe: torch.Tensor, modulation: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, dim], pe [N, dim], modulation [B, 6, dim], context [B, L, dim], context_mask bool [B, L]."""
+                context_mask: torch.Tensor | None = None, context_segments: Sequence[int] | None = None) -> torch.Tensor:
+        """x [B, N, dim], pe [N, dim], modulation [B, 6, dim], context [B, L, dim], context_mask bool [B, L];
+        context_segments: lengths of the context's segments, each with its own softmax (None: one)."""
         s1, b1, g1, s2, b2, g2 = (self.modulation + modulation).unsqueeze(2).unbind(1)  # each [B, 1, dim]
         x = x + pe
         x = x + g1 * self.attn(self.norm1(x, scale=s1, shift=b1))
-        x = x + self.cross(self.norm2(x), context, key_padding_mask=context_mask)
+        x = x + self.cross(self.norm2(x), context, key_padding_mask=context_mask, context_segments=context_segments)
         return x + g2 * self.ffn(self.norm3(x, scale=s2, shift=b2))
 
 
@@ -237,10 +240,13 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                 fps: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                frame_features: torch.Tensor | None = None) -> torch.Tensor:
+                frame_features: torch.Tensor | None = None,
+                context_segments: Sequence[int] | None = None) -> torch.Tensor:
         """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → velocity [B, C_out, T, H, W].
         frame_features [B, T, dim] (one per latent frame) are added to the tokens of their frame (averaged
-        over the frames of a patch)."""
+        over the frames of a patch). context_segments (L_0, L_1, ...): the context is the text (and tokens
+        sharing its softmax) followed by token groups with a softmax of their own (`conditioning.Conditions`);
+        the pooled text reads the first segment only."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT expects a latent [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.dim:
@@ -260,10 +266,12 @@ class DiT(nn.Module):
         if self.fps is not None:
             emb = emb + self.fps(torch.zeros_like(t) if fps is None else fps.to(t))
         if self.text_pool is not None:
-            emb = emb + self.text_pool(pooled(context.to(emb.dtype), context_mask))
+            text = slice(0, context_segments[0] if context_segments else context.shape[1])
+            emb = emb + self.text_pool(pooled(context[:, text].to(emb.dtype),
+                                              None if context_mask is None else context_mask[:, text]))
         modulation = rearrange(self.modulation(emb), "b (six d) -> b six d", six=6)
         for block in self.blocks:
-            tokens = block(tokens, pe, modulation, context.to(tokens.dtype), context_mask)
+            tokens = block(tokens, pe, modulation, context.to(tokens.dtype), context_mask, context_segments)
         shift, scale = self.modulation_out(emb).unsqueeze(1).chunk(2, dim=-1)
         out = self.proj_out(self.norm_out(tokens, scale=scale, shift=shift))
         kt, kh, kw = self.patch

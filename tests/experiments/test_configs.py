@@ -21,8 +21,11 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # for CI's 20 minutes, the latent-cache experiment (it encodes a cache first) and the teachers that only change
 # stage 2's recipe (their configs still compose in the default suite).
 # The quickstart's one step also trains its probe (its end-to-end test in test_generation.py runs the reduced
-# quickstart); AVID's stage 1 is stage 2's model without the guidance (test_avid.py builds both).
-HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion"}
+# quickstart); AVID's stage 1 is stage 2's model without the guidance (test_avid.py builds both). tae_tiny runs
+# from the command line in test_tae_training.py (fast_dev_run, and a killed run resumed with -m slow); the
+# upsampler trains and samples in fused windows in test_generation.py.
+HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion",
+         "tae_tiny", "upsampler_tiny"}
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
             for e in EXPERIMENTS]
 # The paper-size model on a smaller clip in fp32, so one CPU step fits in memory (256² x 32 frames needs > 24 GiB)
@@ -32,6 +35,9 @@ CPU_CLIP = {"tae_moviegen": ["data.sizes=[[32,32]]", "data.frames=[8]", "data.nu
 SMALL_WORLD = ["data.world.scenes=[16,8]", "data.world.images=[16,8]", "data.world.stickers=[16,8]"]
 CPU_CLIP |= {e: SMALL_WORLD for e in EXPERIMENTS if e.startswith(("sticker_", "avid_"))}
 CPU_CLIP["sticker_student"] = [*SMALL_WORLD, "data.shards=null"]  # not the ensemble's selected set
+# Personalization's identities world, shrunk: 4 training identities and 2 held-out ones.
+CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
+                 "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}
 
 
 @pytest.mark.parametrize("experiment", ONE_STEP)
