@@ -32,7 +32,6 @@ of that frame then guide every frame of the other windows, blended with weight Ï
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +43,11 @@ from datamodules.synthetic.world import OBJECT_COLOURS
 from lightning_modules.conditioning import resize_video
 from lightning_modules.evaluation.palette import palette_labels
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
+from lightning_modules.generation import IMAGE_SUFFIXES
 from lightning_modules.generative.multidiffusion import window_spans
+from lightning_modules.nn.text import words
 
 PRESETS = {"retexture": 1.0, "object_swap": 0.0, "uncrop": 0.0}  # structure guidance weight w_s
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OBJECT_NAMES = list(OBJECT_COLOURS)
 
 
@@ -90,8 +90,7 @@ def composite(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor)
 
 def prompt_colour(prompt: str) -> int | None:
     """Index (in the world's OBJECT_COLOURS) of the first object colour named in the prompt, or None."""
-    words = re.findall(r"[a-z]+", prompt.lower())
-    return next((OBJECT_NAMES.index(w) for w in words if w in OBJECT_NAMES), None)
+    return next((OBJECT_NAMES.index(w) for w in words(prompt) if w in OBJECT_NAMES), None)
 
 
 def fill_colour_alignment(video: torch.Tensor, mask: torch.Tensor, colour: int) -> float:
