@@ -4,7 +4,7 @@ Batch keys (CONVENTIONS.tmp.md): "video" float32 [B, 3, T, H, W] in [-1, 1] (an 
 float32 [B, C, S] in [-1, 1] with "sample_rate" int, "text" list[str], "fps" float32 [B] (0 for images),
 "key" list[str], "meta" list[dict] (the sample's json). Optional: "labels" int64 [B, T, H, W] (label maps,
 `labels == id` selects object `id`), "target_video" (the `edit.mp4` of an edit pair, decoded with the same
-frames and crop as "video"), "reference" float32 [B, 3, S, S] in [-1, 1] with "reference_from" list[dict] (a
+frames and crop as "video"; with "labels" also its "target_labels"), "reference" float32 [B, 3, S, S] in [-1, 1] with "reference_from" list[dict] (a
 masked crop of the clip's identity, paired or cross-paired: `datamodules.references`).
 
 Handlers: `bucket(sample)` (metadata only), `load(sample, bucket, rng)` in the loader's worker (video frames
@@ -289,6 +289,10 @@ class VideoHandler(FrameHandler):
         if self.with_target:
             target = decode_video(sample["edit.mp4"], bucket.frames, fps, start)
             item["target_video"] = crop_resize_frames(target.frames, size, offset)
+            if self.with_masks:  # an edit pair's target label maps ("target_labels" of its mask.npz)
+                labels = read_labels(sample, "target_labels")
+                item["target_labels"] = resize_crop_labels(labels[np.clip(target.indices, 0, len(labels) - 1)],
+                                                           size, offset)
         if self.reference:
             index = int((meta.get("world") or {}).get("index", -1))
             # validation: a fixed draw per clip (seeded by its index), so that clips of an identity differ
@@ -310,7 +314,7 @@ class VideoHandler(FrameHandler):
             "fps": torch.tensor([i["fps"] for i in items], dtype=torch.float32),
             "meta": [i["meta"] for i in items],
         }
-        for name in ("labels", "target_video", "audio", "reference"):
+        for name in ("labels", "target_video", "target_labels", "audio", "reference"):
             if name in items[0]:
                 batch[name] = stack([i[name] for i in items])
         if self.reference:

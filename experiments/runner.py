@@ -44,7 +44,7 @@ from lightning_modules.checkpoint_io import (
 from lightning_modules.parallel import ParallelConfig, meta_build_guard, meta_init_config
 
 STANDARD_TASKS = ("fit", "validate", "test")
-EMA_TASKS = ("sample", "evaluate")  # tasks that use a checkpoint's EMA weights when it has them
+EMA_TASKS = ("sample", "evaluate", "edit")  # tasks that use a checkpoint's EMA weights when it has them
 
 
 class ConfigError(ValueError):

@@ -344,6 +344,8 @@ class GenerationModule(BaseModule):
         raw = self.condition_inputs(batch, tuple(x1.shape[1:]), train)
         on = {name: torch.rand(b) >= c.dropout for name, c in self.conditioners.items()} if train else {}
         conditions = self.conditions(raw, batch_fps(batch, b), on)
+        if "frame_offset" in batch:  # images at a temporal position of their own (Movie Gen Edit stage I)
+            conditions = replace(conditions, frame_offset=batch["frame_offset"].to(x1.device))
         if t is None:
             t = self.time_sampler(b, x1.device)
         path, prediction = self.objective.path, self.objective.prediction
@@ -406,9 +408,11 @@ class GenerationModule(BaseModule):
     def generate(self, batch: dict[str, Any], frames: int, height: int, width: int, *, steps: int | None = None,
                  guidance_scales: Mapping[str, float] | None = None, schedule: str | None = None,
                  seed: int | None = None, noise: torch.Tensor | None = None, return_latent: bool = False,
-                 ) -> torch.Tensor:
+                 start_time: float = 0.0) -> torch.Tensor:
         """Videos [B, 3, frames, height, width] in [-1, 1] for the conditions of `batch` (at least "text"; "fps";
-        what the other conditioners read); with `return_latent`, the normalised latent the solver reached."""
+        what the other conditioners read); with `return_latent`, the normalised latent the solver reached. With
+        start_time t_0 > 0, `noise` is X_{t_0} and the solver runs t_0 → 1 over the schedule's times above t_0
+        (SDEdit: `lightning_modules.editing.sdedit`)."""
         cfg = self.sampler
         b = len(batch["text"])
         fps = batch_fps(batch, b) if frames > 1 else torch.zeros(b)
@@ -449,6 +453,8 @@ class GenerationModule(BaseModule):
         model_fn = guidance.guided(batched, scales) if scales else batched
         grid = timesteps.schedule(schedule or cfg.schedule, steps or cfg.steps, cfg.emulated_steps, shift=cfg.shift,
                                   train_steps=getattr(self.objective.path, "num_train_steps", 1000))
+        if start_time > 0:
+            grid = torch.cat([grid.new_tensor([float(start_time)]), grid[grid > start_time]])
         install_anchors(self.net, anchors)
         try:
             x1 = solvers.solve(cfg.solver, model_fn, x0, grid, path=self.objective.path,
@@ -517,10 +523,15 @@ class GenerationModule(BaseModule):
     # -- custom tasks ------------------------------------------------------------------------------------------------
     def run_task(self, name: str, trainer: L.Trainer, datamodule: L.LightningDataModule | None, cfg: Any) -> Any:
         """`task=sample` (prompts and/or input videos → videos), `task=evaluate` (the test loop as eval/*) and
-        `task=ensemble` (Animated Stickers' teachers → judged candidates, gallery, selected shards) and
-        `task=inpaint` (AVID: a video, a mask and a prompt → the inpainted video)."""
+        `task=ensemble` (Animated Stickers' teachers → judged candidates, gallery, selected shards),
+        `task=inpaint` (AVID: a video, a mask and a prompt → the inpainted video) and `task=edit` (Movie Gen Edit:
+        a video and an instruction → the edited video)."""
         if name == "sample":
             return self.sample_to_files(trainer)
+        if name == "edit":  # Movie Gen Edit: a video and an instruction → the edited video (lightning_modules.editing)
+            from lightning_modules.editing import edit_to_files  # it builds on this module
+
+            return edit_to_files(self, trainer, dict(cfg.get("edit") or {}))
         if name == "inpaint":  # AVID: any-length text-guided video inpainting (lightning_modules.inpainting)
             from lightning_modules.inpainting import inpaint_to_files  # it builds on this module
 
@@ -542,7 +553,7 @@ class GenerationModule(BaseModule):
             finally:
                 self._stage_prefix = "test"
         raise ValueError(f"task={name!r} is not offered by {type(self).__name__}; it supports fit, validate, test, "
-                         "sample, evaluate, ensemble, inpaint")
+                         "sample, evaluate, ensemble, inpaint, edit")
 
     def sample_requests(self) -> list[dict[str, Any]]:
         """One batch of one item per request of `task=sample`: each prompt (× per_prompt), each input video."""

@@ -5,6 +5,7 @@ from lightning_modules.conditioning.concat import (
            LowResolutionVideo,
            Mask,
            MaskedVideo,
+           SourceVideo,
            StillImage,
            resize_video,
 )
@@ -12,5 +13,5 @@ from lightning_modules.conditioning.frames import FrameFeatures, MotionBucket
 from lightning_modules.conditioning.text import Text, fps_prompt
 from lightning_modules.conditioning.tokens import ReferenceImage, TaskTokens
 
-__all__ = ["Conditioner", "Conditions", "assemble", "LowResolutionVideo", "Mask", "MaskedVideo", "StillImage",
+__all__ = ["Conditioner", "Conditions", "assemble", "LowResolutionVideo", "Mask", "MaskedVideo", "SourceVideo", "StillImage",
            "resize_video", "FrameFeatures", "MotionBucket", "Text", "fps_prompt", "ReferenceImage", "TaskTokens"]

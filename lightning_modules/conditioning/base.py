@@ -89,10 +89,12 @@ class Conditions:
     guidance: torch.Tensor | None = None         # [B, n] guidance scales, for a guidance-distilled backbone
     structure: torch.Tensor | None = None        # [B, C_s, T, H, W] structure map (latent grid), for a guided backbone
     context_segments: tuple[int, ...] | None = None  # lengths of the context's softmax segments (None: one)
+    time_embedding: torch.Tensor | None = None   # [B, dim] added to the time embedding (a task vector)
+    frame_offset: torch.Tensor | None = None     # [B] long: first temporal position of each sample (images)
 
     def backbone_kwargs(self) -> dict[str, torch.Tensor | None]:
-        """The backbone's keyword arguments; `guidance`, `structure_map` and `context_segments` only when set (a
-        backbone without guidance inputs, structure guidance or segmented cross-attention does not take them)."""
+        """The backbone's keyword arguments; `guidance`, `structure_map`, `context_segments`, `time_embedding` and
+        `frame_offset` only when set (a backbone without them does not take them)."""
         kwargs = {"context": self.context, "context_mask": self.context_mask, "cond": self.concat,
                   "frame_features": self.frame_features, "fps": self.fps}
         if self.guidance is not None:
@@ -101,6 +103,9 @@ class Conditions:
             kwargs["structure_map"] = self.structure
         if self.context_segments is not None:
             kwargs["context_segments"] = self.context_segments
+        for name in ("time_embedding", "frame_offset"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
         return kwargs
 
     def window(self, start: int, end: int) -> Conditions:
@@ -115,7 +120,7 @@ class Conditions:
         """Stack along the batch (one part per guidance pass); context sequences are padded to the longest, each
         softmax segment on its own (so the segments line up)."""
         out = {}
-        for name in ("concat", "frame_features", "fps", "guidance", "structure"):
+        for name in ("concat", "frame_features", "fps", "guidance", "structure", "time_embedding", "frame_offset"):
             values = [getattr(p, name) for p in parts]
             out[name] = None if values[0] is None else torch.cat(values)
         if parts[0].context is None:
@@ -139,10 +144,14 @@ def assemble(conditioners: dict[str, Conditioner], values: dict[str, Any], fps: 
     """Conditions from the embedded values of each conditioner, in the conditioners' order: context and tokens
     are concatenated along the sequence (first the text and the tokens that share its softmax, then each group
     of tokens with `own_softmax`, a segment of its own), concat latents and structure maps along the channels,
-    frame features summed."""
-    context, masks, concat, frames, structure, own = [], [], [], None, [], []
+    frame features summed. A "tokens" value (tokens, mask, vector) also adds its vector [B, dim] to the time
+    embedding (summed over conditioners)."""
+    context, masks, concat, frames, structure, own, vector = [], [], [], None, [], [], None
     for name, conditioner in conditioners.items():
         value = values[name]
+        if conditioner.kind == "tokens" and len(value) == 3:
+            vector = value[2] if vector is None else vector + value[2]
+            value = value[:2]
         if conditioner.kind in ("context", "tokens") and conditioner.own_softmax:
             own.append(value)
         elif conditioner.kind in ("context", "tokens"):
@@ -162,4 +171,5 @@ def assemble(conditioners: dict[str, Conditioner], values: dict[str, Any], fps: 
     return Conditions(context=torch.cat(context, dim=1) if context else None,
                       context_mask=torch.cat(masks, dim=1) if masks else None,
                       concat=torch.cat(concat, dim=1) if concat else None, frame_features=frames, fps=fps,
-                      structure=torch.cat(structure, dim=1) if structure else None, context_segments=segments)
+                      structure=torch.cat(structure, dim=1) if structure else None, context_segments=segments,
+                      time_embedding=vector)

@@ -4,6 +4,7 @@
     StillImage          c = Enc(x[:, :, f]) repeated over the latent frames, f first | middle | random (Animated Stickers)
     Mask                c = the inpainting mask, area-downsampled to the latent grid      (AVID)
     MaskedVideo         c = Enc(x ⊙ (1 − mask))                                            (AVID)
+    SourceVideo         c = Enc(source), zeros without one                                 (Movie Gen Edit)
 
 The null value is zero latents. The backbone's input weights for these channels start at zero (`nn.dit.DiT`'s
 `cond_channels`), so a text-to-video checkpoint starts unchanged.
@@ -133,6 +134,26 @@ class StillImage(LatentConcat):
     def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         frames = int(batch.get("frames") or 1)
         return {"image": self.image(batch).expand(-1, -1, frames, -1, -1)}
+
+
+class SourceVideo(LatentConcat):
+    """The video to edit, c = Enc(source) on the target's latent grid (Movie Gen Edit: the source latent
+    concatenated on the channels). A batch without "source" (text-to-video, or images of the T2V task) gets zero
+    latents, the null value, so the editor keeps the text-to-video task."""
+
+    def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
+        if "source" not in batch:
+            size = len(batch["text"]) if "text" in batch else batch["video"].shape[0]
+            return torch.zeros(size, self.channels, *latent_shape[1:])
+        with torch.no_grad():
+            return self._check(encode(batch["source"].float()), latent_shape)
+
+    def target_size(self, batch: dict[str, Any]) -> tuple[int, int, int] | None:
+        """(frames, H, W) of the edited video: the source's."""
+        return None if "source" not in batch else tuple(int(s) for s in batch["source"].shape[2:])
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"source": batch["source"].float()} if "source" in batch else {}
 
 
 STATIC_BOXES = MaskGenerator({"box": 1.0}, moving=0.0)

@@ -106,13 +106,21 @@ class PositionEmbedding3D(nn.Module):
     def sizes(self) -> tuple[int, int, int]:
         return self.t.shape[0], self.h.shape[0], self.w.shape[0]
 
-    def forward(self, t: int, h: int, w: int) -> torch.Tensor:
-        """[t·h·w, dim] in the token order of `Patchify` (t, then h, then w)."""
+    def forward(self, t: int, h: int, w: int, frame_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """[t·h·w, dim] in the token order of `Patchify` (t, then h, then w); with frame_offset [B] (temporal
+        patches), [B, t·h·w, dim] whose sample b takes the temporal rows offset_b .. offset_b + t − 1 (Movie Gen
+        Edit stage I: an image at a random temporal position, not always the first frame's)."""
         if t > self.t.shape[0] or h > self.h.shape[0] or w > self.w.shape[0]:
             raise ValueError(f"latent grid {t}x{h}x{w} patches exceeds the position tables "
                              f"{self.sizes[0]}x{self.sizes[1]}x{self.sizes[2]} (model.net.max_t/max_h/max_w)")
-        pe = self.t[:t, None, None] + self.h[None, :h, None] + self.w[None, None, :w]
-        return rearrange(pe, "t h w d -> (t h w) d")
+        spatial = self.h[None, :h, None] + self.w[None, None, :w]
+        if frame_offset is None:
+            return rearrange(self.t[:t, None, None] + spatial, "t h w d -> (t h w) d")
+        rows = frame_offset.to(self.t.device).long()[:, None] + torch.arange(t, device=self.t.device)
+        if bool((rows < 0).any()) or bool((rows >= self.t.shape[0]).any()):
+            raise ValueError(f"frame_offset {frame_offset.tolist()} + {t} frames exceeds the temporal table "
+                             f"({self.t.shape[0]} rows, model.net.max_t)")
+        return rearrange(self.t[rows][:, :, None, None] + spatial, "b t h w d -> b (t h w) d")
 
 
 class Block(nn.Module):
@@ -139,7 +147,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, pe: torch.Tensor, modulation: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, context_segments: Sequence[int] | None = None) -> torch.Tensor:
-        """x [B, N, dim], pe [N, dim], modulation [B, 6, dim], context [B, L, dim], context_mask bool [B, L];
+        """x [B, N, dim], pe [N, dim] or [B, N, dim], modulation [B, 6, dim], context [B, L, dim], context_mask bool [B, L];
         context_segments: lengths of the context's segments, each with its own softmax (None: one)."""
         s1, b1, g1, s2, b2, g2 = (self.modulation + modulation).unsqueeze(2).unbind(1)  # each [B, 1, dim]
         x = x + pe
@@ -241,12 +249,15 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                 fps: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                 frame_features: torch.Tensor | None = None,
-                context_segments: Sequence[int] | None = None) -> torch.Tensor:
+                context_segments: Sequence[int] | None = None, time_embedding: torch.Tensor | None = None,
+                frame_offset: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → velocity [B, C_out, T, H, W].
         frame_features [B, T, dim] (one per latent frame) are added to the tokens of their frame (averaged
         over the frames of a patch). context_segments (L_0, L_1, ...): the context is the text (and tokens
         sharing its softmax) followed by token groups with a softmax of their own (`conditioning.Conditions`);
-        the pooled text reads the first segment only."""
+        the pooled text reads the first segment only. time_embedding [B, dim] is added to the time embedding
+        (Movie Gen Edit's task vector); frame_offset [B] shifts each sample's temporal positions (see
+        `PositionEmbedding3D`)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT expects a latent [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.dim:
@@ -261,8 +272,10 @@ class DiT(nn.Module):
         if frame_features is not None:
             per_patch = reduce(frame_features.to(tokens.dtype), "b (t kt) d -> b t 1 d", "mean", kt=self.patch[0])
             tokens = rearrange(rearrange(tokens, "b (t hw) d -> b t hw d", t=gt) + per_patch, "b t hw d -> b (t hw) d")
-        pe = self.pos(gt, gh, gw).to(tokens.dtype)
+        pe = self.pos(gt, gh, gw, frame_offset).to(tokens.dtype)
         emb = self.time(t)
+        if time_embedding is not None:
+            emb = emb + time_embedding.to(emb.dtype)
         if self.fps is not None:
             emb = emb + self.fps(torch.zeros_like(t) if fps is None else fps.to(t))
         if self.text_pool is not None:

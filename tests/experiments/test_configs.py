@@ -23,9 +23,10 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # The quickstart's one step also trains its probe (its end-to-end test in test_generation.py runs the reduced
 # quickstart); AVID's stage 1 is stage 2's model without the guidance (test_avid.py builds both). tae_tiny runs
 # from the command line in test_tae_training.py (fast_dev_run, and a killed run resumed with -m slow); the
-# upsampler trains and samples in fused windows in test_generation.py.
+# upsampler trains and samples in fused windows in test_generation.py. The editing stages (~35 CPU s each) train
+# a step of each pair kind in tests/lightning_modules/test_editing.py.
 HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion",
-         "tae_tiny", "upsampler_tiny"}
+         "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3"}
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
             for e in EXPERIMENTS]
 # The paper-size model on a smaller clip in fp32, so one CPU step fits in memory (256² x 32 frames needs > 24 GiB)
@@ -38,6 +39,10 @@ CPU_CLIP["sticker_student"] = [*SMALL_WORLD, "data.shards=null"]  # not the ense
 # Personalization's identities world, shrunk: 4 training identities and 2 held-out ones.
 CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
                  "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}
+
+# Editing's world, shrunk: 16 training and 8 held-out edit pairs.
+CPU_CLIP |= {e: ["data.world.edits=[16,8]", "model.sampler.steps=5", "model.backtranslation_steps=2"]
+             for e in EXPERIMENTS if e.startswith("edit_")}
 
 
 @pytest.mark.parametrize("experiment", ONE_STEP)

@@ -115,13 +115,21 @@ def test_tokens_start_at_zero_and_null_tokens_are_masked() -> None:
     _, mask = reference(reference.drop(raw, torch.tensor([True, False])))
     assert mask[0].all() and not mask[1].any()
 
-    tasks = TaskTokens(["add", "remove", "style"], dim=DIM, tokens=2)
+    tasks = TaskTokens(["add", "remove", "style"], dim=DIM, tokens=2, embed_dim=3)
     ids = tasks.inputs({"task": ["remove", "style"]}, None, (), train=False)
     assert ids.tolist() == [1, 2]
-    with torch.no_grad():
-        tasks.embedding.copy_(torch.arange(3.0).view(3, 1, 1).expand(3, 2, DIM))
-    tokens, mask = tasks(tasks.drop(ids, torch.tensor([True, False])))
+    tokens, _, vector = tasks(ids)
+    assert tokens.abs().max() == 0 and vector.abs().max() == 0  # zero-initialised projections
+    with torch.no_grad():  # e = one-hot, W_tok = 1, W_vec = 2 (biases 0): tokens = 1, vector = 2
+        tasks.embedding.weight.copy_(torch.eye(3))
+        tasks.to_tokens.weight.fill_(1.0)
+        tasks.to_vector.weight.fill_(2.0)
+    tokens, mask, vector = tasks(tasks.drop(ids, torch.tensor([True, False])))
     assert tokens.shape == (2, 2, DIM) and tokens[0].eq(1).all() and mask[0].all() and not mask[1].any()
+    assert vector.shape == (2, DIM) and vector[0].eq(2).all() and vector[1].eq(0).all()  # the null task: no vector
+    editing = TaskTokens(["t2v", "edit"], dim=DIM, default="t2v", source_task="edit")
+    assert editing.names({"text": ["a", "b"]}) == ["t2v", "t2v"]
+    assert editing.names({"text": ["a"], "source": torch.zeros(1)}) == ["edit"]
     with pytest.raises(ValueError, match="unknown task.*'paint'"):
         tasks.inputs({"task": ["paint"]}, None, (), train=False)
 
