@@ -3,6 +3,7 @@
 Protocol (what a LightningModule offers to be logged):
 
     pl_module.media_samples(batch) -> dict[str, Tensor]     # name -> video [B, 3, T, H, W] in [-1, 1]
+                                                            #   or audio [B, C, S] in [-1, 1]
 
 `batch` is a training batch (every `every_n_steps` optimizer steps) or the first batch of the first validation
 dataloader (at the end of each validation, not during the sanity check). The callback calls it under
@@ -12,7 +13,10 @@ needs all ranks in its forward; only global rank 0 writes files and logs them. O
 
 For each name it writes, under `<output_dir>/step_<step:06d>/` (default output_dir: `<trainer.default_root_dir>/
 media`), `<name>_<i>.mp4` per sample (H.264 via `datamodules.media.write_video`) and `<name>.png`: a grid with
-one row per sample and `grid_frames` evenly spaced frames per row (`datamodules.media.write_image`). Each file
+one row per sample and `grid_frames` evenly spaced frames per row (`datamodules.media.write_image`). Audio
+gives `<name>_<i>.wav` per sample and `<name>.png`, its spectrograms one row per sample
+(`lightning_modules.evaluation.audio.spectrogram_image`), at the module's `media_sample_rate` or the batch's
+"sample_rate". Each file
 goes to every MLflow logger of the trainer with
 `logger.experiment.log_artifact(logger.run_id, path, artifact_path=f"media/step_{step:06d}")`.
 """
@@ -27,7 +31,8 @@ import torch
 from einops import rearrange
 from lightning.pytorch.callbacks import Callback
 
-from datamodules.media import write_image, write_video
+from datamodules.media import write_audio, write_image, write_video
+from lightning_modules.evaluation.audio import spectrogram_image
 
 
 def frame_grid(video: torch.Tensor, grid_frames: int = 8) -> torch.Tensor:
@@ -106,6 +111,9 @@ class MediaLogger(Callback):
         fps = self._fps(pl_module, batch)
         written = []
         for name, video in media.items():
+            if video.ndim == 3:  # audio [B, C, S]
+                written += self._write_audio(folder, name, video, pl_module, batch)
+                continue
             if video.ndim != 5 or video.shape[1] != 3:
                 raise ValueError(f"media_samples()[{name!r}] must be [B, 3, T, H, W], got {tuple(video.shape)}")
             video = video[: self.max_samples].detach().float().cpu().clamp(-1.0, 1.0)
@@ -118,6 +126,17 @@ class MediaLogger(Callback):
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"media/step_{step:06d}")
         self.logged += written
         return written
+
+    def _write_audio(self, folder: Path, name: str, audio: torch.Tensor, pl_module: L.LightningModule,
+                     batch: Any) -> list[Path]:
+        rate = getattr(pl_module, "media_sample_rate", None) or (batch.get("sample_rate") if isinstance(batch, dict)
+                                                                 else None)
+        if not rate:
+            raise ValueError(f"media_samples()[{name!r}] is audio: the module needs `media_sample_rate` or the batch "
+                             "a 'sample_rate'")
+        audio = audio[: self.max_samples].detach().float().cpu().clamp(-1.0, 1.0)
+        written = [write_audio(folder / f"{name}_{i}.wav", clip, int(rate)) for i, clip in enumerate(audio)]
+        return [*written, write_image(folder / f"{name}.png", spectrogram_image(audio))]
 
     def _fps(self, pl_module: L.LightningModule, batch: Any) -> float:
         if getattr(pl_module, "media_fps", None):
