@@ -28,6 +28,9 @@ def finished_runs(outputs: Path, experiment: str = "digits_classifier") -> list:
     return [r for r in runs if r.info.status == "FINISHED"]
 
 
+# Slow (CI's 20 minutes): the default suite covers two-process DDP training in
+# tests/privacy/test_runs.py and two-process resume in the FSDP test below.
+@pytest.mark.slow
 def test_ddp_two_processes_train_and_resume(outputs: Path) -> None:
     run_cli(*TINY, "strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1")
     (ckpt,) = (outputs / "digits_classifier").glob("runs/*/checkpoints/last.ckpt")
