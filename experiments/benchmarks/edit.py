@@ -1,0 +1,186 @@
+"""Movie Gen Edit on the world's held-out video edit pairs: the three stages beside an SDEdit baseline, the real
+edited clip (the ceiling) and the unedited source (the "do nothing" floor).
+
+    python experiments/run.py experiment=quickstart          # the text-to-video model (also SDEdit's)
+    python experiments/run.py experiment=edit_stage1 && python experiments/run.py experiment=edit_stage2 \
+        && python experiments/run.py experiment=edit_stage3
+    python experiments/benchmarks/edit.py [--steps 20] [--strengths 0.5 0.75] [--stages edit_stage1 ...]
+
+Every model edits the same 64 held-out pairs (never trained on; recolour, replace, add) with the same noise per
+pair and the same solver steps, at its config's guidance (editors: source 1.5, text 2; T2V: text 2). SDEdit
+(`lightning_modules.editing.sdedit`) noises the source latent to t_0 = 1 − strength with the quickstart's
+text-to-video model and regenerates it with the instruction as the prompt. Metrics
+(`lightning_modules.evaluation.editing`): edit success (the probe reads the asked attribute; per kind too),
+preservation (mean |g − x| outside the edited region, lower is better), temporal error (frame-to-frame change
+against the real edited clip's, lower is better). Writes experiments/benchmarks/results/edit.json and
+edit_grid.png (first pairs: source, target, then each model's edit; frames left to right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from callbacks.ema import load_ema_weights  # noqa: E402
+from datamodules.edits import video_edit_batch  # noqa: E402
+from experiments.compose import compose_config  # noqa: E402
+from experiments.quickstart_grid import frames_row  # noqa: E402
+from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state  # noqa: E402
+from lightning_modules.editing import sdedit  # noqa: E402
+from lightning_modules.evaluation.editing import ASKED, EditEvaluator  # noqa: E402
+from lightning_modules.evaluation.probe import probe_from_datamodule  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "benchmarks" / "results"
+OUTPUTS = Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs"))
+
+
+def load(experiment: str, job: Path) -> tuple[torch.nn.Module, Path]:
+    """The experiment's model with the newest checkpoint of its runs (EMA weights when it has them)."""
+    ckpt = newest_checkpoint(OUTPUTS / experiment)
+    cfg = compose_config([f"experiment={experiment}"], job / experiment)
+    module = hydra.utils.instantiate(cfg.model, _convert_="object")
+    module.load_state_dict(read_module_state(ckpt))
+    load_ema_weights(module, ckpt)
+    return module.eval(), ckpt
+
+
+def held_out_pairs(job: Path) -> tuple[Any, dict[str, Any]]:
+    """(the datamodule, one batch of every held-out edit pair in the editor layout)."""
+    cfg = compose_config(["experiment=edit_stage1"], job / "data")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    parts = [video_edit_batch(b) for b in datamodule.val_dataloader()]
+    batch = {k: torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor)
+             else [x for p in parts for x in p[k]] for k in parts[0]}
+    return datamodule, batch
+
+
+def chunks(batch: dict[str, Any], size: int) -> list[tuple[int, dict[str, Any]]]:
+    n = len(batch["text"])
+    return [(i, {k: v[i: i + size] for k, v in batch.items()}) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def edit_all(module: torch.nn.Module, batch: dict[str, Any], steps: int, seed: int = 0) -> torch.Tensor:
+    """Every pair edited, sample i from noise seed + i (the same noise for every model)."""
+    out = []
+    for start, part in chunks(batch, 16):
+        request = {"source": part["source"], "text": part["text"], "fps": part["fps"], "task": part["task"]}
+        out.append(module.generate(request, *part["source"].shape[2:], steps=steps, seed=seed + start))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sdedit_all(module: torch.nn.Module, batch: dict[str, Any], steps: int, strength: float, seed: int = 0
+               ) -> torch.Tensor:
+    return torch.cat([sdedit(module, part["source"], part["text"], part["fps"], strength, steps, seed + start)
+                      for start, part in chunks(batch, 16)])
+
+
+def score(evaluator: EditEvaluator, video: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+    evaluator.values = {}
+    evaluator.update(video, batch, {})
+    return evaluator.compute()
+
+
+def row(metrics: dict[str, float], suffix: str = "") -> dict[str, float]:
+    out = {"edit_success": metrics[f"edit_success{suffix}"]}
+    out |= {f"success_{k}": metrics.get(f"edit_success{suffix}_{k}") for k in ASKED}
+    out |= {"preservation": metrics[f"preservation{suffix}"], "temporal_error": metrics[f"temporal_error{suffix}"]}
+    return out
+
+
+def grid(batch: dict[str, Any], samples: dict[str, torch.Tensor], count: int, scale: int = 4) -> Image.Image:
+    """Per pair (the first `count`, one of each kind first): instruction, then source, target and each model's
+    edit, frames left to right."""
+    kinds: dict[str, int] = {}
+    for i, meta in enumerate(batch["meta"]):
+        kinds.setdefault(meta["edit"]["kind"], i)
+    chosen = list(kinds.values()) + [i for i in range(len(batch["text"])) if i not in kinds.values()]
+    rows = []
+    for i in chosen[:count]:
+        label = Image.new("RGB", (560, 14), "white")
+        ImageDraw.Draw(label).text((2, 1), batch["text"][i][:100], fill="black")
+        rows.append(np.asarray(label))
+        for name, clip in [("source", batch["source"][i]), ("target (real)", batch["video"][i]),
+                           *((n, s[i]) for n, s in samples.items())]:
+            line = frames_row(clip, scale)
+            tag = Image.new("RGB", (110, line.shape[0]), "white")
+            ImageDraw.Draw(tag).text((2, 2), name, fill="black")
+            rows.append(np.concatenate([np.asarray(tag), line], axis=1))
+        rows.append(np.full((6, rows[-1].shape[1], 3), 255, np.uint8))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--stages", nargs="+", default=["edit_stage1", "edit_stage2", "edit_stage3"])
+    parser.add_argument("--grid-pairs", type=int, default=4)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    job = Path("/tmp") / "edit_benchmark"
+    datamodule, batch = held_out_pairs(job)
+    evaluator = EditEvaluator()  # the probe of the experiments' test loop (same config: the same cached probe)
+    evaluator.probe = probe_from_datamodule(datamodule, evaluator.config, str(ROOT / "data" / "probes"))
+    base = score(evaluator, batch["source"], batch)
+    table: dict[str, dict[str, Any]] = {"target (real, ceiling)": row(base, "_target"),
+                                        "source unchanged (floor)": row(base, "_source")}
+    floors = {"preservation_other_clip": base["preservation_shuffled"],
+              "temporal_error_shuffled_frames": base["temporal_error_shuffled"]}
+    samples: dict[str, torch.Tensor] = {}
+    t2v, t2v_ckpt = load("quickstart", job)
+    checkpoints = {"quickstart": str(t2v_ckpt.relative_to(ROOT)) if t2v_ckpt.is_relative_to(ROOT) else str(t2v_ckpt)}
+    for strength in args.strengths:
+        name = f"SDEdit t2v, strength {strength:g}"
+        start = time.perf_counter()
+        samples[name] = sdedit_all(t2v, batch, args.steps, strength)
+        table[name] = row(score(evaluator, samples[name], batch)) | {"seconds": time.perf_counter() - start}
+        print(name, table[name], flush=True)
+    for stage in args.stages:
+        try:
+            module, ckpt = load(stage, job)
+        except FileNotFoundError as exc:
+            print(f"[edit] {stage}: no checkpoint ({exc}); skipped")
+            continue
+        checkpoints[stage] = str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else str(ckpt)
+        start = time.perf_counter()
+        samples[stage] = edit_all(module, batch, args.steps)
+        table[stage] = row(score(evaluator, samples[stage], batch)) | {"seconds": time.perf_counter() - start}
+        print(stage, table[stage], flush=True)
+    kinds = {k: sum(m["edit"]["kind"] == k for m in batch["meta"]) for k in ASKED}
+    result = {"pairs": len(batch["text"]), "kinds": kinds, "steps": args.steps, "table": table, "floors": floors,
+              "checkpoints": checkpoints}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "edit.json").write_text(json.dumps(result, indent=1))
+    grid(batch, {n: s for n, s in samples.items() if "0.75" not in n}, args.grid_pairs).save(RESULTS / "edit_grid.png")
+    header = f"{'':32s} {'success':>8s} " + " ".join(f"{k:>9s}" for k in ASKED) + f" {'preserve':>9s} {'temporal':>9s}"
+    print(header)
+    for name, r in table.items():
+        values = " ".join(f"{r[f'success_{k}']:9.3f}" if r[f"success_{k}"] is not None else f"{'-':>9s}" for k in ASKED)
+        print(f"{name:32s} {r['edit_success']:8.3f} {values} {r['preservation']:9.4f} {r['temporal_error']:9.4f}")
+    print("floors:", floors)
+    return result
+
+
+if __name__ == "__main__":
+    main()
