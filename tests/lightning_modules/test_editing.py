@@ -273,3 +273,24 @@ def test_short_training_lowers_the_loss() -> None:
     before, after = fixed_loss_before_and_after(editor, held_out, clips, steps=60, batch_size=16)
     assert after < 0.8 * before, (before, after)
     assert fixed_loss(editor, held_out) < before
+
+
+def test_task_edit_writes_the_edited_mp4(tmp_path: Path) -> None:
+    import lightning as L
+
+    from datamodules.media import write_video
+    from lightning_modules.editing import edit_to_files
+
+    editor = build(True, EditingModule)
+    editor.sample_cfg.frames, editor.sample_cfg.height, editor.sample_cfg.width = 4, 16, 16
+    write_video(tmp_path / "clip.mp4", world_pairs()["video"][0], fps=8.0)  # 8 frames, cut to 4
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
+    options = {"video": str(tmp_path / "clip.mp4"), "instruction": "Make the pink diamond blue."}
+    written = edit_to_files(editor, trainer, options)
+    edited = decode_video(tmp_path / "edited" / "clip_make_the_pink_diamond_blue.mp4")
+    assert edited.frames.shape == (4, 16, 16, 3) and written[0].suffix == ".mp4"
+    assert (tmp_path / "edited" / "clip_make_the_pink_diamond_blue.txt").read_text().strip() == options["instruction"]
+    with pytest.raises(ValueError, match="edit.instruction"):
+        edit_to_files(editor, trainer, {"video": options["video"]})
+    with pytest.raises(FileNotFoundError, match="edit.video"):
+        edit_to_files(editor, trainer, {**options, "video": str(tmp_path / "missing.mp4")})
