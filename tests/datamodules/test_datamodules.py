@@ -48,9 +48,16 @@ def test_datamodules_yield_the_convention_keys(world_dir):
     assert audio["audio"].shape[1] == 1 and audio["audio"].shape[2] in (4000, 8000)
     assert audio["text"][0].startswith(("Tones of", "Silence"))
 
-    edits = _first(VideoDataModule(sizes=[[32, 32]], frames=[8], world_kind="edits", with_target=True, **common))
+    edits = _first(VideoDataModule(sizes=[[32, 32]], frames=[8], world_kind="edits", with_target=True,
+                                   with_masks=True, **common))
     assert edits["target_video"].shape == edits["video"].shape and "edit" in edits["meta"][0]
     assert edits["text"][0] == edits["meta"][0]["edit"]["instruction"]
+    # the target's label maps: the edited object is where the clips differ (outside it, the same pixels)
+    assert edits["target_labels"].shape == edits["labels"].shape
+    edited = [int(m["edit"]["object"]) for m in edits["meta"]]
+    ids = torch.tensor(edited).view(-1, 1, 1, 1)
+    outside = (edits["labels"] != ids) & (edits["target_labels"] != ids)
+    assert (edits["video"] - edits["target_video"]).abs().amax(1)[outside].mean() < 0.05
 
     stickers = _first(VideoDataModule(sizes=[[32, 32]], frames=[8], world_kind="stickers", **common))
     assert stickers["text"][0].startswith("A sticker of")
