@@ -12,8 +12,9 @@ pair and the same solver steps, at its config's guidance (editors: source 1.5, t
 text-to-video model and regenerates it with the instruction as the prompt. Metrics
 (`lightning_modules.evaluation.editing`): edit success (the probe reads the asked attribute; per kind too),
 preservation (mean |g − x| outside the edited region, lower is better), temporal error (frame-to-frame change
-against the real edited clip's, lower is better). Writes experiments/benchmarks/results/edit.json and
-edit_grid.png (first pairs: source, target, then each model's edit; frames left to right).
+against the real edited clip's, lower is better). Writes experiments/benchmarks/results/<name>.json and
+<name>_grid.png (--name, default edit; first pairs: source, target, then each model's edit; frames left to right).
+Checkpoints are the newest of each experiment under $OUTPUT_DIR (default outputs/).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--stages", nargs="+", default=["edit_stage1", "edit_stage2", "edit_stage3"])
     parser.add_argument("--grid-pairs", type=int, default=4)
+    parser.add_argument("--name", default="edit", help="results file stem: <name>.json, <name>_grid.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     job = Path("/tmp") / "edit_benchmark"
@@ -169,10 +171,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(stage, table[stage], flush=True)
     kinds = {k: sum(m["edit"]["kind"] == k for m in batch["meta"]) for k in ASKED}
     result = {"pairs": len(batch["text"]), "kinds": kinds, "steps": args.steps, "table": table, "floors": floors,
-              "checkpoints": checkpoints}
+              "checkpoints": checkpoints, "outputs": str(OUTPUTS)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "edit.json").write_text(json.dumps(result, indent=1))
-    grid(batch, {n: s for n, s in samples.items() if "0.75" not in n}, args.grid_pairs).save(RESULTS / "edit_grid.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    grid(batch, {n: s for n, s in samples.items() if "0.75" not in n}, args.grid_pairs).save(
+        RESULTS / f"{args.name}_grid.png")
     header = f"{'':32s} {'success':>8s} " + " ".join(f"{k:>9s}" for k in ASKED) + f" {'preserve':>9s} {'temporal':>9s}"
     print(header)
     for name, r in table.items():
