@@ -96,6 +96,11 @@ class AudioVAE(nn.Module):
         """ceil(samples / hop)."""
         return -(-int(samples) // self.hop)
 
+    def latent_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The planner's view (`experiments/plan.py`, audio as a 1×1 video of S "frames" = samples):
+        [B, c, S, 1, 1] → (B, C, ceil(S / hop), 1, 1)."""
+        return shape[0], self.latent_channels, self.num_latent_frames(shape[2]), *shape[3:]
+
     def _check(self, audio: torch.Tensor) -> None:
         if audio.ndim != 3 or audio.shape[1] != self.channels:
             raise ValueError(f"AudioVAE expects audio [B, {self.channels}, S], got {tuple(audio.shape)}")
