@@ -26,7 +26,8 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # upsampler trains and samples in fused windows in test_generation.py. The editing stages (~35 CPU s each) train
 # a step of each pair kind in tests/lightning_modules/test_editing.py.
 HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion",
-         "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3"}
+         "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3",
+         "audio_ae", "audio_v2a"}  # audio: test_audio.py samples, windows and muxes by default
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
             for e in EXPERIMENTS]
 # The paper-size model on a smaller clip in fp32, so one CPU step fits in memory (256² x 32 frames needs > 24 GiB)
@@ -36,6 +37,8 @@ CPU_CLIP = {"tae_moviegen": ["data.sizes=[[32,32]]", "data.frames=[8]", "data.nu
 SMALL_WORLD = ["data.world.scenes=[16,8]", "data.world.images=[16,8]", "data.world.stickers=[16,8]"]
 CPU_CLIP |= {e: SMALL_WORLD for e in EXPERIMENTS if e.startswith(("sticker_", "avid_"))}
 CPU_CLIP["sticker_student"] = [*SMALL_WORLD, "data.shards=null"]  # not the ensemble's selected set
+# Movie Gen Audio without a trained audio autoencoder (a random one): the one step checks the wiring.
+CPU_CLIP["audio_v2a"] = ["model.codec.checkpoint=null", "model.sampler.steps=2", "model.media.steps=2"]
 # Personalization's identities world, shrunk: 4 training identities and 2 held-out ones.
 CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
                  "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}

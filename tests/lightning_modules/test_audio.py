@@ -242,3 +242,49 @@ def test_wav_bytes_round_trip_through_the_codec_interface() -> None:
     decoded, rate = decode_audio(encode_audio(audio, 8000), 8000)
     assert rate == 8000 and decoded.shape == (1, 4000)
     assert np.abs(decoded.numpy() - audio.numpy()).max() < 1e-3
+
+
+# -- short trainings (slow) ------------------------------------------------------------------------------------------------
+def world_audio(split: str, count: int, seconds: float = 1.0) -> torch.Tensor:
+    """The first `count` soundtracks of the world's split at 8 kHz, cut to `seconds` ([count, 1, S])."""
+    clips = [decode_audio(world_sample(WORLD, "scenes", split, i)["wav"], 8000, start=0.0, duration=seconds)[0]
+             for i in range(count)]
+    return torch.stack(clips)
+
+
+@pytest.mark.slow
+def test_short_training_lowers_the_autoencoder_loss(outputs: Path) -> None:
+    cfg = compose_config(["experiment=audio_ae", "model.net.width=4"], outputs / "job")
+    module = hydra.utils.instantiate(cfg.model, _convert_="object")
+    train, held_out = world_audio("train", 16), world_audio("val", 8)
+    before = module.losses(held_out, sample=False)["loss"].item()
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        batch = train[torch.randint(len(train), (8,))]
+        loss = module.losses(batch, sample=True)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = module.losses(held_out, sample=False)["loss"].item()
+    assert after < 0.8 * before
+
+
+@pytest.mark.slow
+def test_short_training_lowers_the_audio_dit_loss(outputs: Path) -> None:
+    from tests.helpers import fixed_loss
+
+    module = audio_model(outputs)
+    audio = world_audio("train", 8)
+    batch = {"audio": audio, "sample_rate": 8000, "text": ["Tones of the circle once."] * 8,
+             "video": torch.rand(8, 3, 16, 16, 16) * 2 - 1, "fps": torch.full((8,), 16.0)}
+    before = fixed_loss(module, batch, times=8)
+    optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = module.loss(batch, train=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_loss(module, batch, times=8) < 0.9 * before
