@@ -200,6 +200,12 @@ def pearson(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> float:
     return float((x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-12))
 
 
+def standard_error(values: torch.Tensor) -> float:
+    """The standard error of the mean of `values` [N]: sample std (n - 1) / sqrt(n); 0 for one value."""
+    n = values.numel()
+    return float(values.float().std() / n ** 0.5) if n > 1 else 0.0
+
+
 class IdentityEvaluator(Evaluator):
     """Identity similarity and accuracy, and the copy-paste measures, of samples against their batch's
     "reference" (see the module doc). Needs batches with "video", "reference" and the world's "meta" (identity
@@ -250,13 +256,24 @@ class IdentityEvaluator(Evaluator):
         self.measure(generated[alone], batch["video"][:n][alone], batch["reference"][:n][alone].float(),
                      identities[alone])
 
+    def per_clip(self, name: str = "fake") -> dict[str, torch.Tensor]:
+        """Per clip of the generated ("fake") or real clips: "similarity" (cosine to the reference), "correct"
+        (1 where the nearest identity of the gallery of references is the clip's own) and "pose" (copy_pose)."""
+        rows = {k: torch.cat([r[k] for r in self.rows]) for k in self.rows[0]}
+        ids, ref = rows["identity"], rows["ref"]
+        known = ids.unique()
+        gallery = F.normalize(torch.stack([ref[ids == i].mean(0) for i in known]), dim=-1)
+        nearest = known[(rows[name] @ gallery.T).argmax(1)]
+        return {"similarity": (rows[name] * ref).sum(-1), "correct": (nearest == ids).float(),
+                "pose": rows[f"{name}_pose"]}
+
     def compute(self) -> dict[str, float]:
+        """The means over clips, each with its standard error ("_se": sample std / sqrt(n))."""
         if self.net is None or not self.rows:
             return {}
         rows = {k: torch.cat([r[k] for r in self.rows]) for k in self.rows[0]}
         ids, ref = rows["identity"], rows["ref"]
         known, groups = ids.unique(return_inverse=True)
-        gallery = F.normalize(torch.stack([ref[ids == i].mean(0) for i in known]), dim=-1)
         # the floor: each real clip against the reference of the next clip of another identity
         other = torch.tensor([next((j for j in (*range(i + 1, len(ids)), *range(i)) if ids[j] != ids[i]), i)
                               for i in range(len(ids))])
@@ -264,9 +281,10 @@ class IdentityEvaluator(Evaluator):
                "identity_accuracy_chance": 1.0 / len(known), "copy_pose_paste": float(rows["paste_pose"].mean()),
                "identity_clips": float(len(ids))}
         for name, suffix in (("fake", ""), ("real", "_real")):
-            out[f"identity_similarity{suffix}"] = float((rows[name] * ref).sum(-1).mean())
-            nearest = known[(rows[name] @ gallery.T).argmax(1)]
-            out[f"identity_accuracy{suffix}"] = float((nearest == ids).float().mean())
-            out[f"copy_pose{suffix}"] = float(rows[f"{name}_pose"].mean())
+            clips = self.per_clip(name)
+            for key, values in (("identity_similarity", clips["similarity"]),
+                                ("identity_accuracy", clips["correct"]), ("copy_pose", clips["pose"])):
+                out[f"{key}{suffix}"] = float(values.mean())
+                out[f"{key}_se{suffix}"] = standard_error(values)
             out[f"copy_size{suffix}"] = pearson(rows[f"{name}_area"], rows["ref_area"], groups)
         return out

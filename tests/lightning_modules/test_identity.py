@@ -5,6 +5,7 @@ the copy measures are high for a pasted reference and near 0 for another clip of
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,13 @@ def test_identity_embedding_tells_held_out_identities_apart() -> None:
     assert got["identity_similarity"] < got["identity_similarity_real"] - 0.3
     # copy measures: another clip's pose is near 0, a pasted reference is the full copy
     assert abs(got["copy_pose_real"]) < 0.5 * got["copy_pose_paste"] and abs(got["copy_size_real"]) < 0.5
+    # standard errors, computed another way: numpy's ddof=1 std, and the binomial sqrt(p (1 - p) / (n - 1))
+    clips = evaluator.per_clip("real")
+    n = int(got["identity_clips"])
+    assert np.isclose(got["identity_similarity_se_real"], np.std(clips["similarity"].numpy(), ddof=1) / np.sqrt(n),
+                      rtol=1e-5)
+    p = got["identity_accuracy_real"]
+    assert np.isclose(got["identity_accuracy_se_real"], np.sqrt(p * (1 - p) / (n - 1)), rtol=1e-5)
     evaluator.rows = []
     pasted = held_out["reference"][:, :, None].expand(-1, -1, 8, -1, -1)
     identities = torch.tensor([m["identity"] for m in held_out["meta"]])
