@@ -31,10 +31,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from datamodules.media import write_video
-from experiments.compose import compose_config
-from experiments.quickstart_grid import load_run, run_checkpoint
-from lightning_modules.evaluation.audio import (
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from datamodules.media import write_video  # noqa: E402
+from experiments.compose import compose_config  # noqa: E402
+from experiments.quickstart_grid import load_run, run_checkpoint  # noqa: E402
+from lightning_modules.evaluation.audio import (  # noqa: E402
     SyncCounter,
     caption_shapes,
     detect_onsets,
@@ -46,7 +50,6 @@ from lightning_modules.evaluation.audio import (
     tone_shapes,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
 
 

@@ -37,7 +37,7 @@ from lightning_modules.evaluation.audio import (
     tone_shapes,
 )
 from lightning_modules.generative import multidiffusion
-from lightning_modules.nn.audio_ae import AudioCodec, AudioVAE
+from lightning_modules.nn.audio_ae import AudioCodec, AudioVAE, ResidualUnit
 from lightning_modules.nn.dit import DiT, count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +60,13 @@ def test_autoencoder_shapes_and_frame_rate() -> None:
     assert codec.frame_rate == 50.0 and codec.latent_shape(16000) == (8, 100, 1, 1)
     assert codec.encode(audio).shape == (2, 8, 50, 1, 1)
     assert torch.equal(codec.decode(codec.encode(audio), 8000), net.decode(posterior.mode(), 8000))
+    unit = next(m for m in net.modules() if isinstance(m, ResidualUnit))
+    x = torch.randn(1, unit.block[1].in_channels, 40)
+    assert torch.equal(unit(x), x)  # residual units start as the identity
+    wide = AudioVAE(width=32, strides=(4, 5, 8))  # variance-preserving init: std(w) = 1 / sqrt(C_in * k)
+    conv = wide.encoder[5]  # after the first conv, 3 residual units and a Snake: the stride-4 conv, C_in 32, k 8
+    assert isinstance(conv, torch.nn.Conv1d) and conv.stride == (4,)
+    assert conv.weight.std().item() == pytest.approx((32 * 8) ** -0.5, rel=0.05)
     with pytest.raises(ValueError, match=r"audio \[B, 1, S\]"):
         net.encode(audio[:, 0])
     with pytest.raises(FileNotFoundError, match="experiment=audio_ae"):
