@@ -131,6 +131,7 @@ def main(argv: list[str]) -> dict:
         "stft_shuffled_floor": multi_resolution_stft_distance(shuffled_audio, real).item(),
         "si_sdr_db": si_sdr(reconstruction, real).mean().item(),
         "si_sdr_shuffled_floor_db": si_sdr(shuffled_audio, real).mean().item(),
+        "peak_real": real.abs().amax().item(), "peak_reconstruction": reconstruction.abs().amax().item(),
     }
 
     # -- sync: V2A, shuffled video, T2A, TV2A, real, reconstruction ------------------------------------------------------
@@ -145,6 +146,12 @@ def main(argv: list[str]) -> dict:
         "real": real,
         "reconstruction": reconstruction,
     }
+    # diagnostic: each clip scaled to the real soundtracks' peak level (0.31), so that onsets are found in audio
+    # whose timing is right but whose level is far too low (a short-trained decoder); noise becomes onsets too
+    peak = float(real.abs().amax())
+    for name in ("reconstruction", "v2a", "v2a_shuffled_video"):
+        audio = audio_sets[name]
+        audio_sets[f"{name}_peak_normalised"] = audio / audio.abs().amax(-1, keepdim=True).clamp_min(1e-8) * peak
     sync = {}
     for name, audio in audio_sets.items():
         counter, relevance = SyncCounter(0.1), []
@@ -185,9 +192,10 @@ def main(argv: list[str]) -> dict:
     ae = results["autoencoder"]
     print(f"autoencoder  STFT {ae['stft']:.3f} (another clip: {ae['stft_shuffled_floor']:.3f})  SI-SDR "
           f"{ae['si_sdr_db']:.1f} dB (another clip: {ae['si_sdr_shuffled_floor_db']:.1f} dB)")
-    print(f"{'audio':22s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'onsets':>7s} {'pitch rel.':>10s}")
+    print(f"peak level: real {ae['peak_real']:.3f}, reconstruction {ae['peak_reconstruction']:.4f}")
+    print(f"{'audio':34s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'onsets':>7s} {'pitch rel.':>10s}")
     for name, s in sync.items():
-        print(f"{name:22s} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:6.3f} {s['onsets']:7d} "
+        print(f"{name:34s} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:6.3f} {s['onsets']:7d} "
               f"{s['pitch_relevance']:10.3f}")
     for weighting in ("triangular", "uniform"):
         s = long[weighting]
