@@ -3,10 +3,10 @@ edited clip (the ceiling) and the unedited source (the "do nothing" floor).
 
     python experiments/run.py experiment=quickstart          # the text-to-video model (also SDEdit's)
     python experiments/run.py experiment=edit_stage1 && python experiments/run.py experiment=edit_stage2 \
-        && python experiments/run.py experiment=edit_stage3
+        && python experiments/run.py experiment=edit_stage3   # at the configs' lengths: 1000, 400, 200 steps
     python experiments/benchmarks/edit.py [--steps 20] [--strengths 0.5 0.75] [--stages edit_stage1 ...]
 
-Every model edits the same 64 held-out pairs (never trained on; recolour, replace, add) with the same noise per
+Every model edits the same 64 held-out pairs (never trained on; recolour, replace, add, remove) with the same noise per
 pair and the same solver steps, at its config's guidance (editors: source 1.5, text 2; T2V: text 2). SDEdit
 (`lightning_modules.editing.sdedit`) noises the source latent to t_0 = 1 − strength with the quickstart's
 text-to-video model and regenerates it with the instruction as the prompt. Metrics
@@ -14,7 +14,8 @@ text-to-video model and regenerates it with the instruction as the prompt. Metri
 preservation (mean |g − x| outside the edited region, lower is better), temporal error (frame-to-frame change
 against the real edited clip's, lower is better). Writes experiments/benchmarks/results/<name>.json and
 <name>_grid.png (--name, default edit; first pairs: source, target, then each model's edit; frames left to right).
-Checkpoints are the newest of each experiment under $OUTPUT_DIR (default outputs/).
+Checkpoints are the newest of each experiment under $OUTPUT_DIR (default outputs/); the json records each one's
+trained steps beside its config's trainer.max_steps (and the run warns where they differ).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from lightning_modules.evaluation.probe import probe_from_datamodule  # noqa: E4
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
 OUTPUTS = Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs"))
+STEPS: dict[str, dict[str, Any]] = {}  # experiment -> its checkpoint's trained steps and config max_steps
 
 
 def load(experiment: str, job: Path) -> tuple[torch.nn.Module, Path]:
@@ -57,7 +59,18 @@ def load(experiment: str, job: Path) -> tuple[torch.nn.Module, Path]:
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
     module.load_state_dict(read_module_state(ckpt))
     load_ema_weights(module, ckpt)
+    STEPS[experiment] = {"trained": trained_steps(ckpt), "max_steps": cfg.trainer.max_steps}
+    if STEPS[experiment]["trained"] not in (None, cfg.trainer.max_steps):
+        print(f"[edit] {experiment}: the checkpoint has {STEPS[experiment]['trained']} steps, its config "
+              f"trainer.max_steps {cfg.trainer.max_steps}", flush=True)
     return module.eval(), ckpt
+
+
+def trained_steps(ckpt: Path) -> int | None:
+    """The checkpoint's global step (None for a sharded folder)."""
+    if ckpt.is_dir():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", -1))
 
 
 def held_out_pairs(job: Path) -> tuple[Any, dict[str, Any]]:
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(stage, table[stage], flush=True)
     kinds = {k: sum(m["edit"]["kind"] == k for m in batch["meta"]) for k in ASKED}
     result = {"pairs": len(batch["text"]), "kinds": kinds, "steps": args.steps, "table": table, "floors": floors,
-              "checkpoints": checkpoints, "outputs": str(OUTPUTS)}
+              "checkpoints": checkpoints, "training_steps": STEPS, "outputs": str(OUTPUTS)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     grid(batch, {n: s for n, s in samples.items() if "0.75" not in n}, args.grid_pairs).save(

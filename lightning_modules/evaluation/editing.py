@@ -5,8 +5,11 @@ A pair is (source x, instruction, target y) with label maps L_x, L_y and the edi
 (the ceiling) and for the unedited source x ("do nothing", a floor):
 
     edit success   the probe (`evaluation.probe`, trained on the world's real clips) reads the attribute the
-                   instruction asks for — recolour: colour, replace: shape, add: colour and shape, remove:
-                   colour — and scores its top-k agreement with the target's objects (k = their distinct values)
+                   instruction asks for — recolour: colour, replace: shape, add and remove: colour and shape —
+                   and scores its top-k agreement with the target's objects (k = their distinct values). For a
+                   remove, the target keeps the other object alone: a clip that still shows the removed one
+                   splits the probe's top-1 between the two (objects never share both colour and shape,
+                   though the probe reads square and diamond as one class)
     preservation   mean_{p ∉ R} |g(p) − x(p)| over pixels and channels (in [-1, 1] units), R = the edited
                    region: {L_x = o} ∪ {L_y = o}, dilated by `dilate` pixels (antialiased edges); lower is better.
                    Its floor: the same error of another held-out clip's source (nothing preserved)
@@ -35,7 +38,7 @@ from lightning_modules.evaluation.probe import (
     topk_alignment,
 )
 
-ASKED = {"recolour": ("colour",), "replace": ("shape",), "add": ("colour", "shape"), "remove": ("colour",)}
+ASKED = {"recolour": ("colour",), "replace": ("shape",), "add": ("colour", "shape"), "remove": ("colour", "shape")}
 
 
 def edit_region(labels: torch.Tensor, target_labels: torch.Tensor, objects: Sequence[int], dilate: int = 1

@@ -1,7 +1,7 @@
 """Movie Gen Edit: with its new weights at zero the editor is exactly the text-to-video model; image edits take a
 random temporal position; animated frame editing moves source and target by the same motion; backtranslation
-keeps the real clip as the target; the edit metrics against values computed by hand; SDEdit's two ends; one
-training step of every pair kind; short training lowers the loss (slow)."""
+keeps the real clip as the target; the edit metrics (a remove's success too) against values computed by hand;
+SDEdit's two ends; one training step of every pair kind; short training lowers the loss (slow)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import lightning_modules.evaluation.editing as editing_metrics
 from datamodules.edits import (
     EditDataModule,
     affine_motion,
@@ -29,7 +30,8 @@ from datamodules.synthetic.generate import WorldConfig, world_sample
 from datamodules.synthetic.world import OBJECT_COLOURS
 from lightning_modules.conditioning import SourceVideo, TaskTokens, Text
 from lightning_modules.editing import EditingModule, sdedit
-from lightning_modules.evaluation.editing import edit_region, preservation_error, temporal_error
+from lightning_modules.evaluation.editing import edit_region, edit_success, preservation_error, temporal_error
+from lightning_modules.evaluation.probe import ATTRIBUTES
 from lightning_modules.generation import GenerationModule
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.dit import DiT
@@ -218,6 +220,37 @@ def test_edit_metrics_against_hand_computation() -> None:
     reference = torch.zeros(1, 1, 3, 1, 1)
     clip = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 3, 1, 1)  # differences (1, 0) vs (0, 0)
     assert torch.allclose(temporal_error(clip, reference), torch.tensor([0.5]))
+
+
+def test_edit_success_of_a_remove_against_hand_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove "the red circle" from (red circle, blue square): the target keeps the blue square alone, so success
+    is the probe's top-1 agreement with blue (colour) and square (shape), averaged; a recolour reads colour only."""
+
+    class Probe:  # scores per clip as given; `extract` passed through
+        def __init__(self, scores: dict[str, torch.Tensor]) -> None:
+            self.scores = scores
+
+        def outputs(self, features: torch.Tensor) -> dict:
+            return {"scores": self.scores}
+
+    monkeypatch.setattr(editing_metrics, "extract", lambda video, fps=None: video)
+    colours, shapes = ATTRIBUTES["colour"], ATTRIBUTES["shape"]
+
+    def scores(colour: str, shape: str) -> tuple[torch.Tensor, torch.Tensor]:  # red / circle second best
+        c, s = torch.zeros(len(colours)), torch.zeros(len(shapes))
+        c[colours.index("red")], s[shapes.index("circle")] = 1.0, 1.0
+        c[colours.index(colour)], s[shapes.index(shape)] = 2.0, 2.0
+        return c, s
+
+    rows = [scores("red", "circle"), scores("blue", "square/diamond"), scores("blue", "circle")]
+    probe = Probe({"colour": torch.stack([r[0] for r in rows]), "shape": torch.stack([r[1] for r in rows])})
+    square = {"id": 2, "shape": "square", "colour": "blue", "motion": "still"}
+    metas = [{"edit": {"kind": "remove", "object": 1}, "target_objects": [square]} for _ in rows]
+    video = torch.zeros(3, 3, 2, 4, 4)
+    # the removed object still read: 0; removed: 1; colour gone but shape still the circle's: (1 + 0) / 2
+    assert torch.equal(edit_success(probe, video, metas, 8.0), torch.tensor([0.0, 1.0, 0.5]))
+    recolour = [{"edit": {"kind": "recolour", "object": 2}, "target_objects": [square]} for _ in rows]
+    assert torch.equal(edit_success(probe, video, recolour, 8.0), torch.tensor([0.0, 1.0, 1.0]))
 
 
 def test_sdedit_ends() -> None:
