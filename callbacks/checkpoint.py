@@ -6,6 +6,9 @@
    resumed run's history would lack those val/* values; saved after validation, nothing is lost or repeated.
 2. `save_last="link"` by default: `last.ckpt` is a symbolic link to the newest checkpoint instead of a second
    copy of it (a real file where links are not possible, e.g. remote paths).
+3. The end of training is saved. Lightning saves with validation or on a step count; a run that stops between
+   those (`max_steps` mid-epoch, 780 steps with validation every 500) would leave last.ckpt at the earlier save,
+   and a stage chained from it (`model.init_from`) would start from weights short of the run's last steps.
 """
 
 from __future__ import annotations
@@ -60,3 +63,10 @@ class Checkpoint(ModelCheckpoint):
                 self._save_topk_checkpoint(trainer, candidates)
                 self._save_last_checkpoint(trainer, candidates)
         super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved < trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
