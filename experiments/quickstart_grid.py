@@ -72,15 +72,35 @@ def frames_row(video: torch.Tensor, scale: int) -> np.ndarray:
     return rearrange(pixels, "c t h w -> h (t w) c").numpy()
 
 
+def caption_row(text: str, width: int) -> np.ndarray:
+    """A white strip [14, width, 3] with `text` written on it: the title of a group of rows."""
+    label = Image.new("RGB", (width, 14), "white")
+    ImageDraw.Draw(label).text((2, 1), text, fill="black")
+    return np.asarray(label)
+
+
+def tagged_row(name: str, line: np.ndarray, tag_width: int = 110) -> np.ndarray:
+    """`line` [H, W, 3] with `name` written in a white column of `tag_width` at its left."""
+    tag = Image.new("RGB", (tag_width, line.shape[0]), "white")
+    ImageDraw.Draw(tag).text((2, 2), name, fill="black")
+    return np.concatenate([np.asarray(tag), line], axis=1)
+
+
+def stack_rows(rows: list[np.ndarray]) -> Image.Image:
+    """Rows [H_i, W_i, 3] top to bottom, each padded white on the right to the widest."""
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
 def grid_image(real: torch.Tensor, sample: torch.Tensor, captions: list[str], scale: int = 4) -> Image.Image:
     """One row per prompt: caption, then real frames | sample frames (real [N, 3, T, H, W], sample alike)."""
     rows = []
     for r, s, caption in zip(real, sample, captions):
         pair = np.concatenate([frames_row(r, scale), np.full((r.shape[2] * scale, 10, 3), 255, np.uint8),
                                frames_row(s, scale)], axis=1)
-        label = Image.new("RGB", (pair.shape[1], 14), "white")
-        ImageDraw.Draw(label).text((2, 1), textwrap.shorten(caption, 160), fill="black")
-        rows += [np.asarray(label), pair, np.full((6, pair.shape[1], 3), 255, np.uint8)]
+        rows += [caption_row(textwrap.shorten(caption, 160), pair.shape[1]), pair,
+                 np.full((6, pair.shape[1], 3), 255, np.uint8)]
     head = Image.new("RGB", (rows[1].shape[1], 14), "white")
     draw = ImageDraw.Draw(head)
     draw.text((2, 1), "real clip", fill="black")

@@ -36,12 +36,12 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from callbacks.ema import load_ema_weights  # noqa: E402
 from datamodules.edits import video_edit_batch  # noqa: E402
 from experiments.compose import compose_config  # noqa: E402
-from experiments.quickstart_grid import frames_row  # noqa: E402
+from experiments.quickstart_grid import caption_row, frames_row, stack_rows, tagged_row  # noqa: E402
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state  # noqa: E402
 from lightning_modules.editing import sdedit  # noqa: E402
 from lightning_modules.evaluation.editing import ASKED, EditEvaluator  # noqa: E402
@@ -129,19 +129,12 @@ def grid(batch: dict[str, Any], samples: dict[str, torch.Tensor], count: int, sc
     chosen = list(kinds.values()) + [i for i in range(len(batch["text"])) if i not in kinds.values()]
     rows = []
     for i in chosen[:count]:
-        label = Image.new("RGB", (560, 14), "white")
-        ImageDraw.Draw(label).text((2, 1), batch["text"][i][:100], fill="black")
-        rows.append(np.asarray(label))
+        rows.append(caption_row(batch["text"][i][:100], 560))
         for name, clip in [("source", batch["source"][i]), ("target (real)", batch["video"][i]),
                            *((n, s[i]) for n, s in samples.items())]:
-            line = frames_row(clip, scale)
-            tag = Image.new("RGB", (110, line.shape[0]), "white")
-            ImageDraw.Draw(tag).text((2, 2), name, fill="black")
-            rows.append(np.concatenate([np.asarray(tag), line], axis=1))
+            rows.append(tagged_row(name, frames_row(clip, scale)))
         rows.append(np.full((6, rows[-1].shape[1], 3), 255, np.uint8))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    return stack_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -48,11 +48,11 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from callbacks.ema import load_ema_weights  # noqa: E402
 from experiments.compose import compose_config  # noqa: E402
-from experiments.quickstart_grid import frames_row  # noqa: E402
+from experiments.quickstart_grid import caption_row, frames_row, stack_rows, tagged_row  # noqa: E402
 from experiments.runner import run  # noqa: E402
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state  # noqa: E402
 from lightning_modules.evaluation.identity import standard_error  # noqa: E402
@@ -166,22 +166,16 @@ def grid(batch: dict[str, Any], samples: dict[str, torch.Tensor], count: int, sc
         reference = batch["reference"][i][:, None]
         reference = torch.nn.functional.interpolate(reference.transpose(0, 1), size=batch["video"].shape[-2:],
                                                     mode="bilinear", antialias=True).transpose(0, 1)
-        label = Image.new("RGB", (600, 14), "white")
-        ImageDraw.Draw(label).text((2, 1), batch["text"][i][:110], fill="black")
-        rows.append(np.asarray(label))
+        rows.append(caption_row(batch["text"][i][:110], 600))
         for name in names:
             clip = batch["video"][i] if name == "real" else samples[name][i]
             line = np.concatenate([frames_row(reference, scale), np.full((clip.shape[2] * scale, 8, 3), 255, np.uint8),
                                    frames_row(clip, scale)], axis=1) if name == "real" else np.concatenate(
                 [np.full((clip.shape[2] * scale, clip.shape[3] * scale + 10, 3), 255, np.uint8),
                  frames_row(clip, scale)], axis=1)
-            tag = Image.new("RGB", (110, line.shape[0]), "white")
-            ImageDraw.Draw(tag).text((2, 2), name, fill="black")
-            rows.append(np.concatenate([np.asarray(tag), line], axis=1))
+            rows.append(tagged_row(name, line))
         rows.append(np.full((6, rows[-1].shape[1], 3), 255, np.uint8))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    return stack_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
