@@ -301,9 +301,10 @@ def run(cfg: DictConfig) -> float | None:
         failure = exc
         raise
     finally:
-        if logger is not None:
+        if logger is not None and trainer.logger is logger:
             logger.flush()
-        mlflow.flush_async_logging()
+            # only with a store in use: without one, mlflow would create its default ./mlflow.db
+            mlflow.flush_async_logging()
         torch.set_num_threads(threads_before)  # the next job of an in-process sweep starts clean
         _print_summary(trainer, logger, cfg, status, failure)
         if _is_multirun():

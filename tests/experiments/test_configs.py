@@ -55,4 +55,9 @@ def test_experiment_runs_one_step(experiment: str, outputs: Path) -> None:
          "trainer.enable_progress_bar=false", *CPU_CLIP.get(experiment, [])],
         outputs / "job",
     )
+    default_store = Path("mlflow.db")  # MLflow's default store in the working directory: no run may create it
+    before = default_store.stat().st_mtime_ns if default_store.exists() else None
     run(cfg)
+    after = default_store.stat().st_mtime_ns if default_store.exists() else None
+    assert after == before, "a fast_dev_run (which logs nothing) wrote ./mlflow.db"
+
