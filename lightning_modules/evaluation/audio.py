@@ -30,6 +30,7 @@ from einops import rearrange
 
 from datamodules.synthetic.sound import PITCH
 from lightning_modules.evaluation.base import Evaluator
+from lightning_modules.nn.text import words
 
 STFT_RESOLUTIONS = ((512, 128), (256, 64), (128, 32))
 
@@ -154,8 +155,8 @@ def tone_shapes(audio: torch.Tensor, sample_rate: int, onsets: Sequence[float], 
 
 def caption_shapes(caption: str) -> set[str]:
     """The world's shapes named in a caption."""
-    words = set(caption.lower().replace(".", " ").replace(",", " ").split())
-    return {shape for shape in PITCH if shape in words}
+    named = set(words(caption))
+    return {shape for shape in PITCH if shape in named}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
