@@ -186,6 +186,8 @@ class GenerationModule(BaseModule):
             start at zero. A missing one is an error, except under `trainer.fast_dev_run`.
     """
 
+    sample_config_class: type[SampleTaskConfig] = SampleTaskConfig  # a line with more sample options subclasses it
+
     def __init__(
         self,
         net: nn.Module,
@@ -213,7 +215,7 @@ class GenerationModule(BaseModule):
         self.time_sampler = _config(TimeSampler, time_sampler, "time_sampler")
         self.sampler = _config(SamplerConfig, sampler, "sampler")
         self.media = _config(MediaConfig, media, "media")
-        self.sample_cfg = _config(SampleTaskConfig, sample, "sample")
+        self.sample_cfg = _config(self.sample_config_class, sample, "sample")
         self.evaluators = {name: e for name, e in (evaluators or {}).items() if e is not None}
         self.val_times, self.init_from = val_times, init_from
         self._check_wiring()
@@ -408,11 +410,15 @@ class GenerationModule(BaseModule):
     def generate(self, batch: dict[str, Any], frames: int, height: int, width: int, *, steps: int | None = None,
                  guidance_scales: Mapping[str, float] | None = None, schedule: str | None = None,
                  seed: int | None = None, noise: torch.Tensor | None = None, return_latent: bool = False,
-                 start_time: float = 0.0) -> torch.Tensor:
+                 start_time: float = 0.0, span: tuple[int, int] | None = None) -> torch.Tensor:
         """Videos [B, 3, frames, height, width] in [-1, 1] for the conditions of `batch` (at least "text"; "fps";
         what the other conditioners read); with `return_latent`, the normalised latent the solver reached. With
         start_time t_0 > 0, `noise` is X_{t_0} and the solver runs t_0 → 1 over the schedule's times above t_0
-        (SDEdit: `lightning_modules.editing.sdedit`)."""
+        (SDEdit: `lightning_modules.editing.sdedit`). With span=(s, e) only latent frames [s, e) of the clip are
+        solved, under the whole clip's conditions cut to the span (`Conditions.window`) from the whole clip's noise
+        cut to the span, and their latent is returned (Movie Gen Audio's segment-by-segment extension)."""
+        if span is not None and not return_latent:
+            raise ValueError("generate(span=...) returns the span's latent: pass return_latent=True")
         cfg = self.sampler
         b = len(batch["text"])
         fps = batch_fps(batch, b) if frames > 1 else torch.zeros(b)
@@ -429,6 +435,10 @@ class GenerationModule(BaseModule):
         else:
             passes, scales = self.guidance_passes(guidance_scales)
             conditions = Conditions.cat([self.conditions(raw, fps, on) for on in passes])
+        if span is not None:
+            if not 0 <= span[0] < span[1] <= shape[1]:
+                raise ValueError(f"generate: span={tuple(span)} must lie in the clip's {shape[1]} latent frames")
+            conditions, x0 = conditions.window(*span), x0[:, :, span[0] : span[1]]
 
         # AVID: the window holding the middle latent frame runs first at every step and its attention guides the rest
         anchors = MiddleFrameAnchors(cfg.anchor_weight) if cfg.window and cfg.anchor_weight > 0 else None
