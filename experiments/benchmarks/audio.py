@@ -13,8 +13,9 @@ On the world's held-out clips (the first `clips` val clips of 1 s at 16 fps, aud
     clip's video, from a shuffled clip's video (floor: the same events, the wrong video), with the video dropped
     (T2A), and of the real soundtrack (ceiling); pitch relevance (shapes in the caption vs shapes heard);
   - long audio: three clips' videos joined (3 s, 150 latent frames = 3 windows of 50) generated with windows of 50
-    latent frames overlapping by 25, triangular vs uniform weights: sync F1 and the STFT distance to the real
-    joined soundtrack;
+    latent frames overlapping by 25, triangular vs uniform weights, and by extension (`model.long_audio=extend`:
+    segment by segment, each continuing the previous 25 frames): sync F1 and the STFT distance to the real
+    joined soundtrack (`long_audio`; `experiments/benchmarks/audio_extend.py` runs only this part);
   - a figure (spectrograms: real | reconstruction | V2A | shuffled-video) and a sample mp4 with its generated
     soundtrack, under experiments/benchmarks/results/.
 Writes experiments/benchmarks/results/audio.json and prints a table.
@@ -100,10 +101,43 @@ def spectrogram_figure(rows: dict[str, torch.Tensor], path: Path, scale: int = 2
     return path
 
 
-def main(argv: list[str]) -> dict:
-    options = dict(a.split("=", 1) for a in argv)
-    clips, steps = int(options.get("clips", 32)), int(options.get("steps", 16))
-    torch.set_num_threads(1)
+# long-audio modes: name -> (model.long_audio, sampler.weighting)
+LONG_MODES = {"triangular": ("windows", "triangular"), "uniform": ("windows", "uniform"),
+              "extend": ("extend", "triangular")}
+
+
+def long_audio(module, batch: dict, events: list[list[float]], steps: int, groups: int = 6,
+               modes: dict[str, tuple[str, str]] = LONG_MODES) -> dict:
+    """Consecutive triples of the batch's 1 s clips joined (3 s, 150 latent frames) and generated from their video
+    (empty text) with windows of 50 latent frames overlapping by 25, in each of `modes`: sync scores against the
+    joined events and the mean STFT distance to the joined real soundtrack."""
+    n, rate = len(events), batch["sample_rate"]
+    duration = batch["audio"].shape[-1] / rate
+    triples = [list(range(k, k + 3)) for k in range(0, n - 2, 3)][:groups]
+    saved = module.long_audio, module.sampler.window, module.sampler.overlap, module.sampler.weighting
+    out = {}
+    try:
+        for name, (mode, weighting) in modes.items():
+            counter, distances = SyncCounter(0.1), []
+            module.long_audio = mode
+            module.sampler.window, module.sampler.overlap, module.sampler.weighting = 50, 25, weighting
+            for g in triples:
+                joined = {"video": torch.cat([batch["video"][i] for i in g], dim=1)[None],
+                          "fps": batch["fps"][g[0]][None], "text": [""]}
+                audio = generate(module, joined, steps)
+                truth = torch.cat([batch["audio"][i] for i in g], dim=-1)[None]
+                joined_events = [t + k * duration for k, i in enumerate(g) for t in events[i]]
+                counter.add(detect_onsets(audio[0], rate), joined_events)
+                distances.append(multi_resolution_stft_distance(audio, truth).item())
+            out[name] = {**counter.scores(), "onsets": counter.detected, "stft_to_real": float(np.mean(distances))}
+    finally:
+        module.long_audio, module.sampler.window, module.sampler.overlap, module.sampler.weighting = saved
+    return {"clips": len(triples), "seconds": 3 * duration, "window_latent_frames": 50, "overlap": 25, **out}
+
+
+def load_benchmark(options: dict[str, str], clips: int) -> tuple:
+    """(module with the audio_v2a run's (EMA) weights over the audio_ae run's codec, EMA or not, the first `clips`
+    held-out clips of 1 s) for the newest runs, or run_ae= / run_v2a=."""
     ae_ckpt, _ = run_checkpoint(options.get("run_ae", str(ROOT / "outputs" / "audio_ae")))
     v2a_ckpt, overrides = run_checkpoint(options.get("run_v2a", str(ROOT / "outputs" / "audio_v2a")))
     overrides = [o for o in overrides if not o.startswith("model.codec.checkpoint")] + \
@@ -113,7 +147,14 @@ def main(argv: list[str]) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     datamodule.prepare_data()
     datamodule.setup("validate")
-    batch = gather_clips(module, iter(datamodule.val_dataloader()), clips)
+    return module, ema, gather_clips(module, iter(datamodule.val_dataloader()), clips)
+
+
+def main(argv: list[str]) -> dict:
+    options = dict(a.split("=", 1) for a in argv)
+    clips, steps = int(options.get("clips", 32)), int(options.get("steps", 16))
+    torch.set_num_threads(1)
+    module, ema, batch = load_benchmark(options, clips)
     rate = batch["sample_rate"]
     duration = batch["audio"].shape[-1] / rate
     events = [event_times(m, duration) for m in batch["meta"]]
@@ -160,23 +201,8 @@ def main(argv: list[str]) -> dict:
                       "onsets": counter.detected}
     results["sync"] = sync
 
-    # -- long audio: 3 clips joined, windows of 50 latent frames --------------------------------------------------------
-    long = {}
-    groups = [list(range(k, k + 3)) for k in range(0, n - 2, 3)][:6]
-    for weighting in ("triangular", "uniform"):
-        counter, distances = SyncCounter(0.1), []
-        module.sampler.window, module.sampler.overlap, module.sampler.weighting = 50, 25, weighting
-        for g in groups:
-            joined = {"video": torch.cat([batch["video"][i] for i in g], dim=1)[None], "fps": batch["fps"][g[0]][None],
-                      "text": [""]}
-            audio = generate(module, joined, steps)
-            truth = torch.cat([real[i] for i in g], dim=-1)[None]
-            joined_events = [t + k * duration for k, i in enumerate(g) for t in events[i]]
-            counter.add(detect_onsets(audio[0], rate), joined_events)
-            distances.append(multi_resolution_stft_distance(audio, truth).item())
-        long[weighting] = {**counter.scores(), "stft_to_real": float(np.mean(distances))}
-    results["long_audio_3x_window"] = {"clips": len(groups), "seconds": 3 * duration, "window_latent_frames": 50,
-                                       "overlap": 25, **long}
+    # -- long audio: 3 clips joined, windows of 50 latent frames; fused (triangular, uniform) or extended ------------------
+    results["long_audio_3x_window"] = long = long_audio(module, batch, events, steps)
 
     # -- figures ---------------------------------------------------------------------------------------------------------
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -197,9 +223,9 @@ def main(argv: list[str]) -> dict:
     for name, s in sync.items():
         print(f"{name:34s} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:6.3f} {s['onsets']:7d} "
               f"{s['pitch_relevance']:10.3f}")
-    for weighting in ("triangular", "uniform"):
-        s = long[weighting]
-        print(f"3x window, {weighting:10s} F1 {s['f1']:.3f}  STFT to real {s['stft_to_real']:.3f}")
+    for mode in LONG_MODES:
+        s = long[mode]
+        print(f"3x window, {mode:10s} F1 {s['f1']:.3f}  STFT to real {s['stft_to_real']:.3f}")
     return results
 
 
