@@ -281,6 +281,7 @@ class VideoHandler(FrameHandler):
             "video": crop_resize_frames(clip.frames, size, offset),
             "text": f"FPS-{fps:g} {text}" if self.fps_in_caption else text,
             "fps": fps,
+            "start": start,  # seconds into the source: the json's event times are relative to its beginning
             "meta": meta,
         }
         if self.with_masks:
@@ -312,6 +313,7 @@ class VideoHandler(FrameHandler):
             "video": stack([i["video"] for i in items]),
             "text": [i["text"] for i in items],
             "fps": torch.tensor([i["fps"] for i in items], dtype=torch.float32),
+            "start": torch.tensor([i["start"] for i in items], dtype=torch.float64),
             "meta": [i["meta"] for i in items],
         }
         for name in ("labels", "target_video", "target_labels", "audio", "reference"):

@@ -3,12 +3,15 @@ context concatenated on the channels (extension and infilling).
 
 Video features (`VideoFrameFeatures`, a `FrameFeatures`: projected from zero and added per latent frame):
 
-    f_k      = [pool_g(x_k), pool_g(x_k) − pool_g(x_{k−1})]    frame k of the clip [-1, 1], average-pooled to a
-                                                                g×g grid, and its change (0 for k = 0): [B, T_v, 6g²]
+    f_k      = [p_k, p_k − p_{k−1}, p_{k+1} − 2 p_k + p_{k−1}]  p_k = pool_g(x_k): frame k of the clip [-1, 1]
+                                                                average-pooled to a g×g grid; its change (0 for
+                                                                k = 0) and, with `acceleration`, the change of
+                                                                the change (0 at both ends): [B, T_v, 6g² or 9g²]
     τ_j      = (j + ½) / r                                      centre (s) of audio latent frame j, r = latent rate
     c_j      = f_{k(j)},  k(j) = clamp(⌊τ_j · fps⌋, 0, T_v − 1) the video frame on screen at τ_j
 
-so latent frame j sees the frame shown during it (the paper resamples MetaCLIP features to the 25 Hz latent rate;
+so latent frame j sees the frame shown during it. The acceleration term is what a bounce is (a velocity reversed
+between two frames); with velocity alone a tiny DiT has to learn to compare neighbouring tokens first (the paper resamples MetaCLIP features to the 25 Hz latent rate;
 ours are parameter-free pooled pixels, the stand-in for a frozen vision encoder). A batch without "video" (text
 to audio) gets the null value, zero features.
 
@@ -40,11 +43,17 @@ from lightning_modules.conditioning.text import batch_fps
 MASK_KINDS = ("none", "prefix", "suffix", "middle")
 
 
-def video_frame_features(video: torch.Tensor, grid: int = 8) -> torch.Tensor:
-    """Video [B, 3, T, H, W] → [B, T, 6·grid²]: each frame pooled to grid×grid and its change from the previous."""
+def video_frame_features(video: torch.Tensor, grid: int = 8, acceleration: bool = False) -> torch.Tensor:
+    """Video [B, 3, T, H, W] → [B, T, 6·grid²] (9·grid² with `acceleration`): each frame pooled to grid×grid, its
+    change from the previous and the second difference around it (module docstring)."""
     pooled = nn.functional.adaptive_avg_pool3d(video.float(), (video.shape[2], grid, grid))
     change = torch.cat([torch.zeros_like(pooled[:, :, :1]), pooled[:, :, 1:] - pooled[:, :, :-1]], dim=2)
-    return rearrange(torch.cat([pooled, change], dim=1), "b c t h w -> b t (c h w)")
+    parts = [pooled, change]
+    if acceleration:
+        inner = pooled[:, :, 2:] - 2 * pooled[:, :, 1:-1] + pooled[:, :, :-2]
+        edge = torch.zeros_like(pooled[:, :, :1])
+        parts.append(torch.cat([edge, inner, edge], dim=2) if pooled.shape[2] > 2 else torch.zeros_like(pooled))
+    return rearrange(torch.cat(parts, dim=1), "b c t h w -> b t (c h w)")
 
 
 def frames_on_screen(video_frames: int, fps: float, latent_frames: int, latent_rate: float) -> torch.Tensor:
@@ -59,12 +68,14 @@ class VideoFrameFeatures(FrameFeatures):
 
     Args:
         dim: the backbone width; latent_rate: audio latent frames per second (the codec's sample_rate / hop);
-        grid: pooling grid g (features 6g²); dropout: probability of training without the video (T2A).
+        grid: pooling grid g (features 6g², 9g² with acceleration); acceleration: add the second difference;
+        dropout: probability of training without the video (T2A).
     """
 
-    def __init__(self, dim: int, latent_rate: float, grid: int = 8, dropout: float = 0.0) -> None:
-        super().__init__(6 * grid * grid, dim, key="video", dropout=dropout)
-        self.grid, self.latent_rate = int(grid), float(latent_rate)
+    def __init__(self, dim: int, latent_rate: float, grid: int = 8, dropout: float = 0.0,
+                 acceleration: bool = False) -> None:
+        super().__init__((9 if acceleration else 6) * grid * grid, dim, key="video", dropout=dropout)
+        self.grid, self.latent_rate, self.acceleration = int(grid), float(latent_rate), bool(acceleration)
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
         frames = int(latent_shape[1])
@@ -77,7 +88,7 @@ class VideoFrameFeatures(FrameFeatures):
         fps = batch_fps(batch, size)
         if bool((fps <= 0).any()):
             raise ValueError("VideoFrameFeatures: the batch needs the clips' frame rates (batch['fps'] > 0)")
-        features = video_frame_features(video, self.grid)
+        features = video_frame_features(video, self.grid, self.acceleration)
         index = torch.stack([frames_on_screen(video.shape[2], float(f), frames, self.latent_rate) for f in fps])
         return torch.gather(features, 1, index.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
 

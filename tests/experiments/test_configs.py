@@ -38,7 +38,8 @@ SMALL_WORLD = ["data.world.scenes=[16,8]", "data.world.images=[16,8]", "data.wor
 CPU_CLIP |= {e: SMALL_WORLD for e in EXPERIMENTS if e.startswith(("sticker_", "avid_"))}
 CPU_CLIP["sticker_student"] = [*SMALL_WORLD, "data.shards=null"]  # not the ensemble's selected set
 # Movie Gen Audio without a trained audio autoencoder (a random one): the one step checks the wiring.
-CPU_CLIP["audio_v2a"] = ["model.codec.checkpoint=null", "model.sampler.steps=2", "model.media.steps=2"]
+CPU_CLIP["audio_v2a"] = ["model.codec.checkpoint=null", "model.sampler.steps=2", "model.media.steps=2",
+                         "data.world.scenes=[16,8]"]
 # Personalization's identities world, shrunk: 4 training identities and 2 held-out ones.
 CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
                  "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from datamodules.media import decode_audio, encode_audio, probe_audio, probe_video, write_video
 from datamodules.synthetic import WorldConfig, world_sample
@@ -22,6 +23,7 @@ from lightning_modules.conditioning.audio import (
     VideoFrameFeatures,
     draw_masks,
     frames_on_screen,
+    video_frame_features,
 )
 from lightning_modules.evaluation.audio import (
     SyncCounter,
@@ -160,6 +162,26 @@ def test_video_features_are_aligned_to_the_audio_frames() -> None:
     assert not conditioner(raw).any()  # the projection starts at zero
     with pytest.raises(ValueError, match="frame rates"):
         conditioner.inputs({"video": video, "text": [""]}, None, (8, 50, 1, 1), True)
+
+
+def test_video_features_acceleration_is_the_second_difference() -> None:
+    """A dot moving right one cell a frame, turned back after frame 3: the extra features are the second
+    difference p_{k+1} - 2 p_k + p_{k-1} written out (0 at both ends), the first 6g² are the plain features."""
+    columns = [0, 1, 2, 3, 2, 1]
+    video = -torch.ones(1, 3, len(columns), 4, 4)
+    for k, x in enumerate(columns):
+        video[:, :, k, 1, x] = 1.0
+    plain, acc = video_frame_features(video, 4), video_frame_features(video, 4, acceleration=True)
+    assert plain.shape == (1, 6, 96) and acc.shape == (1, 6, 144)
+    assert torch.equal(acc[..., :96], plain)
+    p = video[0, 0, :, 1]  # one row of one channel: [T, 4] (pooling to 4x4 is the identity)
+    expected = torch.zeros_like(p)
+    for k in range(1, len(columns) - 1):
+        expected[k] = p[k + 1] - 2 * p[k] + p[k - 1]
+    second = rearrange(acc[0, :, 96:], "t (c h w) -> t c h w", c=3, h=4)[:, 0, 1]
+    assert torch.equal(second, expected)
+    assert not second[0].any() and not second[-1].any() and second[3, 2] == 4.0  # the turn: 2·(2 e_2 − 2 e_3)
+    assert VideoFrameFeatures(dim=8, latent_rate=50.0, grid=4, acceleration=True).projection.in_features == 144
 
 
 def test_audio_context_masks_and_channels() -> None:
