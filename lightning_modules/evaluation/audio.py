@@ -200,7 +200,8 @@ class SyncEvaluator(Evaluator):
         if len(metas) != generated.shape[0]:
             raise ValueError("SyncEvaluator needs the world's json (meta with events) for every clip of the batch")
         duration = generated.shape[-1] / rate
-        events = [event_times(m, duration) for m in metas]
+        starts = [float(s) for s in batch["start"]] if batch.get("start") is not None else [0.0] * len(metas)
+        events = [event_times(m, duration, start) for m, start in zip(metas, starts)]
         real = batch.get("audio")
         for i, audio in enumerate(generated.detach().cpu()):
             onsets = detect_onsets(audio, rate)

@@ -135,6 +135,12 @@ def test_sync_evaluator_reports_generated_real_and_shuffled() -> None:
     scores = evaluator.compute()
     assert scores["sync_f1"] == pytest.approx(1.0) and scores["sync_f1_real"] == pytest.approx(1.0)
     assert scores["sync_f1_shuffled"] < 0.5 and scores["pitch_relevance"] == pytest.approx(1.0)
+    # the same tracks as 1.5 s crops starting 0.5 s into scenes whose events are 0.5 s later: still perfect
+    late = [{"events": [{"time": t + 0.5, "objects": [0]} for t in clip]} for clip in events]
+    evaluator.start(None, None)
+    evaluator.update(real[..., : int(1.5 * rate)].clone(), {**batch, "audio": real[..., : int(1.5 * rate)],
+                                                            "meta": late, "start": torch.full((3,), 0.5)}, {})
+    assert evaluator.compute()["sync_f1"] == pytest.approx(1.0)
     evaluator.start(None, None)
     evaluator.update(torch.zeros_like(real), batch, {})  # silence
     assert evaluator.compute()["sync_recall"] == 0.0
