@@ -12,6 +12,9 @@ On the world's held-out clips (the first `clips` val clips of 1 s at 16 fps, aud
   - V2A: sync precision / recall / F1 (onsets vs the world's bounce times, +-0.1 s) of audio generated from the
     clip's video, from a shuffled clip's video (floor: the same events, the wrong video), with the video dropped
     (T2A), and of the real soundtrack (ceiling); pitch relevance (shapes in the caption vs shapes heard);
+  - the learned judge (`evaluation/audio_alignment.py`, trained once per world and cached) on every audio set:
+    av_align with the clip's video and with another clip's (floor), audio-to-video retrieval among batches of 8
+    (chance 1/8), text relevance to the clip's caption and to another's (`alignment`);
   - long audio: three clips' videos joined (3 s, 150 latent frames = 3 windows of 50) generated with windows of 50
     latent frames overlapping by 25, triangular vs uniform weights, and by extension (`model.long_audio=extend`:
     segment by segment, each continuing the previous 25 frames): sync F1 and the STFT distance to the real
@@ -50,6 +53,7 @@ from lightning_modules.evaluation.audio import (  # noqa: E402
     spectrogram_image,
     tone_shapes,
 )
+from lightning_modules.evaluation.audio_alignment import alignment_from_datamodule, score_clips  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
 
@@ -150,6 +154,18 @@ def load_benchmark(options: dict[str, str], clips: int) -> tuple:
     return module, ema, gather_clips(module, iter(datamodule.val_dataloader()), clips)
 
 
+def alignment_judge(options: dict[str, str]):
+    """The learned audio-video / audio-text judge (`model.evaluators.alignment`) of the audio_v2a run's world, trained
+    once on its training clips and cached (the test loop's judge)."""
+    _, overrides = run_checkpoint(options.get("run_v2a", str(ROOT / "outputs" / "audio_v2a")))
+    overrides = [o for o in overrides if not o.startswith("model.codec.checkpoint")] + ["model.codec.checkpoint=null"]
+    cfg = compose_config(overrides, Path("/tmp") / "audio_benchmark_judge")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
+    datamodule.prepare_data()
+    evaluator = hydra.utils.instantiate(cfg.model.evaluators.alignment, _convert_="object")
+    return alignment_from_datamodule(datamodule, evaluator.config, evaluator.cache_dir)
+
+
 def main(argv: list[str]) -> dict:
     options = dict(a.split("=", 1) for a in argv)
     clips, steps = int(options.get("clips", 32)), int(options.get("steps", 16))
@@ -201,6 +217,11 @@ def main(argv: list[str]) -> dict:
                       "onsets": counter.detected}
     results["sync"] = sync
 
+    # -- the learned judge: audio-video alignment and text relevance (ImageBind / CLAP stand-ins), batches of 8 -------
+    judge = alignment_judge(options)
+    results["alignment"] = {name: score_clips(judge, audio, batch, batch_size=8) for name, audio in audio_sets.items()
+                            if not name.endswith("_peak_normalised")}
+
     # -- long audio: 3 clips joined, windows of 50 latent frames; fused (triangular, uniform) or extended ------------------
     results["long_audio_3x_window"] = long = long_audio(module, batch, events, steps)
 
@@ -223,6 +244,11 @@ def main(argv: list[str]) -> dict:
     for name, s in sync.items():
         print(f"{name:34s} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:6.3f} {s['onsets']:7d} "
               f"{s['pitch_relevance']:10.3f}")
+    print(f"{'audio (learned judge, batches of 8)':34s} {'av_align':>8s} {'other video':>11s} {'retrieval':>9s} "
+          f"{'text_rel':>8s} {'other caption':>13s}")
+    for name, s in results["alignment"].items():
+        print(f"{name:34s} {s['av_align']:8.3f} {s['av_align_shuffled']:11.3f} {s['av_retrieval']:9.3f} "
+              f"{s['text_relevance']:8.3f} {s['text_relevance_shuffled']:13.3f}")
     for mode in LONG_MODES:
         s = long[mode]
         print(f"3x window, {mode:10s} F1 {s['f1']:.3f}  STFT to real {s['stft_to_real']:.3f}")

@@ -445,3 +445,17 @@ class AudioAlignmentEvaluator(Evaluator):
 
     def compute(self) -> dict[str, float]:
         return {name: float(torch.cat(values).mean()) for name, values in self.values.items() if values}
+
+
+def score_clips(model: AlignmentModel, audio: torch.Tensor, batch: dict[str, Any],
+                batch_size: int = 8) -> dict[str, float]:
+    """`AudioAlignmentEvaluator`'s figures for audio [N, c, S] (one clip per clip of `batch`: "video", "fps",
+    "audio" (real), "text", "sample_rate"), fed in batches of `batch_size` as the test loop does (retrieval and
+    the shuffled pairs are among each batch of `batch_size`)."""
+    evaluator = AudioAlignmentEvaluator()
+    evaluator.model = model
+    for s in range(0, len(audio), batch_size):
+        part = {k: (v[s : s + batch_size] if isinstance(v, torch.Tensor | list) and len(v) == len(audio) else v)
+                for k, v in batch.items()}
+        evaluator.update(audio[s : s + batch_size], part, {})
+    return evaluator.compute()
