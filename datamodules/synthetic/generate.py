@@ -75,6 +75,7 @@ class WorldConfig:
     clips_per_identity: list[int] = field(default_factory=lambda: [4, 1])
     held_out_identities: int = 0  # > 0: val holds this many new identities (numbered after the training ones)
     identity_radius_range: list[float] = field(default_factory=lambda: [0.18, 0.25])  # x the shorter side
+    added_radius_range: list[float] = field(default_factory=lambda: [0.1, 0.2])  # an "add" edit's new object
     edits: list[int] = field(default_factory=lambda: [64, 8])
     stickers: list[int] = field(default_factory=lambda: [64, 8])
     sticker_size: int = 64
@@ -111,7 +112,7 @@ class WorldConfig:
         return identity + self.identities if split == "val" and self.held_out_identities else identity
 
 
-LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25]}  # field -> default, left out of
+LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25], "added_radius_range": [0.1, 0.2]}  # field -> default, left out of
 # to_dict() at its default
 
 
@@ -366,7 +367,8 @@ def make_edit(config: WorldConfig, split: str, index: int) -> tuple[Rendered, Re
     objects = list(source.objects)
     before = after = None
     if kind == "add":
-        after = sample_object(rng, max(o.id for o in objects) + 1, source.height, source.width, objects)
+        after = sample_object(rng, max(o.id for o in objects) + 1, source.height, source.width, objects,
+                              radius_range=tuple(config.added_radius_range))
         objects.append(after)
     else:
         position = int(rng.integers(len(objects)))

@@ -127,6 +127,23 @@ def test_edit_pairs_differ_only_where_the_edited_object_is():
     assert len(kinds) >= 3
 
 
+def test_added_objects_take_the_configured_size():
+    """An "add" edit's new object has a radius in added_radius_range x the shorter side (the default world keeps its
+    config hash: the field is left out of to_dict() at its default)."""
+    large = WorldConfig(added_radius_range=[0.3, 0.35])
+    radii = {}
+    for config in (CONFIG, large):
+        for index in range(40):
+            source, target, edit = make_edit(config, "train", index)
+            if edit["kind"] == "add":
+                added = next(o for o in target.scene.objects if o.id == edit["object"])
+                radii.setdefault(id(config), []).append(added.radius / min(target.scene.height, target.scene.width))
+    low, high = CONFIG.added_radius_range
+    assert radii[id(CONFIG)] and all(low <= r <= high for r in radii[id(CONFIG)])
+    assert radii[id(large)] and all(0.3 <= r <= 0.35 for r in radii[id(large)])
+    assert "added_radius_range" not in WorldConfig().to_dict() and "added_radius_range" in large.to_dict()
+
+
 def test_stickers_loop_and_their_still_is_the_middle_frame():
     for index in range(4):
         rendered = make_sticker(CONFIG, "train", index)
