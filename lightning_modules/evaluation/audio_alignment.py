@@ -405,11 +405,11 @@ class AudioAlignmentEvaluator(Evaluator):
         self.cache_dir = cache_dir
         self.config = AlignmentConfig(rate=rate, grid=grid, width=width, dim=dim, clips=clips, steps=steps,
                                       batch=batch, lr=lr, seed=seed)
-        self.model: AlignmentModel | None = None
         self.start(None, None)
 
     def start(self, module: Any, trainer: Any) -> None:
         self.values: dict[str, list[torch.Tensor]] = {}
+        self.model: AlignmentModel | None = None
         if trainer is None or getattr(trainer, "datamodule", None) is None or trainer.fast_dev_run:
             return
         self.model = alignment_from_datamodule(trainer.datamodule, self.config, self.cache_dir,
