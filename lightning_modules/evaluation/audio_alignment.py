@@ -240,6 +240,18 @@ class AlignmentModel(nn.Module):
         return {"av": e_a @ e_v.T, "text": self.audio_pooled(features) @ self.text_embedding(captions).T}
 
 
+    @torch.no_grad()
+    def frame_scores(self, audio: torch.Tensor, video: torch.Tensor, fps: torch.Tensor | float,
+                     sample_rate: int | None = None) -> torch.Tensor:
+        """Each aligned frame's share of av(audio_i, video_i): ⟨a_j − ā, v_j − v̄⟩ / (‖a − ā‖ ‖v − v̄‖) [B, n]
+        (a row sums to av; where in time the judge finds the two tracks agreeing)."""
+        features = self.audio_features(self.spectrum(audio, sample_rate))
+        n = features.shape[-1]
+        e_a = rearrange(self.audio_sequence(features), "b (t d) -> b t d", t=n)
+        e_v = rearrange(self.video_sequence(self.video_features(video, fps, n)), "b (t d) -> b t d", t=n)
+        return (e_a * e_v).sum(-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training
 

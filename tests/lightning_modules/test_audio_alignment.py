@@ -124,6 +124,11 @@ def test_trained_judge_separates_real_from_shuffled_and_shifted_pairs(trained) -
     assert set(scores) == {f"{m}{k}" for m in ("av_align", "text_relevance") for k in
                            ("", "_real", "_shuffled", "_real_shuffled")} | {"av_retrieval", "av_retrieval_real",
                                                                             "av_retrieval_chance"}
+    first = {k: (v[:8] if isinstance(v, torch.Tensor | list) else v) for k, v in held_out.items()}
+    per_frame = model.frame_scores(first["audio"], first["video"], first["fps"])
+    assert per_frame.shape == (8, 25)  # 1 s at 25 Hz; each row sums to the clip's score with its own video
+    av = model.scores(first["audio"], first["video"], first["fps"], first["text"])["av"]
+    assert torch.allclose(per_frame.sum(1), av.diagonal(), atol=1e-5)
     with pytest.raises(ValueError, match="reads 8000 Hz"):
         model.scores(held_out["audio"][:2], held_out["video"][:2], FPS, held_out["text"][:2], sample_rate=16000)
     with pytest.raises(ValueError, match=r"lacks \['audio'\]"):
