@@ -128,17 +128,20 @@ def sequence_embedding(x: torch.Tensor) -> torch.Tensor:
     stays the same through the clip (silence, a still scene) drops out, and ⟨e_a, e_v⟩ correlates the two
     tracks' changes in time (a clip with no change at all embeds as 0 and scores 0)."""
     centred = x - x.mean(-1, keepdim=True)
-    return F.normalize(rearrange(centred, "b d t -> b (t d)"), dim=-1)
+    # eps: a constant track's rounding residue (~1e-7) stays ~0 instead of being blown up to a unit vector
+    return F.normalize(rearrange(centred, "b d t -> b (t d)"), dim=-1, eps=1e-4)
 
 
 class TemporalStack(nn.Module):
     """x [B, C_in, n] → [B, W, n]: a kernel-3 convolution, then residual GELU convolutions of kernel 5 with
-    dilations 1, 2, 4 (receptive field ±15 frames, 0.6 s at 25 Hz)."""
+    dilations 1, 2, 4 (receptive field ±15 frames, 0.6 s at 25 Hz). Padding repeats the end frames: a constant
+    input gives a constant output (zero padding would mark the clip's ends, which every pair of tracks shares)."""
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()
-        self.inp = nn.Conv1d(in_channels, width, 3, padding=1)
-        self.blocks = nn.ModuleList(nn.Conv1d(width, width, 5, padding=2 * d, dilation=d) for d in (1, 2, 4))
+        self.inp = nn.Conv1d(in_channels, width, 3, padding=1, padding_mode="replicate")
+        self.blocks = nn.ModuleList(nn.Conv1d(width, width, 5, padding=2 * d, dilation=d, padding_mode="replicate")
+                                    for d in (1, 2, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)
@@ -151,16 +154,16 @@ class GridTower(nn.Module):
     """Aligned video features [B, 6g², n] (the frame pooled to g×g and its change) → [B, 2·C₂, n]: factorised
     (2+1)D convolutions over the g×g maps, shared across positions (a bounce looks the same anywhere): 3×3 spatial
     (6 → C₁), kernel-3 temporal, 3×3 spatial with stride 2 (C₁ → C₂), kernel-3 temporal, each followed by a GELU;
-    then the mean and the max over positions."""
+    then the mean and the max over positions. Padding repeats the edges (see `TemporalStack`)."""
 
     def __init__(self, grid: int, hidden: int = 16, out: int = 32) -> None:
         super().__init__()
         self.grid = grid
         self.layers = nn.ModuleList([
-            nn.Conv3d(6, hidden, (1, 3, 3), padding=(0, 1, 1)),
-            nn.Conv3d(hidden, hidden, (3, 1, 1), padding=(1, 0, 0)),
-            nn.Conv3d(hidden, out, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-            nn.Conv3d(out, out, (3, 1, 1), padding=(1, 0, 0)),
+            nn.Conv3d(6, hidden, (1, 3, 3), padding=(0, 1, 1), padding_mode="replicate"),
+            nn.Conv3d(hidden, hidden, (3, 1, 1), padding=(1, 0, 0), padding_mode="replicate"),
+            nn.Conv3d(hidden, out, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), padding_mode="replicate"),
+            nn.Conv3d(out, out, (3, 1, 1), padding=(1, 0, 0), padding_mode="replicate"),
         ])
 
     def forward(self, video_inputs: torch.Tensor) -> torch.Tensor:
@@ -392,7 +395,7 @@ def alignment_from_datamodule(datamodule: Any, config: AlignmentConfig, cache_di
         return fit_alignment(data, config, device)
 
     key = {"shards": source.shards, "frames": list(getattr(datamodule, "frames", []) or []),
-           "fps": getattr(datamodule, "fps", None), "config": asdict(config), "version": 1}
+           "fps": getattr(datamodule, "fps", None), "config": asdict(config), "version": 2}
     model = cached_network(cache_dir, "audio_alignment", key, train, lambda _: AlignmentModel(config))
     return model.to(device).eval().requires_grad_(False)
 
