@@ -2,12 +2,13 @@
 it separates a clip's own soundtrack (the ceiling of `av_align`, `text_relevance`) from another clip's video and
 caption (the floor), from its own soundtrack shifted in time, and how little it cares about loudness.
 
-    python experiments/benchmarks/audio_alignment.py [clips=64] [batch=8] [any experiment override ...]
+    python experiments/benchmarks/audio_alignment.py [clips=64] [batch=8] [name=audio_alignment] [overrides ...]
+    python experiments/benchmarks/audio_alignment.py data/world=default name=audio_alignment_default_world
 
 Trains the judge on the training split of the world of `experiment=audio_v2a` (or loads it from its cache, the
 `model.evaluators.alignment.cache_dir`), then scores the first `clips` held-out clips in batches of `batch` (the
-test loop's). Writes experiments/benchmarks/results/audio_alignment.json, a figure of where in time the judge finds
-audio and video agreeing (audio_alignment_timeline.png: per-frame shares of av_align for the real soundtrack and
+test loop's). Writes experiments/benchmarks/results/<name>.json, a figure of where in time the judge finds
+audio and video agreeing (<name>_timeline.png: per-frame shares of av_align for the real soundtrack and
 for it 0.25 s late, the world's event times marked), and prints a table.
 """
 
@@ -111,8 +112,9 @@ def main(argv: list[str]) -> dict:
                "world": OmegaConf.to_container(cfg.data.world, resolve=True), "judge": {**evaluator.config.__dict__, "cache_dir": evaluator.cache_dir},
                "judge_seconds": seconds, "scores": scores}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "audio_alignment.json").write_text(json.dumps(results, indent=1))
-    timeline_figure(judge, batch, RESULTS / "audio_alignment_timeline.png")
+    name = options.get("name", "audio_alignment")
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
+    timeline_figure(judge, batch, RESULTS / f"{name}_timeline.png")
 
     print(f"{results['clips']} held-out clips of {results['seconds']:g} s in batches of {batch_size} "
           f"(retrieval chance {scores['real soundtrack'].get('av_retrieval_chance', float('nan')):.3f}); judge "
