@@ -4,22 +4,23 @@ and CLAP): a small contrastive model trained once per world on its real clips, t
 Three towers map a clip to embeddings; the audio and video towers keep time:
 
     a_j  = A(x)_j ∈ R^D      audio tower: log-magnitude STFT of the wav (hop = sample_rate / (4r), window 4 hops),
-                             scaled to [0, 1] from −80 dB (silence = 0), a 1D convolution, a stride-4 convolution
-                             to the common rate r (aligned frame j covers [j/r, (j+1)/r)), dilated temporal
-                             convolutions, a 1x1 projection
+                             scaled to [0, 1] from −80 dB (silence = 0), a stride-4 convolution to the common
+                             rate r (aligned frame j reads STFT frames 4j … 4j+3, centred in [j/r, (j+1)/r)),
+                             dilated temporal convolutions (`TemporalStack`), a 1x1 projection
     v_j  = V(video)_j ∈ R^D  video tower: `conditioning.audio.video_frame_features` (each frame pooled to g×g and
                              its change from the previous one), the frame on screen at each aligned frame's centre
-                             (`frames_on_screen`, the same rule as the V2A conditioner), dilated temporal
-                             convolutions, a 1x1 projection
+                             (`frames_on_screen`, the same rule as the V2A conditioner), (2+1)D convolutions over
+                             the g×g maps shared across positions (`GridTower`), dilated temporal convolutions,
+                             a 1x1 projection
     t    = T(caption)        text tower: `nn.text.WordEncoder` word embeddings (no attention blocks: a bag of words
                              with positions), mean over the words, an MLP
     p    = P(max_j h_j)      the audio trunk's features h_j max-pooled over time (which tones are heard), an MLP
 
-The alignment embedding of a clip is its whole sequence, flattened and normalised, so that a tone scores only
-where the video shows its bounce (the score keeps time; a soundtrack on another clip, or its own soundtrack
-shifted, scores lower):
+The alignment embedding of a clip is its whole sequence, centred over time, flattened and normalised, so that a
+tone scores only where the video shows its bounce (the score keeps time; a soundtrack on another clip, or its own
+soundtrack shifted, scores lower; silence, with nothing changing, scores 0):
 
-    e_a = vec(a_1 … a_n) / ‖vec(a_1 … a_n)‖,   e_v likewise,   av(x, video) = ⟨e_a, e_v⟩ = Σ_j ⟨a_j, v_j⟩ / (‖a‖ ‖v‖)
+    e_a = vec(a_1 − ā … a_n − ā) / ‖·‖,   e_v likewise,   av(x, video) = ⟨e_a, e_v⟩ = Σ_j ⟨a_j − ā, v_j − v̄⟩ / (‖·‖ ‖·‖)
     tr(x, caption) = ⟨p / ‖p‖, t / ‖t‖⟩                                   (text relevance, CLAP-style)
 
 Training (InfoNCE over the batch, both directions, learnt scale s = exp(log_scale) ≤ 100):
@@ -28,9 +29,10 @@ Training (InfoNCE over the batch, both directions, learnt scale s = exp(log_scal
     L = InfoNCE(E_a, E_v) + InfoNCE(P, T) + CE over [s·E_v E_aᵀ | s·⟨e_v,i, e_ã,i⟩] (the clip's own soundtrack
         rolled in time by 0.2–0.8 of its length as one more negative per video: timing, not only pitch ↔ shape)
 
-on `clips` training clips (random 1 s crops of the datamodule's training split, read once), with a random gain of
-the audio (log-uniform in [1/4, 2]) so that the judge does not score loudness. The model is cached next to the
-world (`base.cached_network`, keyed by the shards and the config).
+on `clips` training clips (random 1 s crops of the datamodule's training split, read once), `augment`ed: a random
+gain of the audio (log-uniform in [1/4, 2]: the judge does not score loudness) and flips, transposes and colour
+permutations of the video maps (a bounce keeps its time). The model is cached next to the world
+(`base.cached_network`, keyed by the shards, the clip length and frame rate, and the config).
 
 `AudioAlignmentEvaluator` reports, over the test loop's clips (generated audio for each clip's conditions):
 
