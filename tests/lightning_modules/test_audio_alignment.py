@@ -129,6 +129,19 @@ def test_trained_judge_separates_real_from_shuffled_and_shifted_pairs(trained) -
     assert per_frame.shape == (8, 25)  # 1 s at 25 Hz; each row sums to the clip's score with its own video
     av = model.scores(first["audio"], first["video"], first["fps"], first["text"])["av"]
     assert torch.allclose(per_frame.sum(1), av.diagonal(), atol=1e-5)
+    features = model.audio_features(model.spectrum(first["audio"]))
+    for embedding in (model.audio_pooled(features), model.text_embedding(first["text"]),
+                      model.video_sequence(model.video_features(first["video"], first["fps"], 25))):
+        assert torch.allclose(embedding.norm(dim=-1), torch.ones(8), atol=1e-5)  # one unit vector per clip
+    sounding = first["audio"].flatten(1).abs().amax(1) > 0  # a clip without a bounce is silent: its sequence is ~0
+    assert 0 < sounding.sum() < 8
+    norms = model.audio_sequence(features).norm(dim=-1)
+    assert torch.allclose(norms[sounding], torch.ones(int(sounding.sum())), atol=1e-5) and norms[~sounding].max() < 0.01
+    single = AudioAlignmentEvaluator()
+    single.model = model
+    single.update(first["audio"][:1], {k: (v[:1] if isinstance(v, torch.Tensor | list) else v) for k, v in first.items()},
+                  {})
+    assert set(single.compute()) == {"av_align", "av_align_real", "text_relevance", "text_relevance_real"}  # no pairs
     silence = model.scores(torch.zeros_like(first["audio"]), first["video"], first["fps"], first["text"])["av"]
     assert silence.abs().max().item() < 1e-3  # no change in time, no agreement: silence scores 0 with any video
     with pytest.raises(ValueError, match="reads 8000 Hz"):
