@@ -44,6 +44,7 @@ from einops import rearrange
 
 from datamodules.media import decode_audio, probe_audio, write_audio, write_video
 from lightning_modules.conditioning.audio import AudioContext, VideoFrameFeatures
+from lightning_modules.conditioning.contact import ContactConfig, contact_encoder_from_datamodule
 from lightning_modules.evaluation.samples import log_artifacts, slug
 from lightning_modules.generation import GenerationModule, SampleTaskConfig, read_inputs
 from lightning_modules.generative import multidiffusion
@@ -202,6 +203,24 @@ class AudioGenerationModule(GenerationModule):
             latent[:, :, start:end] = torch.where(keep, latent[:, :, start:end], segment)
             known[:, start:end] = True
         return latent
+
+    def setup(self, stage: str) -> None:
+        """Before fitting, a video conditioner with a contact detector gets its trained weights (trained once per
+        world from its clips and their soundtracks, then cached: `conditioning.contact`); sampling and
+        evaluation read them from the checkpoint."""
+        super().setup(stage)
+        trainer = self._trainer
+        if stage != "fit" or trainer is None or getattr(trainer, "datamodule", None) is None:
+            return
+        for name, c in self.conditioners.items():
+            if isinstance(c, VideoFrameFeatures) and c.encoder is not None:
+                if trainer.fast_dev_run:
+                    print(f"[audio] fast_dev_run: model.conditioners.{name}'s contact detector left untrained")
+                    continue
+                settings = dict(c.contact or {})
+                cache_dir = settings.pop("cache_dir", None)
+                encoder = contact_encoder_from_datamodule(trainer.datamodule, ContactConfig(**settings), cache_dir)
+                c.encoder.load_state_dict(encoder.state_dict())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, train=True)

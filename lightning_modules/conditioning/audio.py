@@ -10,7 +10,9 @@ Video features (`VideoFrameFeatures`, a `FrameFeatures`: projected from zero and
     τ_j      = (j + ½) / r                                      centre (s) of audio latent frame j, r = latent rate
     c_j      = f_{k(j)},  k(j) = clamp(⌊τ_j · fps⌋, 0, T_v − 1) the video frame on screen at τ_j
 
-so latent frame j sees the frame shown during it. The acceleration term is what a bounce is (a velocity reversed
+so latent frame j sees the frame shown during it. With `contact` set, f_k is instead the per-frame output of a
+frozen contact detector (`nn.contact.ContactEncoder`, trained once per world on its clips' own soundtracks,
+`conditioning.contact`): pooled pixels carry a bounce too faintly for the DiT to find it. The acceleration term is what a bounce is (a velocity reversed
 between two frames); with velocity alone a tiny DiT has to learn to compare neighbouring tokens first (the paper resamples MetaCLIP features to the 25 Hz latent rate;
 ours are parameter-free pooled pixels, the stand-in for a frozen vision encoder). A batch without "video" (text
 to audio) gets the null value, zero features.
@@ -39,6 +41,7 @@ from torch import nn
 from lightning_modules.conditioning.base import Conditioner, Encode
 from lightning_modules.conditioning.frames import FrameFeatures
 from lightning_modules.conditioning.text import batch_fps
+from lightning_modules.nn.contact import ContactEncoder
 
 MASK_KINDS = ("none", "prefix", "suffix", "middle")
 
@@ -69,13 +72,27 @@ class VideoFrameFeatures(FrameFeatures):
     Args:
         dim: the backbone width; latent_rate: audio latent frames per second (the codec's sample_rate / hop);
         grid: pooling grid g (features 6g², 9g² with acceleration); acceleration: add the second difference;
-        dropout: probability of training without the video (T2A).
+        dropout: probability of training without the video (T2A);
+        contact: the contact detector's settings (`conditioning.contact.ContactConfig` fields) to use it in place
+            of pooled pixels; its weights are frozen, kept in the checkpoint, and trained (or read from the cache)
+            by `AudioGenerationModule.setup` before fitting.
     """
 
     def __init__(self, dim: int, latent_rate: float, grid: int = 8, dropout: float = 0.0,
-                 acceleration: bool = False) -> None:
-        super().__init__((9 if acceleration else 6) * grid * grid, dim, key="video", dropout=dropout)
+                 acceleration: bool = False, contact: Mapping[str, Any] | None = None) -> None:
+        encoder = ContactEncoder(int((contact or {}).get("width", 32))) if contact is not None else None
+        width = encoder.features if encoder is not None else (9 if acceleration else 6) * grid * grid
+        super().__init__(width, dim, key="video", dropout=dropout)
         self.grid, self.latent_rate, self.acceleration = int(grid), float(latent_rate), bool(acceleration)
+        self.contact = dict(contact) if contact is not None else None
+        self.encoder = encoder.requires_grad_(False) if encoder is not None else None
+
+    def per_frame(self, video: torch.Tensor) -> torch.Tensor:
+        """Features of every frame [B, T_v, F]: the contact detector's, else pooled pixels."""
+        if self.encoder is not None:
+            with torch.no_grad():
+                return self.encoder.eval().frame_features(video.to(self.projection.weight.device))
+        return video_frame_features(video, self.grid, self.acceleration)
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:
         frames = int(latent_shape[1])
@@ -88,7 +105,7 @@ class VideoFrameFeatures(FrameFeatures):
         fps = batch_fps(batch, size)
         if bool((fps <= 0).any()):
             raise ValueError("VideoFrameFeatures: the batch needs the clips' frame rates (batch['fps'] > 0)")
-        features = video_frame_features(video, self.grid, self.acceleration)
+        features = self.per_frame(video)
         index = torch.stack([frames_on_screen(video.shape[2], float(f), frames, self.latent_rate) for f in fps])
         return torch.gather(features, 1, index.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
 
