@@ -323,3 +323,30 @@ def test_short_training_lowers_the_audio_dit_loss(outputs: Path) -> None:
         loss.backward()
         optimizer.step()
     assert fixed_loss(module, batch, times=8) < 0.9 * before
+
+
+@pytest.mark.slow
+def test_autoencoder_trains_on_a_users_wav_and_flac_shards(tmp_path: Path) -> None:
+    """A folder of a user's wav and flac files (16 kHz, with captions) → shards (make_shards' folder mode) →
+    `experiment=audio_ae data.shards=...` trains, reads every file and writes its checkpoint."""
+    from datamodules.media import encode_audio
+    from datamodules.write_shards import folder_to_shards
+    from experiments.runner import run
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        folder = tmp_path / "media" / split
+        folder.mkdir(parents=True)
+        for i in range(count):
+            events = [{"time": float(t), "objects": [0]} for t in sorted(rng.uniform(0, 0.9, 2))]
+            audio = torch.from_numpy(sonify(events, {0: "circle"}, 1.0, 16000))
+            ext = "flac" if i % 2 else "wav"
+            (folder / f"tone{i}.{ext}").write_bytes(encode_audio(audio, 16000, ext))
+            (folder / f"tone{i}.txt").write_text("Tones of the circle twice.")
+        report = folder_to_shards(folder, tmp_path / "shards" / split, progress=False)
+        assert report.index["num_samples"] == count and not report.skipped
+    cfg = compose_config(["experiment=audio_ae", f"data.shards={tmp_path}/shards/train",
+                          f"data.val_shards={tmp_path}/shards/val", "trainer.max_steps=4", "data.num_workers=0",
+                          "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}/out"], tmp_path / "job")
+    run(cfg)
+    assert (tmp_path / "job" / "checkpoints" / "last.ckpt").is_file()
