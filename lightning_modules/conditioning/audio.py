@@ -91,7 +91,7 @@ class VideoFrameFeatures(FrameFeatures):
         """Features of every frame [B, T_v, F]: the contact detector's, else pooled pixels."""
         if self.encoder is not None:
             with torch.no_grad():
-                return self.encoder.eval().frame_features(video.to(self.projection.weight.device))
+                return self.encoder.frame_features(video.to(self.projection.weight.device))  # no mode-dependent layers
         return video_frame_features(video, self.grid, self.acceleration)
 
     def inputs(self, batch: dict[str, Any], encode: Encode, latent_shape: Sequence[int], train: bool) -> torch.Tensor:

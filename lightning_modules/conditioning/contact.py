@@ -17,6 +17,7 @@ by `AudioGenerationModule.setup` before fitting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def contact_encoder_from_datamodule(datamodule: Any, config: ContactConfig,
         batch_size = int(getattr(datamodule, "batch_size", 8) or 8)
         print(f"[contact] reading {config.clips} training clips and the onsets of their soundtracks", flush=True)
         with torch.inference_mode(False):
-            video, labels = read_labelled_clips(train_batches(datamodule, -(-config.clips // batch_size),
+            video, labels = read_labelled_clips(train_batches(datamodule, math.ceil(config.clips / batch_size),
                                                               seed=config.seed), config.clips)
             print(f"[contact] training on {len(video)} clips ({float(labels.mean()):.3f} of frames start a sound)",
                   flush=True)
