@@ -87,48 +87,20 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(sinusoidal_embedding(x, self.frequency_dim, scale=self.scale).to(self.mlp[0].weight.dtype))
 
 
-def sinusoid_table(length: int, channels: int) -> torch.Tensor:
-    """[length, channels]: (sin(p·f_k), cos(p·f_k)) for positions p = 0..length-1 and channels / 2 frequencies f_k
-    spaced geometrically from 1 (a period of ~6 positions) down to 1 / length (a period of 2π·length), so that
-    neighbours differ and no two positions of the table coincide."""
-    half = channels // 2
-    exponents = torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
-    frequencies = float(length) ** -exponents
-    angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
-
-
 class PositionEmbedding3D(nn.Module):
-    """Factorized learnable absolute positions: pe[t, h, w] = E_t[t] + E_h[h] + E_w[w], in patches.
+    """Factorized learnable absolute positions: pe[t, h, w] = E_t[t] + E_h[h] + E_w[w], in patches."""
 
-    init "normal": each table ~ N(0, 0.02²) (small; the model learns where things are). "sinusoidal": the tables
-    start as sines and cosines on disjoint thirds of the width (t, h, w), so the sum is their concatenation and
-    every token knows its position from the first step (what a short run needs: see conf/experiment/quickstart.yaml).
-    """
-
-    def __init__(self, dim: int, max_t: int, max_h: int, max_w: int, init: str = "normal") -> None:
+    def __init__(self, dim: int, max_t: int, max_h: int, max_w: int) -> None:
         super().__init__()
-        if init not in ("normal", "sinusoidal"):
-            raise ValueError(f"position init must be 'normal' or 'sinusoidal', got {init!r}")
-        self.init = init
         self.t = nn.Parameter(torch.empty(max_t, dim))
         self.h = nn.Parameter(torch.empty(max_h, dim))
         self.w = nn.Parameter(torch.empty(max_w, dim))
         self.init_weights()
 
     def init_weights(self) -> None:
-        """See the class docstring."""
-        tables = (self.t, self.h, self.w)
-        if self.init == "normal":
-            for table in tables:
-                nn.init.normal_(table, std=0.02)
-            return
-        dim = self.t.shape[1]
-        third = dim // 3 // 2 * 2  # an even number of channels per axis: (sin, cos) pairs
-        with torch.no_grad():
-            for axis, table in enumerate(tables):
-                table.zero_()
-                table[:, axis * third:(axis + 1) * third] = sinusoid_table(table.shape[0], third).to(table)
+        """Each table ~ N(0, 0.02²)."""
+        for table in (self.t, self.h, self.w):
+            nn.init.normal_(table, std=0.02)
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -204,11 +176,6 @@ class DiT(nn.Module):
         attention_backend: the kernels of every attention layer (`kernels.Backend`): "auto" = PyTorch SDPA for
             the dense self- and cross-attention (cuDNN / flash on GPU) and our Triton kernels for what SDPA lacks;
             "triton" = our Triton kernels everywhere (CUDA, or the interpreter); "torch" = PyTorch only.
-        position_init: "normal" (the paper's learnable tables, small at the start) or "sinusoidal" (the same
-            tables, starting as sines and cosines: `PositionEmbedding3D`).
-        output_conv: kernel size k of a residual k x k x k convolution on the unpatchified output (0: none; not
-            in the paper). It starts at zero; it lets neighbouring patches agree at their borders, which a
-            linear per-patch output cannot (U-ViT, arXiv 2209.12152, adds a 3x3 one for the same reason).
     """
 
     input_weight = "patchify.weight"  # what `grow_input_channels` widens for new condition channels
@@ -216,15 +183,14 @@ class DiT(nn.Module):
     def __init__(self, in_channels: int = 16, dim: int = 64, depth: int = 2, heads: int = 4, ffn_dim: int = 172,
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
-                 out_channels: int | None = None, attention_backend: Backend = "auto", pooled_text: bool = False,
-                 position_init: str = "normal", output_conv: int = 0) -> None:
+                 out_channels: int | None = None, attention_backend: Backend = "auto", pooled_text: bool = False) -> None:
         super().__init__()
         self.in_channels, self.cond_channels = in_channels, cond_channels
         self.out_channels = out_channels or in_channels
         self.patch = tuple(int(p) for p in patch)
         self.dim, self.depth, self.heads, self.ffn_dim = dim, depth, heads, ffn_dim
         self.patchify = nn.Conv3d(in_channels + cond_channels, dim, kernel_size=self.patch, stride=self.patch)
-        self.pos = PositionEmbedding3D(dim, max_t, max_h, max_w, init=position_init)
+        self.pos = PositionEmbedding3D(dim, max_t, max_h, max_w)
         self.time = TimestepEmbedder(dim)
         self.fps = TimestepEmbedder(dim, scale=1.0) if fps_embedding else None
         self.text_pool = nn.Linear(dim, dim) if pooled_text else None
@@ -234,8 +200,6 @@ class DiT(nn.Module):
         self.norm_out = RMSNorm(dim)
         self.modulation_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.proj_out = nn.Linear(dim, math.prod(self.patch) * self.out_channels)
-        self.output_conv = (nn.Conv3d(self.out_channels, self.out_channels, output_conv, padding=output_conv // 2)
-                            if output_conv else None)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -244,8 +208,7 @@ class DiT(nn.Module):
 
         Position tables ~ N(0, 0.02²), norms 1, Xavier-uniform linears and patchify, zero biases; zero
         (adaLN-Zero) for the per-block modulation tables, the shared time projections, the output layer, the
-        fps embedding's last layer, the pooled-text projection, the output convolution and the patchify weights of
-        condition channels."""
+        fps embedding's last layer, the pooled-text projection and the patchify weights of condition channels."""
         self.pos.init_weights()
         self.norm_out.init_weights()
         for block in self.modules():  # through activation-checkpoint wrappers
@@ -262,9 +225,7 @@ class DiT(nn.Module):
         if self.cond_channels:
             with torch.no_grad():  # zero_ on a slice: DTensors have no rule for `w[...] = 0.0`
                 w[:, self.in_channels:].zero_()
-        for layer in (self.modulation[-1], self.modulation_out[-1], self.proj_out, self.output_conv):
-            if layer is None:
-                continue
+        for layer in (self.modulation[-1], self.modulation_out[-1], self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         if self.fps is not None:
@@ -327,8 +288,7 @@ class DiT(nn.Module):
         shift, scale = self.modulation_out(emb).unsqueeze(1).chunk(2, dim=-1)
         out = self.proj_out(self.norm_out(tokens, scale=scale, shift=shift))
         kt, kh, kw = self.patch
-        out = rearrange(out, "b (t h w) (c kt kh kw) -> b c (t kt) (h kh) (w kw)", t=gt, h=gh, w=gw, kt=kt, kh=kh, kw=kw)
-        return out if self.output_conv is None else out + self.output_conv(out)
+        return rearrange(out, "b (t h w) (c kt kh kw) -> b c (t kt) (h kh) (w kw)", t=gt, h=gh, w=gw, kt=kt, kh=kh, kw=kw)
 
 
 def pooled(context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

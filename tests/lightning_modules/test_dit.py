@@ -139,39 +139,6 @@ def test_position_tables_grow_for_the_next_stage() -> None:
     assert torch.equal(big.pos.w, small.pos.w)
 
 
-def test_sinusoidal_positions_fill_one_third_of_the_width_per_axis() -> None:
-    import math
-    net = tiny(dim=36, position_init="sinusoidal", max_t=4, max_h=5, max_w=6)
-    pe = net.pos(4, 5, 6).view(4, 5, 6, 36)
-    t, h, w = 3, 2, 5
-    # third = 12 channels per axis: 6 frequencies 1 .. 1/length, sines then cosines
-    for axis, (position, length) in enumerate(((t, 4), (h, 5), (w, 6))):
-        for k in range(6):
-            angle = position * length ** (-k / 5)
-            assert math.isclose(pe[t, h, w, axis * 12 + k].item(), math.sin(angle), abs_tol=1e-6)
-            assert math.isclose(pe[t, h, w, axis * 12 + 6 + k].item(), math.cos(angle), abs_tol=1e-6)
-    assert pe[..., 36 // 3 * 3:].abs().sum() == 0
-    with pytest.raises(ValueError, match="position init"):
-        tiny(position_init="rope")
-
-
-def test_output_convolution_starts_at_zero_and_then_mixes_neighbouring_patches() -> None:
-    plain = randomise(tiny())
-    conv = tiny(output_conv=3)
-    conv.load_state_dict(plain.state_dict(), strict=False)  # the convolution stays at its zero start
-    x, t, ctx = torch.randn(1, 12, 2, 4, 4), torch.rand(1), torch.randn(1, 5, 32)
-    assert torch.equal(conv(x, t, ctx), plain(x, t, ctx))
-    conv = randomise(conv)
-    # Without the blocks (attention mixes every patch), a patch's output depends on a neighbouring patch's input
-    # only through the convolution: latent column 2 starts the second 2x2 patch, column 1 ends the first.
-    for net in (plain, conv):
-        net.blocks = torch.nn.ModuleList()
-    y = x.clone()
-    y[..., 2] += 1.0
-    assert torch.equal(plain(y, t, ctx)[..., 1], plain(x, t, ctx)[..., 1])
-    assert (conv(y, t, ctx) - conv(x, t, ctx))[..., 1].abs().max() > 1e-4
-
-
 def test_paper_size_on_the_meta_device() -> None:
     """48 layers, width 6144, FFN 16384, 48 heads: ~30B transformer parameters (29.0B in the blocks)."""
     with torch.device("meta"):
