@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from datamodules.media import (
+    DecodedVideo,
     MediaDecodeError,
     crop_resize_frames,
     decode_audio,
@@ -191,6 +193,37 @@ class FrameHandler:
         return finalize_video(batch)
 
 
+class ClipCache:
+    """Decoded clips kept in memory, least recently used first out, up to `max_mb` of frames.
+
+    The key is the sample (shard URL, key, media member) and the times decoded (frames, fps, start), so a hit
+    returns exactly what `decode_video` would. A clip as long as the training clips always starts at 0 (the
+    quickstart's 1 s clips), so from its second pass on nothing is decoded; longer clips hit only in
+    validation, where the start is fixed. The cache lives in the
+    process that decodes: with `num_workers: 0` the training process, for the whole run; a loader's workers
+    are restarted every epoch, and their caches with them.
+    """
+
+    def __init__(self, max_mb: float) -> None:
+        self.max_bytes = int(max_mb * 2**20)
+        self.clips: OrderedDict[tuple, DecodedVideo] = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def decode(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float) -> DecodedVideo:
+        key = (sample.get("__url__"), sample.get("__key__"), member, num_frames, fps, start)
+        if key in self.clips:
+            self.hits += 1
+            self.clips.move_to_end(key)
+            return self.clips[key]
+        self.misses += 1
+        clip = decode_video(sample[member], num_frames, fps, start)  # its frames are only read from then on
+        self.clips[key] = clip
+        self.bytes += clip.frames.nbytes
+        while self.bytes > self.max_bytes and self.clips:
+            self.bytes -= self.clips.popitem(last=False)[1].frames.nbytes
+        return clip
+
+
 class VideoHandler(FrameHandler):
     """Video clips (+ optional soundtrack, masks, edit target) at `fps` (native fps if None)."""
 
@@ -210,6 +243,7 @@ class VideoHandler(FrameHandler):
         reference: str | None = None,
         reference_size: int = 32,
         identity_in_caption: bool = True,
+        decode_cache_mb: float = 0.0,
     ) -> None:
         if audio_rate and not fps:
             raise ValueError("video with audio needs a fixed fps (clips of equal length have equal audio length)")
@@ -222,6 +256,12 @@ class VideoHandler(FrameHandler):
         self.min_motion_bucket = min_motion_bucket
         self.reference, self.reference_size = reference, int(reference_size)
         self.identity_in_caption = identity_in_caption
+        self.cache = ClipCache(decode_cache_mb) if decode_cache_mb > 0 else None
+
+    def _decode(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float) -> DecodedVideo:
+        if self.cache is None:
+            return decode_video(sample[member], num_frames, fps, start)
+        return self.cache.decode(sample, member, num_frames, fps, start)
 
     def _info(self, sample: dict[str, Any], meta: dict, key: str) -> tuple[int, int, float, float]:
         """(width, height, native fps, duration) from the json when complete, else by probing the container."""
@@ -274,7 +314,7 @@ class VideoHandler(FrameHandler):
         start = float(rng.uniform(0.0, max(0.0, duration - span))) if self.train else 0.0
         offset = (float(rng.uniform()), float(rng.uniform())) if self.train and self.random_crop else (0.5, 0.5)
         size = (bucket.height, bucket.width)
-        clip = decode_video(sample[key], bucket.frames, fps, start)
+        clip = self._decode(sample, key, bucket.frames, fps, start)
         if not self.identity_in_caption and meta.get("identity_token"):  # "The zq3 star ..." -> "The star ..."
             text = text.replace(f"{meta['identity_token']} ", "")
         item: dict[str, Any] = {
@@ -288,7 +328,7 @@ class VideoHandler(FrameHandler):
             labels = read_labels(sample)
             item["labels"] = resize_crop_labels(labels[np.clip(clip.indices, 0, len(labels) - 1)], size, offset)
         if self.with_target:
-            target = decode_video(sample["edit.mp4"], bucket.frames, fps, start)
+            target = self._decode(sample, "edit.mp4", bucket.frames, fps, start)
             item["target_video"] = crop_resize_frames(target.frames, size, offset)
             if self.with_masks:  # an edit pair's target label maps ("target_labels" of its mask.npz)
                 labels = read_labels(sample, "target_labels")

@@ -37,6 +37,8 @@ class VideoDataModule(ShardDataModule):
         identity_in_caption: False drops the identity's token from identity captions ("The zq3 star ..." → "The
             star ..."), so that only a reference tells who it is (PT2V: the paper's captions describe the person,
             they do not name them; a token would let training identities bypass the reference).
+        decode_cache_mb: keep up to this many MB of decoded clips in memory (`samples.ClipCache`; 0: off): a
+            small world read for many epochs with `num_workers: 0` is then decoded once.
         **kwargs: the streaming options of `ShardDataModule`.
     """
 
@@ -60,6 +62,7 @@ class VideoDataModule(ShardDataModule):
         reference: str | None = None,
         reference_size: int = 32,
         identity_in_caption: bool = True,
+        decode_cache_mb: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(shards, val_shards, **kwargs)
@@ -75,6 +78,7 @@ class VideoDataModule(ShardDataModule):
         self.min_motion_bucket = min_motion_bucket
         self.reference, self.reference_size = reference, reference_size
         self.identity_in_caption = identity_in_caption
+        self.decode_cache_mb = float(decode_cache_mb)
 
     def extra_urls(self) -> dict[str, list[str] | None]:
         if self.image_ratio <= 0:
@@ -91,7 +95,8 @@ class VideoDataModule(ShardDataModule):
                             require_text=self.require_text, fps_in_caption=self.fps_in_caption,
                             with_masks=self.with_masks, with_target=self.with_target,
                             min_motion_bucket=self.min_motion_bucket, reference=self.reference,
-                            reference_size=self.reference_size, identity_in_caption=self.identity_in_caption)
+                            reference_size=self.reference_size, identity_in_caption=self.identity_in_caption,
+                            decode_cache_mb=self.decode_cache_mb)
 
     def sources(self, train: bool) -> list[Source]:
         split = "train" if train else "val"
@@ -128,4 +133,5 @@ class AudioVideoDataModule(VideoDataModule):
         return VideoHandler(self.table(self.frames), fps=self.fps, train=train, random_crop=self.random_crop,
                             require_text=self.require_text, fps_in_caption=self.fps_in_caption,
                             with_masks=self.with_masks, with_target=self.with_target,
-                            audio_rate=self.sample_rate, audio_channels=self.audio_channels)
+                            audio_rate=self.sample_rate, audio_channels=self.audio_channels,
+                            decode_cache_mb=self.decode_cache_mb)

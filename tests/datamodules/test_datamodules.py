@@ -63,6 +63,32 @@ def test_datamodules_yield_the_convention_keys(world_dir):
     assert stickers["text"][0].startswith("A sticker of")
 
 
+def test_decode_cache_gives_the_same_batches_and_decodes_each_clip_once(world_dir):
+    """`decode_cache_mb`: two epochs equal an uncached module's, batch for batch, and every clip of the second
+    epoch comes from the cache (the world's 1 s clips always start at 0); a budget under one clip keeps none."""
+    data_dir, world, _ = world_dir
+    common = dict(data_dir=data_dir, world=world, sizes=[[32, 32]], frames=[8], batch_size=4, num_workers=0,
+                  epoch_batches=3, seed=5, random_crop=False)
+    cached, plain = VideoDataModule(decode_cache_mb=8, **common), VideoDataModule(**common)
+    for dm in (cached, plain):
+        dm.prepare_data()
+        dm.setup("fit")
+    one_s = {k for b in plain.train_dataloader() for k, m in zip(b["key"], b["meta"]) if m["duration"] <= 1.0}
+    plain._train_loader = None
+    cache = cached.train_dataloader().dataset.sources[0].handler.cache
+    for epoch in range(2):
+        misses = cache.misses
+        for a, b in zip(cached.train_dataloader(), plain.train_dataloader()):
+            assert a["key"] == b["key"] and torch.equal(a["video"], b["video"])
+        if epoch == 1:
+            assert cache.misses - misses <= 12 - len(one_s) and cache.hits >= len(one_s) > 0
+    tiny = VideoDataModule(decode_cache_mb=1e-6, **common)
+    tiny.prepare_data()
+    tiny.setup("fit")
+    next(iter(tiny.train_dataloader()))
+    assert not tiny.train_dataloader().dataset.sources[0].handler.cache.clips
+
+
 class _Recorder(L.LightningModule):
     """Trains a scalar on the mean pixel and records which samples each step saw."""
 
