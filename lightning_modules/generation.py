@@ -58,10 +58,22 @@ from lightning_modules.nn.dit import DiT, grow_input_channels, grow_position_tab
 
 @dataclass
 class Objective:
-    """The affine path and the backbone's prediction type ("velocity", "epsilon", "data" or "v")."""
+    """The affine path, the backbone's prediction type ("velocity", "epsilon", "data" or "v") and the noise:
+    `frame_correlation` a > 0 gives every clip's frames a shared noise component (`paths.correlate_frames`), in
+    training and in sampling alike; 0 (default) is i.i.d. N(0, I)."""
 
     path: paths.AffinePath = field(default_factory=paths.FlowMatchingPath)
     prediction: str = "velocity"
+    frame_correlation: float = 0.0
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+        """X_0 of a batch of latents [B, C, T, H, W] (or images [B, C, H, W]: nothing to correlate)."""
+        noise = torch.randn(shape, generator=generator, device=None if generator else device)
+        if self.frame_correlation and len(shape) == 5:
+            shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=None if generator else device)
+            noise = paths.correlate_frames(noise, shared, self.frame_correlation)
+        return noise.to(device) if device is not None else noise
 
     def __post_init__(self) -> None:
         if self.prediction not in paths.PREDICTIONS:
@@ -351,6 +363,8 @@ class GenerationModule(BaseModule):
         if t is None:
             t = self.time_sampler(b, x1.device)
         path, prediction = self.objective.path, self.objective.prediction
+        if noise is None:
+            noise = self.objective.noise(tuple(x1.shape), device=x1.device).to(x1)
         x0, x_t = path.sample(x1, t, noise)
         return paths.flow_matching_loss(self(x_t, t, conditions), path.target(x0, x1, t, prediction))
 
@@ -369,7 +383,7 @@ class GenerationModule(BaseModule):
         losses = []
         for k in range(self.val_times):
             t = torch.full((x1.shape[0],), (k + 0.5) / self.val_times, device=x1.device)
-            noise = torch.randn(x1.shape, generator=generator).to(x1)
+            noise = self.objective.noise(tuple(x1.shape), generator).to(x1)
             losses.append(self.loss(batch, t=t, noise=noise))
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x1.shape[0])
         quick = [e for e in self.evaluators.values() if e.on_validation]
@@ -377,10 +391,10 @@ class GenerationModule(BaseModule):
             self._evaluate(batch, quick, "val", limit=self.media.max_samples, steps=self.media.steps)
 
     # -- sampling ----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
-        """[count, *shape] noise; sample i from its own generator seeded with seed + i."""
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+    def noise(self, shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
+        """[count, *shape] noise (`Objective.noise`); sample i from its own generator seeded with seed + i."""
+        return torch.cat([self.objective.noise((1, *shape), torch.Generator().manual_seed(seed + i))
+                          for i in range(count)])
 
     def guidance_passes(self, scales: Mapping[str, float]) -> tuple[list[dict[str, bool]], list[float]]:
         """The passes p_0..p_n (which conditions are on in each) and the scales s_1..s_n; one pass (all on) when

@@ -46,6 +46,21 @@ PREDICTIONS = ("velocity", "epsilon", "data", "v")
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def correlate_frames(noise: torch.Tensor, shared: torch.Tensor, correlation: float) -> torch.Tensor:
+    """PYoCo's mixed noise prior (arXiv 2305.10474 §3.2) for noise [B, C, T, H, W] and a shared draw [B, C, 1, H, W]:
+
+        X_0[:, :, f] = (a·shared + noise[:, :, f]) / sqrt(1 + a²),     a = `correlation`
+
+    Every frame stays N(0, I); two frames correlate by a² / (1 + a²) per element, so the frames of a clip start
+    from one layout. a = 0 returns `noise` unchanged."""
+    if correlation == 0:
+        return noise
+    if noise.ndim != 5 or shared.shape != (*noise.shape[:2], 1, *noise.shape[3:]):
+        raise ValueError(f"correlate_frames needs noise [B, C, T, H, W] and shared [B, C, 1, H, W], got "
+                         f"{list(noise.shape)} and {list(shared.shape)}")
+    return (correlation * shared + noise) / math.sqrt(1.0 + correlation**2)
+
+
 def expand_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """t [B] (or a scalar) → [B, 1, ..., 1] broadcastable to `like` [B, ...], in like's dtype and device."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)

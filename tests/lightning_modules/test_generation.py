@@ -111,6 +111,26 @@ def test_sampling_is_deterministic_for_a_seed(world: Path) -> None:
     assert image.shape == (1, 3, 1, 16, 16)
 
 
+def test_frame_correlated_noise_in_sampling_and_training(world: Path) -> None:
+    """`objective.frame_correlation`: 0 draws what `torch.randn` draws from seed + i (the seeds of earlier runs
+    keep their samples); 3 makes the frames of each sample's noise correlate by 0.9 (9 / 10), in the sampler's
+    noise and in the training loss's, and the images' noise [C, H, W] is left alone."""
+    plain, mixed = module(), module(objective=dict(frame_correlation=3.0))
+    shape = (48, 4, 4, 4)
+    noise = plain.noise(shape, seed=5, count=2)
+    assert torch.equal(noise[1], torch.randn(shape, generator=torch.Generator().manual_seed(6)))
+    frames = mixed.noise((48, 4, 8, 8), seed=5, count=64)
+    assert torch.corrcoef(frames[:, :, [0, 3]].transpose(0, 2).flatten(1))[0, 1].item() == pytest.approx(0.9, abs=0.02)
+    assert mixed.noise((48, 4, 4), seed=5, count=2).shape == (2, 48, 4, 4)
+    batch = next(iter(datamodule(world).train_dataloader()))
+    drawn = []
+    original = mixed.objective.path.sample
+    mixed.objective.path.sample = lambda x1, t, noise=None: drawn.append(noise) or original(x1, t, noise)
+    mixed.loss(batch, train=True)
+    x0 = drawn[0]
+    assert torch.corrcoef(x0[:, :, [0, -1]].transpose(0, 2).flatten(1))[0, 1].item() == pytest.approx(0.9, abs=0.05)
+
+
 def test_short_training_lowers_the_loss(world: Path) -> None:
     model = module(lr=3e-3, text_dropout=0.1)
     batch = held_out(world)

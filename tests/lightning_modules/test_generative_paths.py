@@ -305,3 +305,19 @@ def test_peer_prediction_conversions(case: str) -> None:
         expected = fn(out, x_t, te)
         got = path.convert(out, x_t, t, src, dst)
         assert (got - expected).abs().max().item() <= 1e-6 * max(1.0, expected.abs().max().item()), (src, dst)
+
+
+# -- the noise prior ----------------------------------------------------------------------------------------------
+def test_frame_correlated_noise_keeps_unit_variance_and_correlates_frames_by_a2_over_1_plus_a2() -> None:
+    """PYoCo's mixed prior: the per-element correlation between two frames, measured over many draws, is
+    a²/(1 + a²) (a = 1: 0.5, a = 3: 0.9), the variance stays 1, and a = 0 is the i.i.d. noise itself."""
+    g = torch.Generator().manual_seed(0)
+    noise, shared = torch.randn(64, 4, 3, 16, 16, generator=g), torch.randn(64, 4, 1, 16, 16, generator=g)
+    assert paths.correlate_frames(noise, shared, 0.0) is noise
+    for a in (1.0, 3.0):
+        x = paths.correlate_frames(noise, shared, a)
+        assert x.var().item() == pytest.approx(1.0, abs=0.03)
+        f0, f2 = x[:, :, 0].flatten(), x[:, :, 2].flatten()
+        assert torch.corrcoef(torch.stack([f0, f2]))[0, 1].item() == pytest.approx(a * a / (1 + a * a), abs=0.02)
+    with pytest.raises(ValueError, match="shared"):
+        paths.correlate_frames(noise, shared[:, :, :, :8], 1.0)
