@@ -39,6 +39,7 @@ def fresh_module(overrides: list[str], out: Path) -> GenerationModule:
     return hydra.utils.instantiate(cfg.model, _convert_="object")
 
 
+@pytest.mark.slow  # ~45 s of CI's 20 minutes; test_distributed.py keeps the sharded save and resume by default
 def test_sample_and_evaluate_from_fsdp_sharded_checkpoint(outputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = [*SMALL, f"data.data_dir={tmp_path / 'data'}"]
     # trained with activation checkpointing, sampled without it: the names must still match
