@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments.compose import EXPERIMENTS, compose_config
-from experiments.runner import run
+from experiments.runner import run, threads_per_process
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -62,3 +62,16 @@ def test_experiment_runs_one_step(experiment: str, outputs: Path) -> None:
     after = default_store.stat().st_mtime_ns if default_store.exists() else None
     assert after == before, "a fast_dev_run (which logs nothing) wrote ./mlflow.db"
 
+
+
+def test_threads_are_split_between_the_processes_of_one_machine(outputs: Path) -> None:
+    """The quickstart asks for 2 threads: 2 on one process, 1 each for 2 CPU processes on 2 cores, 2 each on 4
+    cores; a GPU run keeps what it asks."""
+    def threads(*overrides: str, cores: int) -> int:
+        return threads_per_process(compose_config(["experiment=quickstart", *overrides], outputs / "job"), cores)
+
+    assert threads(cores=2) == 2
+    assert threads("strategy=fsdp", "trainer.devices=2", cores=2) == 1
+    assert threads("strategy=fsdp", "trainer.devices=2", cores=4) == 2
+    assert threads("trainer.devices=3", cores=2) == 1
+    assert threads("trainer=gpu", "trainer.devices=2", cores=2) == 2

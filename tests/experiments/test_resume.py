@@ -64,7 +64,8 @@ def test_killed_run_resumes_to_the_same_metrics(outputs: Path) -> None:
 QUICKSTART = ["experiment=quickstart", "trainer.max_steps=12", "data.epoch_batches=4", "data.val_batches=1",
               "data.batch_size=4", "trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.every_n_epochs=null",
               "callbacks.checkpoint.every_n_train_steps=4", "test_after_fit=false", "trainer.log_every_n_steps=1",
-              "trainer.enable_progress_bar=false", "model.media.steps=2", "model.val_times=2"]
+              "trainer.enable_progress_bar=false", "model.media.steps=2", "model.val_times=2",
+              "data.num_workers=1"]  # the quickstart decodes in its own process; a worker's seeds must resume too
 
 
 def test_quickstart_killed_run_resumes_to_the_same_history(outputs: Path) -> None:
