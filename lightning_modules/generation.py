@@ -68,12 +68,14 @@ class Objective:
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> torch.Tensor:
-        """X_0 of a batch of latents [B, C, T, H, W] (or images [B, C, H, W]: nothing to correlate)."""
-        noise = torch.randn(shape, generator=generator, device=None if generator else device)
+        """X_0 of a batch of latents [B, C, T, H, W] (or images [B, C, H, W]: nothing to correlate). With a
+        generator the draw is made on its (CPU) device and then moved."""
+        draw_on = None if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=draw_on)
         if self.frame_correlation and len(shape) == 5:
-            shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=None if generator else device)
+            shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=draw_on)
             noise = paths.correlate_frames(noise, shared, self.frame_correlation)
-        return noise.to(device) if device is not None else noise
+        return noise if device is None else noise.to(device)
 
     def __post_init__(self) -> None:
         if self.prediction not in paths.PREDICTIONS:
