@@ -59,12 +59,14 @@ from lightning_modules.nn.dit import DiT, grow_input_channels, grow_position_tab
 @dataclass
 class Objective:
     """The affine path, the backbone's prediction type ("velocity", "epsilon", "data" or "v") and the noise:
-    `frame_correlation` a > 0 gives every clip's frames a shared noise component (`paths.correlate_frames`), in
-    training and in sampling alike; 0 (default) is i.i.d. N(0, I)."""
+    `frame_correlation` a > 0 correlates every clip's frames, in training and in sampling alike, by PYoCo's
+    `frame_noise` prior: "mixed" (a shared component, `paths.correlate_frames`) or "progressive" (an AR(1) chain in
+    time, `paths.progressive_frames`); 0 (default) is i.i.d. N(0, I)."""
 
     path: paths.AffinePath = field(default_factory=paths.FlowMatchingPath)
     prediction: str = "velocity"
     frame_correlation: float = 0.0
+    frame_noise: str = "mixed"
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> torch.Tensor:
@@ -72,12 +74,16 @@ class Objective:
         generator the draw is made on its (CPU) device and then moved."""
         draw_on = None if generator is not None else device
         noise = torch.randn(shape, generator=generator, device=draw_on)
-        if self.frame_correlation and len(shape) == 5:
+        if self.frame_correlation and len(shape) == 5 and self.frame_noise == "progressive":
+            noise = paths.progressive_frames(noise, self.frame_correlation)
+        elif self.frame_correlation and len(shape) == 5:
             shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=draw_on)
             noise = paths.correlate_frames(noise, shared, self.frame_correlation)
         return noise if device is None else noise.to(device)
 
     def __post_init__(self) -> None:
+        if self.frame_noise not in ("mixed", "progressive"):
+            raise ValueError(f"model.objective.frame_noise={self.frame_noise!r}; choose mixed or progressive")
         if self.prediction not in paths.PREDICTIONS:
             raise ValueError(f"model.objective.prediction={self.prediction!r}; choose one of {paths.PREDICTIONS}")
 

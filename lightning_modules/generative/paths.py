@@ -61,6 +61,24 @@ def correlate_frames(noise: torch.Tensor, shared: torch.Tensor, correlation: flo
     return (correlation * shared + noise) / math.sqrt(1.0 + correlation**2)
 
 
+def progressive_frames(noise: torch.Tensor, correlation: float) -> torch.Tensor:
+    """PYoCo's progressive noise prior (arXiv 2305.10474 §3.2) for noise [B, C, T, H, W], an AR(1) chain in time:
+
+        X_0[:, :, 0] = noise[:, :, 0],    X_0[:, :, f] = (a·X_0[:, :, f − 1] + noise[:, :, f]) / sqrt(1 + a²)
+
+    Every frame stays N(0, I); frames f and g correlate by (a / sqrt(1 + a²))^|f − g| per element, so neighbours
+    start alike and distant frames are free to differ (the mixed prior ties all frames to one layout).
+    a = 0 returns `noise` unchanged."""
+    if correlation == 0:
+        return noise
+    if noise.ndim != 5:
+        raise ValueError(f"progressive_frames needs noise [B, C, T, H, W], got {list(noise.shape)}")
+    frames = [noise[:, :, 0]]
+    for f in range(1, noise.shape[2]):
+        frames.append((correlation * frames[-1] + noise[:, :, f]) / math.sqrt(1.0 + correlation**2))
+    return torch.stack(frames, dim=2)
+
+
 def expand_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """t [B] (or a scalar) → [B, 1, ..., 1] broadcastable to `like` [B, ...], in like's dtype and device."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)

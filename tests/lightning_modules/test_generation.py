@@ -5,6 +5,7 @@ probe metrics in MLflow, then task=sample and task=evaluate from its checkpoint)
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -129,6 +130,14 @@ def test_frame_correlated_noise_in_sampling_and_training(world: Path) -> None:
     mixed.loss(batch, train=True)
     x0 = drawn[0]
     assert torch.corrcoef(x0[:, :, [0, -1]].transpose(0, 2).flatten(1))[0, 1].item() == pytest.approx(0.9, abs=0.05)
+    # the progressive prior (a = 3: neighbours correlate by 3 / sqrt(10) = 0.949, frames 3 apart by 0.949³ = 0.854)
+    progressive = module(objective=dict(frame_correlation=3.0, frame_noise="progressive"))
+    frames = progressive.noise((48, 4, 8, 8), seed=5, count=64).transpose(0, 2).flatten(1)
+    rho = 3.0 / math.sqrt(10.0)
+    assert torch.corrcoef(frames[[0, 1]])[0, 1].item() == pytest.approx(rho, abs=0.02)
+    assert torch.corrcoef(frames[[0, 3]])[0, 1].item() == pytest.approx(rho**3, abs=0.02)
+    with pytest.raises(ValueError, match="frame_noise"):
+        module(objective=dict(frame_correlation=3.0, frame_noise="ar1"))
 
 
 def test_short_training_lowers_the_loss(world: Path) -> None:
