@@ -50,6 +50,7 @@ from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state
 from lightning_modules.conditioning import Conditioner, Conditions, ReferenceImage, assemble, resize_video
 from lightning_modules.conditioning.text import batch_fps
 from lightning_modules.evaluation import Evaluator
+from lightning_modules.evaluation.probe import train_batches
 from lightning_modules.evaluation.samples import log_artifacts, slug, write_clip
 from lightning_modules.generative import guidance, multidiffusion, paths, solvers, timesteps
 from lightning_modules.nn.attention import MiddleFrameAnchors, install_anchors
@@ -296,13 +297,32 @@ class GenerationModule(BaseModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:
             try:
-                path = newest_checkpoint(self.init_from)
+                self.load_stage_weights(newest_checkpoint(self.init_from))
             except FileNotFoundError:
-                if self.trainer is not None and self.trainer.fast_dev_run:
-                    print(f"[generation] fast_dev_run: model.init_from={self.init_from} not found; starting from scratch")
-                    return
-                raise
-            self.load_stage_weights(path)
+                if self.trainer is None or not self.trainer.fast_dev_run:
+                    raise
+                print(f"[generation] fast_dev_run: model.init_from={self.init_from} not found; starting from scratch")
+        if stage == "fit" and hasattr(self.codec, "fit") and not bool(self.codec.fitted):
+            self.fit_codec()
+
+    def fit_codec(self) -> None:
+        """Fit a codec fitted on data (`nn.codecs.PCACodec`) on `codec.fit_clips` of the datamodule's training
+        clips, read by a loader of their own (the training stream is untouched: exact resume holds); one batch
+        under fast_dev_run. Every rank reads the same clips, so every rank fits the same codec."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            raise ValueError(f"{type(self.codec).__name__} is fitted on the training clips: train with a datamodule "
+                             f"or load a checkpoint that holds it")
+        batch_size = int(getattr(datamodule, "batch_size", 8) or 8)
+        wanted = batch_size if self.trainer.fast_dev_run else self.codec.fit_clips
+        videos, seen = [], 0
+        for batch in train_batches(datamodule, -(-wanted // batch_size) + 1, seed=2):
+            videos.append(batch["video"])
+            seen += batch["video"].shape[0]
+            if seen >= wanted:
+                break
+        self.codec.fit(videos)
+        print(f"[generation] {type(self.codec).__name__} fitted on {seen} training clips")
 
     def load_stage_weights(self, path: str | Path) -> None:
         """Load a previous stage's weights (not the optimizer): position tables grow, the input weights of new

@@ -1,7 +1,7 @@
 """Codecs between pixel videos and the latent space a generator is trained in (one interface, two kinds).
 
 Interface: `encode(video [B, 3, T, H, W] in [-1, 1]) -> latent [B, C, T', H', W']`, `decode(latent, num_frames)`,
-`latent_shape(T, H, W) -> (C, T', H', W')`, `latent_channels`; no trainable parameters.
+`latent_shape(T, H, W) -> (C, T', H', W')`, `latent_channels`; no trainable parameters (a fitted codec has `fit`).
 
 - `PixelCodec`: parameter-free and exactly invertible space-to-depth, a "latent" that is the pixels folded into
   channels: with spatial factor s and temporal factor f,
@@ -10,6 +10,9 @@ Interface: `encode(video [B, 3, T, H, W] in [-1, 1]) -> latent [B, C, T', H', W'
 
   It needs no trained autoencoder, so the CPU quickstart works on a fresh machine; the DiT then sees
   (f·T_patch) × (s·2)² pixel patches. Images (T = 1) need f = 1.
+- `PCACodec`: a linear codec fitted once on the training clips (an SVD, about a second): each patch of f frames
+  × s × s pixels is kept as its coordinates on the patches' top K principal components. A temporal factor
+  f > 1 makes every latent position a short moving pattern the data contains; K < 3·f·s² drops the rest.
 - `TAECodec`: the Movie Gen temporal autoencoder (`nn.tae.TAE`), frozen, loaded from a checkpoint of
   `task=fit` with `experiment=tae_tiny` (its "net." weights) or a plain state dict; encodes to the posterior
   mean. Latents cached with `task=encode` come from the same TAE and skip `encode`. The TAE is deliberately not
@@ -20,6 +23,7 @@ Interface: `encode(video [B, 3, T, H, W] in [-1, 1]) -> latent [B, C, T', H', W'
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,6 +57,81 @@ class PixelCodec(nn.Module):
 
     def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         video = rearrange(latent, "b (c f s r) t h w -> b c (t f) (h s) (w r)", c=self.channels, f=self.temporal,
+                          s=self.spatial, r=self.spatial)
+        return video if num_frames is None else video[:, :, :num_frames]
+
+
+class PCACodec(nn.Module):
+    """Principal components of pixel patches (see the module docstring). With p a patch of f frames × s × s
+    pixels × 3 channels (D = 3·f·s² values, the order of `PixelCodec`'s channels), μ the mean patch and B [K, D]
+    the top K principal directions of the fitted patches:
+
+        z = B·(p − μ) / σ,    p̂ = σ·Bᵀ·z + μ,    σ = sqrt(mean_k var(z_k))  (one scale for all components)
+
+    One σ keeps the components' relative sizes: a patch's mean colour (the first components) stays as visible
+    through the flow's noise as it is in pixels, which is what lets the text be learnt at a training shift > 1
+    (whitening each component hid it: colour and background were lost). The basis, the mean and σ are buffers,
+    so checkpoints carry them; `fit` computes them (`GenerationModule.setup` fits an unfitted codec on the
+    datamodule's training clips before training)."""
+
+    def __init__(self, components: int = 48, spatial: int = 4, temporal: int = 4, channels: int = 3,
+                 fit_clips: int = 256) -> None:
+        super().__init__()
+        self.spatial, self.temporal, self.channels, self.fit_clips = spatial, temporal, channels, fit_clips
+        self.patch_values = channels * temporal * spatial * spatial
+        if not 0 < components <= self.patch_values:
+            raise ValueError(f"PCACodec: components={components} must be in [1, {self.patch_values}] "
+                             f"(3 x temporal x spatial² values a patch)")
+        self.latent_channels = components
+        self.spatial_factor, self.temporal_factor = spatial, temporal
+        self.register_buffer("mean", torch.zeros(self.patch_values))
+        self.register_buffer("basis", torch.zeros(components, self.patch_values))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        s, f = self.spatial, self.temporal
+        if frames % f or height % s or width % s:
+            raise ValueError(f"PCACodec(spatial={s}, temporal={f}): T, H, W = {frames}, {height}, {width} must be "
+                             f"multiples of ({f}, {s}, {s})")
+        return self.latent_channels, frames // f, height // s, width // s
+
+    def _patches(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] → [B, T', H', W', D]."""
+        self.latent_shape(*video.shape[2:])
+        return rearrange(video.float(), "b c (t f) (h s) (w r) -> b t h w (c f s r)", f=self.temporal,
+                         s=self.spatial, r=self.spatial)
+
+    @torch.no_grad()
+    def fit(self, videos: Sequence[torch.Tensor]) -> None:
+        """Fit μ, B and σ on batches of clips [N, 3, T, H, W] in [-1, 1] (their patches are the samples; the
+        batches may differ in size)."""
+        patches = torch.cat([self._patches(v.cpu()).reshape(-1, self.patch_values) for v in videos])
+        if patches.shape[0] < self.latent_channels:
+            raise ValueError(f"PCACodec.fit: {patches.shape[0]} patches cannot give {self.latent_channels} components")
+        mean = patches.mean(0)
+        _, _, directions = torch.linalg.svd(patches - mean, full_matrices=False)
+        basis = directions[: self.latent_channels]
+        coefficients = (patches - mean) @ basis.T
+        self.mean.copy_(mean)
+        self.basis.copy_(basis)
+        self.scale.copy_(coefficients.pow(2).mean().sqrt().clamp_min(1e-6))
+        self.fitted.fill_(True)
+
+    def _check_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise RuntimeError("PCACodec is not fitted: train from the datamodule (GenerationModule.setup fits it) "
+                               "or load a checkpoint that holds its basis")
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        z = (self._patches(video) - self.mean) @ self.basis.T / self.scale
+        return rearrange(z, "b t h w k -> b k t h w")
+
+    def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        self._check_fitted()
+        patches = rearrange(latent.float(), "b k t h w -> b t h w k") * self.scale @ self.basis + self.mean
+        video = rearrange(patches, "b t h w (c f s r) -> b c (t f) (h s) (w r)", c=self.channels, f=self.temporal,
                           s=self.spatial, r=self.spatial)
         return video if num_frames is None else video[:, :, :num_frames]
 
