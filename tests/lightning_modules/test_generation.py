@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from einops import rearrange
 from mlflow.tracking import MlflowClient
 
 from datamodules.video import VideoDataModule
@@ -28,7 +29,7 @@ from lightning_modules.evaluation.probe import (
     topk_alignment,
 )
 from lightning_modules.generation import GenerationModule, TimeSampler
-from lightning_modules.nn.codecs import PixelCodec
+from lightning_modules.nn.codecs import PCACodec, PixelCodec
 from lightning_modules.nn.dit import DiT
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
 from tests.helpers import fixed_loss, sqlite_uri
@@ -138,6 +139,55 @@ def test_frame_correlated_noise_in_sampling_and_training(world: Path) -> None:
     assert torch.corrcoef(frames[[0, 3]])[0, 1].item() == pytest.approx(rho**3, abs=0.02)
     with pytest.raises(ValueError, match="frame_noise"):
         module(objective=dict(frame_correlation=3.0, frame_noise="ar1"))
+
+
+def test_pca_codec_reconstructs_as_sklearn_pca_does(world: Path) -> None:
+    """PCACodec against scikit-learn's PCA on the same patches (4 frames x 4x4 pixels x 3 = 192 values): the same
+    reconstruction with 24 components; coefficients of unit RMS; exact with all 192; a clear error unfitted."""
+    from sklearn.decomposition import PCA
+
+    dm = datamodule(world)
+    dm.setup("fit")
+    clips = [b["video"] for b in dm.train_dataloader()]  # 32 clips, 16x16, 4 frames
+    codec = PCACodec(components=24, spatial=4, temporal=4)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        codec.encode(clips[0])
+    codec.fit(clips)
+    video = torch.cat(clips)
+    patches = rearrange(video, "b c (t f) (h s) (w r) -> (b t h w) (c f s r)", f=4, s=4, r=4).double().numpy()
+    reference = PCA(n_components=24, svd_solver="full").fit(patches)
+    expected = torch.from_numpy(reference.inverse_transform(reference.transform(patches))).float()
+    latent = codec.encode(video)
+    assert latent.shape == (32, 24, 1, 4, 4)
+    assert latent.pow(2).mean().item() == pytest.approx(1.0, abs=1e-4)
+    ours = rearrange(codec.decode(latent), "b c (t f) (h s) (w r) -> (b t h w) (c f s r)", f=4, s=4, r=4)
+    assert torch.allclose(ours, expected, atol=1e-4)
+    assert (ours - torch.from_numpy(patches).float()).abs().mean() > 1e-3  # 24 of 192 components lose something
+    full = PCACodec(components=192, spatial=4, temporal=4)
+    full.fit(clips)
+    assert torch.allclose(full.decode(full.encode(video)), video, atol=1e-4)
+    with pytest.raises(ValueError, match="multiples"):
+        codec.encode(video[:, :, :3])
+
+
+def test_pca_codec_is_fitted_on_the_training_clips_and_kept_in_checkpoints(world: Path) -> None:
+    """A module with an unfitted PCACodec fits it in setup("fit") from the datamodule and trains; its basis is in
+    the state dict, so a new module that loads it samples the same video."""
+    def pca_module() -> GenerationModule:
+        net = DiT(in_channels=24, dim=32, depth=1, heads=2, ffn_dim=64, patch=(1, 1, 1), max_t=2, max_h=4, max_w=4)
+        text = Text(TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=2, max_length=64)}, dim=32))
+        return GenerationModule(net, PCACodec(components=24, spatial=4, temporal=4, fit_clips=16), {"text": text},
+                                optimizer=partial(torch.optim.AdamW, lr=3e-3), sampler=dict(steps=3))
+    model = pca_module()
+    trainer(2).fit(model, datamodule(world))
+    assert bool(model.codec.fitted) and model.codec.basis.abs().sum() > 0
+    state = model.state_dict()
+    assert {"codec.basis", "codec.mean", "codec.scale", "codec.fitted"} <= set(state)
+    again = pca_module()
+    again.load_state_dict(state)
+    model.eval(), again.eval()
+    ask = {"text": ["A red circle bounces around."], "fps": 8.0}
+    assert torch.equal(model.generate(ask, 4, 16, 16, seed=3), again.generate(ask, 4, 16, 16, seed=3))
 
 
 def test_short_training_lowers_the_loss(world: Path) -> None:
