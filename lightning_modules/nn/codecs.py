@@ -90,15 +90,19 @@ class PCACodec(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """T' = ceil(T / f): a clip whose length is not a multiple of f (an image: T = 1) is padded by repeating
+        its last frame, as a still object would be (decode cuts the padding off with num_frames)."""
         s, f = self.spatial, self.temporal
-        if frames % f or height % s or width % s:
-            raise ValueError(f"PCACodec(spatial={s}, temporal={f}): T, H, W = {frames}, {height}, {width} must be "
-                             f"multiples of ({f}, {s}, {s})")
-        return self.latent_channels, frames // f, height // s, width // s
+        if height % s or width % s or frames < 1:
+            raise ValueError(f"PCACodec(spatial={s}): H, W = {height}, {width} must be multiples of {s}")
+        return self.latent_channels, -(-frames // f), height // s, width // s
 
     def _patches(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, T, H, W] → [B, T', H', W', D]."""
-        self.latent_shape(*video.shape[2:])
+        _, t, _, _ = self.latent_shape(*video.shape[2:])
+        if t * self.temporal > video.shape[2]:
+            still = video[:, :, -1:].expand(-1, -1, t * self.temporal - video.shape[2], -1, -1)
+            video = torch.cat([video, still], dim=2)
         return rearrange(video.float(), "b c (t f) (h s) (w r) -> b t h w (c f s r)", f=self.temporal,
                          s=self.spatial, r=self.spatial)
 

@@ -166,8 +166,12 @@ def test_pca_codec_reconstructs_as_sklearn_pca_does(world: Path) -> None:
     full = PCACodec(components=192, spatial=4, temporal=4)
     full.fit(clips)
     assert torch.allclose(full.decode(full.encode(video)), video, atol=1e-4)
+    # 3 frames (or an image) are padded with the last frame repeated: the same as encoding that padded clip
+    padded = torch.cat([video[:, :, :3], video[:, :, 2:3]], dim=2)
+    assert torch.equal(codec.encode(video[:, :, :3]), codec.encode(padded))
+    assert codec.decode(codec.encode(video[:, :, :1]), num_frames=1).shape == (32, 3, 1, 16, 16)
     with pytest.raises(ValueError, match="multiples"):
-        codec.encode(video[:, :, :3])
+        codec.encode(video[..., :15, :15])
 
 
 def test_pca_codec_is_fitted_on_the_training_clips_and_kept_in_checkpoints(world: Path) -> None:
