@@ -1,4 +1,4 @@
-"""Codecs between pixel videos and the latent space a generator is trained in (one interface, two kinds).
+"""Codecs between pixel videos and the latent space a generator is trained in (one interface, three kinds).
 
 Interface: `encode(video [B, 3, T, H, W] in [-1, 1]) -> latent [B, C, T', H', W']`, `decode(latent, num_frames)`,
 `latent_shape(T, H, W) -> (C, T', H', W')`, `latent_channels`; no trainable parameters (a fitted codec has `fit`).
