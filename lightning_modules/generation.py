@@ -75,11 +75,12 @@ class Objective:
         generator the draw is made on its (CPU) device and then moved."""
         draw_on = None if generator is not None else device
         noise = torch.randn(shape, generator=generator, device=draw_on)
-        if self.frame_correlation and len(shape) == 5 and self.frame_noise == "progressive":
-            noise = paths.progressive_frames(noise, self.frame_correlation)
-        elif self.frame_correlation and len(shape) == 5:
-            shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=draw_on)
-            noise = paths.correlate_frames(noise, shared, self.frame_correlation)
+        if self.frame_correlation and len(shape) == 5:
+            if self.frame_noise == "progressive":
+                noise = paths.progressive_frames(noise, self.frame_correlation)
+            else:
+                shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=draw_on)
+                noise = paths.correlate_frames(noise, shared, self.frame_correlation)
         return noise if device is None else noise.to(device)
 
     def __post_init__(self) -> None:
@@ -302,7 +303,7 @@ class GenerationModule(BaseModule):
                 if self.trainer is None or not self.trainer.fast_dev_run:
                     raise
                 print(f"[generation] fast_dev_run: model.init_from={self.init_from} not found; starting from scratch")
-        if stage == "fit" and hasattr(self.codec, "fit") and not bool(self.codec.fitted):
+        if stage == "fit" and hasattr(self.codec, "fit") and not self.codec.fitted:
             self.fit_codec()
 
     def fit_codec(self) -> None:

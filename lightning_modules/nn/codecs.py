@@ -63,7 +63,7 @@ class PixelCodec(nn.Module):
 
 class PCACodec(nn.Module):
     """Principal components of pixel patches (see the module docstring). With p a patch of f frames × s × s
-    pixels × 3 channels (D = 3·f·s² values, the order of `PixelCodec`'s channels), μ the mean patch and B [K, D]
+    pixels × 3 channels (D = 3·f·s² values: a `PixelCodec` latent position's channels), μ the mean patch and B [K, D]
     the top K principal directions of the fitted patches:
 
         z = B·(p − μ) / σ,    p̂ = σ·Bᵀ·z + μ,    σ = sqrt(mean_k var(z_k))  (one scale for all components)
@@ -77,8 +77,9 @@ class PCACodec(nn.Module):
     def __init__(self, components: int = 48, spatial: int = 4, temporal: int = 4, channels: int = 3,
                  fit_clips: int = 256) -> None:
         super().__init__()
-        self.spatial, self.temporal, self.channels, self.fit_clips = spatial, temporal, channels, fit_clips
-        self.patch_values = channels * temporal * spatial * spatial
+        self.fit_clips = fit_clips
+        self.pixels = PixelCodec(spatial, temporal, channels)  # a patch = a pixel latent position's channels
+        self.patch_values = self.pixels.latent_channels
         if not 0 < components <= self.patch_values:
             raise ValueError(f"PCACodec: components={components} must be in [1, {self.patch_values}] "
                              f"(3 x temporal x spatial² values a patch)")
@@ -87,24 +88,26 @@ class PCACodec(nn.Module):
         self.register_buffer("mean", torch.zeros(self.patch_values))
         self.register_buffer("basis", torch.zeros(components, self.patch_values))
         self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def fitted(self) -> bool:
+        """A fitted basis is orthonormal, so never all zero."""
+        return bool(self.basis.any())
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """T' = ceil(T / f): a clip whose length is not a multiple of f (an image: T = 1) is padded by repeating
         its last frame, as a still object would be (decode cuts the padding off with num_frames)."""
-        s, f = self.spatial, self.temporal
-        if height % s or width % s or frames < 1:
-            raise ValueError(f"PCACodec(spatial={s}): H, W = {height}, {width} must be multiples of {s}")
-        return self.latent_channels, -(-frames // f), height // s, width // s
+        f = self.temporal_factor
+        _, t, h, w = self.pixels.latent_shape(-(-frames // f) * f, height, width)
+        return self.latent_channels, t, h, w
 
     def _patches(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W] → [B, T', H', W', D]."""
+        """[B, 3, T, H, W] → [B, T', H', W', D] (`PixelCodec`'s space-to-depth, after the padding in time)."""
         _, t, _, _ = self.latent_shape(*video.shape[2:])
-        if t * self.temporal > video.shape[2]:
-            still = video[:, :, -1:].expand(-1, -1, t * self.temporal - video.shape[2], -1, -1)
+        if t * self.temporal_factor > video.shape[2]:
+            still = video[:, :, -1:].expand(-1, -1, t * self.temporal_factor - video.shape[2], -1, -1)
             video = torch.cat([video, still], dim=2)
-        return rearrange(video.float(), "b c (t f) (h s) (w r) -> b t h w (c f s r)", f=self.temporal,
-                         s=self.spatial, r=self.spatial)
+        return rearrange(self.pixels.encode(video.float()), "b d t h w -> b t h w d")
 
     @torch.no_grad()
     def fit(self, videos: Sequence[torch.Tensor]) -> None:
@@ -120,10 +123,9 @@ class PCACodec(nn.Module):
         self.mean.copy_(mean)
         self.basis.copy_(basis)
         self.scale.copy_(coefficients.pow(2).mean().sqrt().clamp_min(1e-6))
-        self.fitted.fill_(True)
 
     def _check_fitted(self) -> None:
-        if not bool(self.fitted):
+        if not self.fitted:
             raise RuntimeError("PCACodec is not fitted: train from the datamodule (GenerationModule.setup fits it) "
                                "or load a checkpoint that holds its basis")
 
@@ -135,9 +137,7 @@ class PCACodec(nn.Module):
     def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         self._check_fitted()
         patches = rearrange(latent.float(), "b k t h w -> b t h w k") * self.scale @ self.basis + self.mean
-        video = rearrange(patches, "b t h w (c f s r) -> b c (t f) (h s) (w r)", c=self.channels, f=self.temporal,
-                          s=self.spatial, r=self.spatial)
-        return video if num_frames is None else video[:, :, :num_frames]
+        return self.pixels.decode(rearrange(patches, "b t h w d -> b d t h w"), num_frames)
 
 
 class TAECodec(nn.Module):
