@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_convert
 
 from datamodules.shard_schedule import dist_info, mix_seed
 from datamodules.stream_dataset import STREAM_INFO, BadDataError, Plan, StreamDataset, bad_message
@@ -42,6 +42,12 @@ def _worker_init(_: int) -> None:
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def convert_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's default conversion (numpy arrays -> tensors) of every entry but "meta": the samples' json,
+    plain Python that it would walk value by value (a quarter of a quickstart batch's loading time)."""
+    return {key: value if key == "meta" else default_convert(value) for key, value in batch.items()}
 
 
 class ShardLoader:
@@ -100,6 +106,7 @@ class ShardLoader:
             worker_init_fn=_worker_init if workers > 0 else None,
             multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
             generator=generator,
+            collate_fn=convert_batch,
         )
 
     def _account(self, info: dict) -> None:

@@ -1,10 +1,10 @@
 """Movie Gen personalization (PT2V) on held-out identities: identity, copy-paste and text alignment of the three
 stages, beside the text-to-video model without a reference, real clips of the identity, and paired training.
 
-    python experiments/benchmarks/pt2v.py [--t2v <quickstart run folder or checkpoint>] [--t2v-steps 780]
+    python experiments/benchmarks/pt2v.py [--t2v <quickstart run folder or checkpoint>] [--t2v-steps 1000]
         [--steps 600 200 300] [--fresh] [--out <folder>]
 
-The defaults are the experiments' own lengths (the quickstart's 780 steps, the stages' 600 / 200 / 300): about
+The defaults are the experiments' own lengths (the quickstart's 1000 steps, the stages' 600 / 200 / 300): about
 30 minutes on 2 CPU cores. `--t2v-steps 400 --steps 400 60 120` is the 10-minute version (weaker identity).
 
 The chain, each stage from the previous one's newest checkpoint (`model.init_from`), in its own output folder
@@ -181,7 +181,7 @@ def grid(batch: dict[str, Any], samples: dict[str, torch.Tensor], count: int, sc
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--t2v", default=None, help="a finished quickstart run or checkpoint (default: train one)")
-    parser.add_argument("--t2v-steps", type=int, default=780)
+    parser.add_argument("--t2v-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, nargs=3, default=[600, 200, 300], metavar=("I", "II", "III"))
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--fresh", action="store_true")

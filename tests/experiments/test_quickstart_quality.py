@@ -1,6 +1,6 @@
 """The README's main command, in full, makes videos that follow the prompt (issue 12): `experiment=quickstart` as a
-user runs it (world, its 800 training steps, sampling of the 64 held-out prompts, the probe and world evaluators),
-checked on the test metrics it logs to MLflow:
+user runs it (world, its 1000 training steps on the PCA codec, sampling of the 64 held-out prompts, the probe and
+world evaluators), checked on the test metrics it logs to MLflow:
 
 - colour alignment >= 0.95;
 - shape and motion alignment >= 0.7 x the same probe's score on the real held-out clips;
