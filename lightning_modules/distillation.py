@@ -69,16 +69,20 @@ class DistillationModule(GenerationModule):
         teacher_steps: the teacher's Euler steps over the whole schedule (a multiple of S).
         guidance_ranges: guided condition → [lo, hi], the range the scale is drawn from (uniformly).
         data_weight: the weight of the flow-matching loss on the batch (0: distillation only).
+        start_from_teacher: when a fit starts, every student tensor that the teacher has too (same name and shape)
+            takes the teacher's value: a student with the teacher's widths and fewer layers starts as the teacher
+            pruned (`copy_teacher_weights`). A resumed fit then restores the student's own checkpoint over it.
     """
 
     def __init__(self, net: nn.Module, codec: nn.Module, conditioners: Mapping[str, Conditioner],
                  optimizer: OptimizerFactory, *, teacher: GenerationModule, teacher_from: str | None = None,
                  student_steps: int = 8, teacher_steps: int = 48,
                  guidance_ranges: Mapping[str, Sequence[float]] | None = None, data_weight: float = 0.5,
-                 **kwargs: Any) -> None:
+                 start_from_teacher: bool = False, **kwargs: Any) -> None:
         super().__init__(net, codec, conditioners, optimizer, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_from, self.data_weight = teacher_from, float(data_weight)
+        self.start_from_teacher = bool(start_from_teacher)
         self.student_steps, self.teacher_steps = int(student_steps), int(teacher_steps)
         self.guided = self.guided_names(self.sampler.guidance)
         ranges = {"image": (1.0, 3.0), "text": (1.0, 8.0)} if guidance_ranges is None else guidance_ranges
@@ -166,6 +170,8 @@ class DistillationModule(GenerationModule):
                 return
             raise FileNotFoundError(f"model.teacher_from={self.teacher_from}: {exc}") from None
         self.load_teacher(path)
+        if self.start_from_teacher:
+            self.copy_teacher_weights()
 
     def load_teacher(self, path: str | Path) -> None:
         """The teacher's weights from a checkpoint: its EMA weights when it has them, else its training weights."""
@@ -176,6 +182,17 @@ class DistillationModule(GenerationModule):
                              f"unexpected {unexpected[:6]}")
         self._check_normalisation()
         print(f"[distillation] teacher loaded from {path}")
+
+    def copy_teacher_weights(self) -> int:
+        """Every student tensor with a same-named, same-shaped teacher tensor takes the teacher's value; the rest
+        (e.g. the guidance embeddings, whose last layers start at zero) keep theirs. Returns how many were copied."""
+        own, teacher = self.state_dict(), self.teacher.state_dict()
+        shared = {k: v for k, v in teacher.items() if k in own and own[k].shape == v.shape}
+        if not shared:
+            raise ValueError("model.start_from_teacher: the student shares no tensor (name and shape) with the teacher")
+        self.load_state_dict(shared, strict=False)
+        print(f"[distillation] student started from the teacher: {len(shared)} of its {len(own)} tensors copied")
+        return len(shared)
 
     # -- the objective -----------------------------------------------------------------------------------------------
     def conditions(self, raw: dict[str, Any], fps: torch.Tensor, on: dict[str, bool | torch.Tensor]) -> Conditions:

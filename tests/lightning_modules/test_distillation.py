@@ -39,8 +39,8 @@ def conditioners() -> dict:
             "motion": MotionBucket(DIM, default=3, dropout=0.1)}
 
 
-def unet(channels: tuple[int, int], guidance_inputs: int = 0) -> nn.Module:
-    return video_unet(in_channels=C, dim=DIM, channels=channels, attention_levels=[1], heads=4, groups=8,
+def unet(channels: tuple[int, int], guidance_inputs: int = 0, attention_levels: tuple[int, ...] = (1,)) -> nn.Module:
+    return video_unet(in_channels=C, dim=DIM, channels=channels, attention_levels=attention_levels, heads=4, groups=8,
                       cond_channels=C, pooled_text=True, guidance_inputs=guidance_inputs)
 
 
@@ -126,6 +126,24 @@ def test_student_initialised_from_the_teacher_starts_as_its_conditional_model(tm
     assert torch.allclose(same.generate(batch, FRAMES, SIZE, SIZE, return_latent=True), conditional, atol=1e-6)
     guided = teacher.generate(batch, FRAMES, SIZE, SIZE, return_latent=True)
     assert not torch.allclose(guided, conditional, atol=1e-3)  # the teacher's 3-pass guidance differs
+
+
+def test_a_pruned_student_starts_from_the_teachers_weights() -> None:
+    """`start_from_teacher`: a student with the teacher's widths but no attention at level 1 takes every tensor the
+    teacher has (same name and shape); only its guidance embeddings keep their initialisation."""
+    teacher = sticker_model()
+    perturb(teacher)
+    torch.manual_seed(1)
+    pruned = DistillationModule(unet((16, 32), guidance_inputs=2, attention_levels=()), PixelCodec(2), conditioners(),
+                                partial(torch.optim.AdamW, lr=3e-3), teacher=teacher, latent_std=0.5,
+                                sampler=sampler(8), start_from_teacher=True)
+    copied = pruned.copy_teacher_weights()
+    own, ref = pruned.state_dict(), teacher.state_dict()
+    fresh = [k for k in own if k not in ref]
+    assert fresh and all(k.startswith("net.guidance_embedders.") for k in fresh)
+    assert copied == len(own) - len(fresh)
+    assert all(torch.equal(own[k], ref[k]) for k in own if k in ref)
+    assert sum(v.numel() for v in own.values()) < sum(v.numel() for v in ref.values())  # the level-1 attention is gone
 
 
 def test_guidance_input_backbone_runs_one_pass_per_step() -> None:
