@@ -9,12 +9,14 @@ import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from datamodules.audio import AudioDataModule
 from datamodules.shards import expand_shards, read_shard
 from datamodules.stream_dataset import BadDataError
+from datamodules.stream_loader import convert_batch
 from datamodules.video import AudioVideoDataModule, VideoDataModule
 from datamodules.write_shards import ShardSink
 from tests.datamodules.helpers import good_shards, video_sample, write_tar
@@ -31,6 +33,8 @@ def test_shards_round_trip_through_paths_braces_pipes_and_http(tmp_path):
     assert urls == expand_shards(str(tmp_path / "set" / "shard-{000000..000002}.tar"))
     read = [s for url in urls for s in read_shard(url)]
     assert [s["__key__"] for s in read] == [f"k{i}" for i in range(7)]
+    with tarfile.open(urls[0]) as tar:  # plain ustar members: a pax header each would double the reading time
+        assert all(m.mtime == 0 and not m.pax_headers for m in tar.getmembers())
     assert all(r["mp4"] == s["mp4"] and r["wav"] == s["wav"] for r, s in zip(read, samples))
     assert [s["__key__"] for s in read_shard(f"pipe:cat {urls[0]}")] == ["k0", "k1", "k2"]
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "set"))
@@ -41,6 +45,14 @@ def test_shards_round_trip_through_paths_braces_pipes_and_http(tmp_path):
         assert [s["__key__"] for s in read_shard(url)] == ["k3", "k4", "k5"]
     finally:
         server.shutdown()
+
+
+def test_batches_convert_arrays_and_pass_the_json_metadata_through():
+    meta = [{"objects": [{"track": [[0.5, 0.5]], "motion": "still"}]}]
+    batch = convert_batch({"video": np.zeros((1, 3, 2, 4, 4), np.uint8), "fps": [np.float32(8.0)], "meta": meta})
+    assert isinstance(batch["video"], torch.Tensor) and batch["video"].dtype == torch.uint8
+    assert isinstance(batch["fps"][0], torch.Tensor)
+    assert batch["meta"] is meta
 
 
 class _Trap:
