@@ -159,9 +159,10 @@ def test_loss_and_a_step_through_the_config_equal_the_live_encoders(world: Path,
     with torch.no_grad():  # off the zero init (adaLN-Zero, zero output layer), so that the loss depends on the text
         for p in live.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    batch = video_batch(world)
+    live.codec.fit([batch["video"]])  # the quickstart's PCA codec, as setup fits it; its basis goes with the state
     model.load_state_dict(live.state_dict())  # strict: neither T5 has state of its own
 
-    batch = video_batch(world)
     t = torch.full((4,), 0.7)
     losses = []
     for module in (live, model):
