@@ -128,7 +128,8 @@ class SamplerConfig:
     linspace, with `steps` (emulating `emulated_steps` for linear_quadratic; `shift` for shifted);
     guidance: condition name → scale, in the order of the passes (e.g. {image: 1.5, text: 7.5} is
     InstructPix2Pix's); guidance_order: that order when it differs from the dict's (a config that adds a
-    condition to an inherited {text: ...} cannot put it first); window / overlap / weighting: temporal windows in
+    condition to an inherited {text: ...} cannot put it first); guidance_interval: [t_lo, t_hi], guide only at flow
+    times in it, elsewhere all conditions on (null: everywhere; `guidance.guided`); window / overlap / weighting: temporal windows in
     latent frames (null: none); anchor_weight: ω_a of AVID's middle-frame attention guidance across windows (0: off;
     `nn.attention.MiddleFrameAnchors`, for backbones whose blocks have an `anchors` slot); seed.
     """
@@ -140,6 +141,7 @@ class SamplerConfig:
     shift: float = 1.0
     guidance: dict[str, float] = field(default_factory=lambda: {"text": 7.5})
     guidance_order: list[str] | None = None
+    guidance_interval: list[float] | None = None
     window: int | None = None
     overlap: int = 0
     weighting: str = "uniform"
@@ -503,7 +505,7 @@ class GenerationModule(BaseModule):
             return multidiffusion.fuse_windows(one_window, x, cfg.window, cfg.overlap, dim=2, weighting=cfg.weighting,
                                                first=middle if anchors is not None else None)
 
-        model_fn = guidance.guided(batched, scales) if scales else batched
+        model_fn = guidance.guided(batched, scales, cfg.guidance_interval) if scales else batched
         grid = timesteps.schedule(schedule or cfg.schedule, steps or cfg.steps, cfg.emulated_steps, shift=cfg.shift,
                                   train_steps=getattr(self.objective.path, "num_train_steps", 1000))
         if start_time > 0:

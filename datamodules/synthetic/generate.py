@@ -55,6 +55,7 @@ KINDS = ("scenes", "images", "identities", "edits", "stickers")
 SPLITS = ("train", "val")
 BACKGROUND_KINDS = ("plain", "gradient", "photo")
 EDIT_KINDS = ("recolour", "replace", "add", "remove")
+TEXTURE_WEIGHTS = {"solid": 0.4, "stripes": 0.2, "checker": 0.2, "dots": 0.2}  # how often each texture is drawn
 
 
 @dataclass
@@ -68,6 +69,8 @@ class WorldConfig:
     max_objects: int = 3
     radius_range: list[float] = field(default_factory=lambda: [0.1, 0.2])  # scene objects, x the shorter side
     backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUND_KINDS))
+    textures: list[str] = field(default_factory=lambda: list(TEXTURES))  # scene objects' textures
+    upright: bool = False  # scene objects keep angle 0 and never spin (shape is then readable from the outline)
     sample_rate: int = 16000
     scenes: list[int] = field(default_factory=lambda: [256, 32])
     images: list[int] = field(default_factory=lambda: [256, 32])
@@ -88,6 +91,8 @@ class WorldConfig:
         unknown = set(self.backgrounds) - set(BACKGROUND_KINDS)
         if unknown or not self.backgrounds:
             raise ValueError(f"world.backgrounds={self.backgrounds}: choose from {list(BACKGROUND_KINDS)}")
+        if set(self.textures) - set(TEXTURES) or not self.textures:
+            raise ValueError(f"world.textures={self.textures}: choose from {list(TEXTURES)}")
         low, high = self.radius_range
         if not 0 < low <= high < 0.5:
             raise ValueError(f"world.radius_range={self.radius_range}: need 0 < low <= high < 0.5 (x the shorter side)")
@@ -112,7 +117,8 @@ class WorldConfig:
         return identity + self.identities if split == "val" and self.held_out_identities else identity
 
 
-LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25], "added_radius_range": [0.1, 0.2]}  # field -> default, left out of
+LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25], "added_radius_range": [0.1, 0.2],
+                "textures": list(TEXTURES), "upright": False}  # field -> default, left out of
 # to_dict() at its default
 
 
@@ -161,14 +167,18 @@ def sample_object(
     others: list[ObjectSpec],
     motion: str | None = None,
     radius_range: tuple[float, float] = (0.1, 0.2),
+    textures: tuple[str, ...] = TEXTURES,
+    upright: bool = False,
 ) -> ObjectSpec:
-    """An object whose (shape, colour) differs from `others`, placed without overlapping them at t = 0."""
+    """An object whose (shape, colour) differs from `others`, placed without overlapping them at t = 0; its
+    texture one of `textures` (in TEXTURE_WEIGHTS' proportions), its angle and spin 0 when `upright`."""
     taken = {(o.shape, o.colour) for o in others}
     while True:
         shape, colour = _pick(rng, SHAPES), _pick(rng, list(OBJECT_COLOURS))
         if (shape, colour) not in taken:
             break
-    texture = _pick(rng, TEXTURES, p=[0.4, 0.2, 0.2, 0.2])
+    weights = np.array([TEXTURE_WEIGHTS[t] for t in textures])
+    texture = _pick(rng, textures, p=weights / weights.sum())
     side = min(height, width)
     radius = float(rng.uniform(*radius_range) * side)
     motion = motion or _pick(rng, ("still", "bounce", "fall", "orbit"), p=[0.15, 0.45, 0.2, 0.2])
@@ -176,6 +186,8 @@ def sample_object(
                      colour2=_pick(rng, ["white", "black"]), radius=radius, motion=motion,
                      angle=float(rng.uniform(0, 360)),
                      spin=float(rng.uniform(-180, 180)) if rng.random() < 0.3 else 0.0)
+    if upright:  # drawn all the same, so that the world's other draws do not change
+        obj.angle, obj.spin = 0.0, 0.0
     for _ in range(100):
         x, y = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
         if motion == "fall":
@@ -218,7 +230,8 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig, still: bool = Fa
     background = sample_background(rng, height, width, frames / fps, kinds=tuple(config.backgrounds), pan=not still)
     objects: list[ObjectSpec] = []
     for i in range(int(rng.integers(min_objects, config.max_objects + 1))):
-        objects.append(sample_object(rng, i + 1, height, width, objects, radius_range=tuple(config.radius_range)))
+        objects.append(sample_object(rng, i + 1, height, width, objects, radius_range=tuple(config.radius_range),
+                                     textures=tuple(config.textures), upright=config.upright))
     return SceneSpec(height, width, fps, frames, background, objects, collisions=collisions)
 
 

@@ -11,6 +11,7 @@ import pytest
 from datamodules.media import decode_audio, decode_image, decode_video
 from datamodules.shards import read_shard
 from datamodules.synthetic import WorldConfig, world_sample
+from datamodules.synthetic.captions import scene_caption
 from datamodules.synthetic.generate import make_edit, make_identity_clip, make_scene, make_sticker
 from datamodules.synthetic.sound import PITCH, TONE_SECONDS
 from datamodules.synthetic.world import OBJECT_COLOURS, TEXTURE_COLOURS, render_background
@@ -142,6 +143,26 @@ def test_added_objects_take_the_configured_size():
     assert radii[id(CONFIG)] and all(low <= r <= high for r in radii[id(CONFIG)])
     assert radii[id(large)] and all(0.3 <= r <= 0.35 for r in radii[id(large)])
     assert "added_radius_range" not in WorldConfig().to_dict() and "added_radius_range" in large.to_dict()
+
+
+def test_textures_and_upright_restrict_scene_objects_and_keep_other_draws():
+    """world.textures / world.upright: the scene objects wear only the given textures and, upright, never turn;
+    the rest of each scene (shape, colour, motion, path) is drawn as in the default world, whose hash stays."""
+    plain = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, textures=["solid"], upright=True)
+    textures = set()
+    for index in range(12):
+        default, simple = make_scene(CONFIG, "train", index)[0], make_scene(plain, "train", index)[0]
+        textures |= {o.texture for o in default.scene.objects}
+        for a, b in zip(default.scene.objects, simple.scene.objects, strict=True):
+            assert (b.texture, b.angle, b.spin) == ("solid", 0.0, 0.0)
+            assert (a.shape, a.colour, a.motion, a.position) == (b.shape, b.colour, b.motion, b.position)
+        assert (simple.trajectory.angles == 0).all()
+        assert np.allclose(default.trajectory.positions, simple.trajectory.positions)
+        assert not {"striped", "checkered", "polka-dot", "spins"} & set(scene_caption(simple.scene).split())
+    assert len(textures) > 1  # the default world does draw other textures
+    assert "upright" not in WorldConfig().to_dict() and plain.to_dict()["textures"] == ["solid"]
+    with pytest.raises(ValueError, match="world.textures"):
+        WorldConfig(textures=["plaid"])
 
 
 def test_stickers_loop_and_their_still_is_the_middle_frame():

@@ -159,6 +159,23 @@ def test_two_condition_guidance_in_one_batched_pass_by_hand() -> None:
         guidance.combine([x], [])
 
 
+def test_guidance_interval_guides_only_inside_it() -> None:
+    """With interval [0.3, 0.6] the same passes (x, 3x) give u + 4·(c − u) = 9x at t = 0.3, 0.45 and 0.6 and the
+    conditional 3x outside (t = 0.1, 0.9), for a scalar t and a per-sample t alike."""
+    def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0] // 2
+        return torch.cat([x[:b], 3 * x[b:]])
+
+    x = torch.tensor([[1.0], [-2.0]])
+    fn = guidance.guided(batched, [4.0], interval=[0.3, 0.6])
+    for t, factor in [(0.1, 3.0), (0.3, 9.0), (0.45, 9.0), (0.6, 9.0), (0.9, 3.0)]:
+        assert torch.allclose(fn(x, torch.tensor(t)), factor * x), t
+        assert torch.allclose(fn(x, torch.full((2,), t)), factor * x), t
+    assert torch.allclose(guidance.guided(batched, [4.0])(x, torch.tensor(0.9)), 9 * x)  # no interval: everywhere
+    with pytest.raises(ValueError, match="guidance interval"):
+        guidance.guided(batched, [4.0], interval=[0.7, 0.2])
+
+
 # -- multidiffusion -----------------------------------------------------------------------------------------------
 def test_window_spans_and_weights() -> None:
     assert multidiffusion.window_spans(10, 4, 1) == [(0, 4), (3, 7), (6, 10)]
