@@ -73,6 +73,14 @@ class BaseModule(L.LightningModule):
                 print(f"[parallel] rank {rank}: materialised {done.tensors} tensors of {', '.join(done.owners)} from the "
                       f"meta device on {device}: {done.local_bytes / 2**20:.1f} MiB here of {done.full_bytes / 2**20:.1f} MiB")
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # a batch's "meta" (each sample's json: per-frame tracks, events) holds no tensors, and Lightning would walk
+        # it value by value every step (a quickstart step spent ~10% of its time there)
+        if not isinstance(batch, dict) or "meta" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "meta"}, device, dataloader_idx)
+        return {k: batch[k] if k == "meta" else moved[k] for k in batch}
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # the ranks that split one clip (tensor / context parallel) train on the same batch and noise (after the
         # transfer: datamodules own on_before_batch_transfer)

@@ -92,6 +92,25 @@ def test_training_step_with_text_dropout_and_fps_prompts(world: Path) -> None:
     assert fps_prompt("a cat", 16.0, 1) == "a cat" and fps_prompt("a cat", 24.0, 8) == "FPS-24 a cat"
 
 
+def test_batch_transfer_moves_tensors_and_passes_meta_through(world: Path) -> None:
+    """The batch's "meta" (each clip's json) comes back as the very same objects, not walked and rebuilt; the rest
+    goes through Lightning's transfer (watched: it never sees "meta"); the keys keep their order."""
+    batch = held_out(world)
+    model = module()
+    moved = model.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert list(moved) == list(batch) and moved["meta"] is batch["meta"]
+    assert torch.equal(moved["video"], batch["video"]) and moved["text"] == batch["text"]
+    seen = []
+    original = L.LightningModule.transfer_batch_to_device
+    try:
+        L.LightningModule.transfer_batch_to_device = lambda self, b, d, i: seen.append(b) or original(self, b, d, i)
+        model.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+        model.transfer_batch_to_device({"x": torch.ones(2)}, torch.device("cpu"), 0)
+    finally:
+        L.LightningModule.transfer_batch_to_device = original
+    assert "meta" not in seen[0] and set(seen[0]) == set(batch) - {"meta"} and "x" in seen[1]
+
+
 def test_sampling_is_deterministic_for_a_seed(world: Path) -> None:
     model = module()
     with torch.no_grad():  # random non-zero weights everywhere, so that samples depend on everything
