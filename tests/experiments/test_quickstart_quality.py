@@ -1,5 +1,5 @@
 """The README's main command, in full, makes videos that follow the prompt (issue 12): `experiment=quickstart` as a
-user runs it (world, its 1000 training steps on the PCA codec, sampling of the 64 held-out prompts, the probe and
+user runs it (world, its 1500 training steps on the PCA codec, sampling of the 64 held-out prompts, the probe and
 world evaluators), checked on the test metrics it logs to MLflow:
 
 - colour alignment >= 0.95;
