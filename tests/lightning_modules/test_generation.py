@@ -130,6 +130,15 @@ def test_sampling_is_deterministic_for_a_seed(world: Path) -> None:
     assert not torch.allclose(a, model.generate(ask(prompts), 4, 16, 16, seed=7, guidance_scales={"text": 1.0}))
     image = model.generate(ask(prompts[:1]), 1, 16, 16, seed=7)
     assert image.shape == (1, 3, 1, 16, 16)
+    # a guidance interval that holds no solver time ([1, 1]: the solver never evaluates at t = 1) is guidance 1;
+    # one that holds them all is guidance everywhere
+    model.sampler.guidance_interval = [1.0, 1.0]
+    assert torch.allclose(model.generate(ask(prompts), 4, 16, 16, seed=7),
+                          model.generate(ask(prompts), 4, 16, 16, seed=7, guidance_scales={"text": 1.0}), atol=1e-5)
+    model.sampler.guidance_interval = [0.0, 1.0]
+    assert torch.allclose(model.generate(ask(prompts), 4, 16, 16, seed=7), a, atol=1e-6)
+    with pytest.raises(ValueError, match=r"model.sampler.guidance_interval=\[0.8, 0.2\]"):
+        module(sampler=dict(steps=4, guidance={"text": 3.0}, guidance_interval=[0.8, 0.2]))
 
 
 def test_frame_correlated_noise_in_sampling_and_training(world: Path) -> None:
