@@ -75,7 +75,7 @@ class BaseModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # a batch's "meta" (each sample's json: per-frame tracks, events) holds no tensors, and Lightning would walk
-        # it value by value every step (a quickstart step spent ~10% of its time there)
+        # it value by value every step (a quickstart step spent ~15% of its time there)
         if not isinstance(batch, dict) or "meta" not in batch:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "meta"}, device, dataloader_idx)

@@ -128,9 +128,9 @@ class SamplerConfig:
     linspace, with `steps` (emulating `emulated_steps` for linear_quadratic; `shift` for shifted);
     guidance: condition name → scale, in the order of the passes (e.g. {image: 1.5, text: 7.5} is
     InstructPix2Pix's); guidance_order: that order when it differs from the dict's (a config that adds a
-    condition to an inherited {text: ...} cannot put it first); guidance_interval: [t_lo, t_hi], guide only at flow
-    times in it, elsewhere all conditions on (null: everywhere; `guidance.guided`); window / overlap / weighting: temporal windows in
-    latent frames (null: none); anchor_weight: ω_a of AVID's middle-frame attention guidance across windows (0: off;
+    condition to an inherited {text: ...} cannot put it first); guidance_interval: [t_lo, t_hi], guide only at
+    flow times in it, elsewhere all conditions on (null: everywhere; `guidance.guided`); window / overlap /
+    weighting: temporal windows in latent frames (null: none); anchor_weight: ω_a of AVID's middle-frame attention guidance across windows (0: off;
     `nn.attention.MiddleFrameAnchors`, for backbones whose blocks have an `anchors` slot); seed.
     """
 
