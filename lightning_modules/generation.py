@@ -266,10 +266,7 @@ class GenerationModule(BaseModule):
         if order is not None and sorted(order) != sorted(self.sampler.guidance):
             raise ValueError(f"model.sampler.guidance_order={list(order)} must name exactly the guided conditions "
                              f"{sorted(self.sampler.guidance)}")
-        interval = self.sampler.guidance_interval
-        if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
-            raise ValueError(f"model.sampler.guidance_interval={list(interval)} must be [t_lo, t_hi] with "
-                             f"0 <= t_lo <= t_hi <= 1 (flow times, 0 = noise)")
+        guidance.check_interval(self.sampler.guidance_interval, "model.sampler.guidance_interval")
         unknown = sorted(set(self.sampler.guidance) - set(self.conditioners))
         if unknown:
             raise ValueError(f"model.sampler.guidance names {unknown}, which are not conditioners "

@@ -24,7 +24,7 @@ label map is exact ground truth for the pixels.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cache, lru_cache
 
 import numpy as np
@@ -121,6 +121,15 @@ class SceneSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SceneSpec:
+        """The scene of `to_dict`'s output, or of a world clip's json (whose objects also hold per-frame tracks,
+        left out here)."""
+        known = {f.name for f in fields(ObjectSpec)}
+        objects = [ObjectSpec(**{k: v for k, v in o.items() if k in known}) for o in data["objects"]]
+        return cls(data["height"], data["width"], data["fps"], data["num_frames"], Background(**data["background"]),
+                   objects, collisions=data.get("collisions", True))
 
 
 @dataclass

@@ -22,7 +22,7 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,6 @@ from datamodules.synthetic.world import (  # noqa: E402
     MOTIONS,
     OBJECT_COLOURS,
     SHAPES,
-    Background,
-    ObjectSpec,
     SceneSpec,
 )
 from experiments.quickstart_grid import load_run, run_checkpoint  # noqa: E402
@@ -48,14 +46,6 @@ from lightning_modules.evaluation.probe import SHAPE_CLASS  # noqa: E402
 RESULTS = ROOT / "experiments" / "benchmarks" / "results" / "text_sensitivity.json"
 ATTRIBUTES = ("colour", "shape", "motion", "background")
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
-def scene_from_meta(meta: dict[str, Any]) -> SceneSpec:
-    """The `SceneSpec` of a world clip's json (its objects also hold per-frame tracks, which are left out)."""
-    known = {f.name for f in fields(ObjectSpec)}
-    objects = [ObjectSpec(**{k: v for k, v in o.items() if k in known}) for o in meta["objects"]]
-    return SceneSpec(meta["height"], meta["width"], meta["fps"], meta["num_frames"], Background(**meta["background"]),
-                     objects, collisions=meta.get("collisions", True))
 
 
 def swapped_caption(scene: SceneSpec, attribute: str, rng: random.Random) -> str:
@@ -79,7 +69,7 @@ def swapped_caption(scene: SceneSpec, attribute: str, rng: random.Random) -> str
 @torch.no_grad()
 def sensitivity(module: torch.nn.Module, batch: dict[str, Any], seeds: int) -> dict[str, Any]:
     """Per flow time: the loss under the true captions and each attribute's gap (and the empty prompt's)."""
-    scenes = [scene_from_meta(m) for m in batch["meta"]]
+    scenes = [SceneSpec.from_dict(m) for m in batch["meta"]]
     if not all(s.objects and s.background.kind in ("plain", "gradient") for s in scenes):
         raise ValueError("text_sensitivity needs clips with an object on a plain or gradient background")
     rng = random.Random(0)

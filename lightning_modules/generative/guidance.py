@@ -36,6 +36,13 @@ def combine(predictions: Sequence[torch.Tensor], scales: Sequence[float]) -> tor
     return out
 
 
+def check_interval(interval: Sequence[float] | None, name: str = "guidance interval") -> None:
+    """A clear error unless `interval` is None or [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 (flow times)."""
+    if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
+        raise ValueError(f"{name}={list(interval)} must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 (flow times, "
+                         f"0 = noise)")
+
+
 def guided(batched_fn: ModelFn, scales: Sequence[float], interval: Sequence[float] | None = None) -> ModelFn:
     """A solver `model_fn(x, t)` that calls `batched_fn(x_rep, t_rep)` once on the batch repeated n + 1 times
     (n = len(scales)), pass-major; batched_fn puts pass i's conditions on block i (i = 0: all dropped) and returns
@@ -50,8 +57,7 @@ def guided(batched_fn: ModelFn, scales: Sequence[float], interval: Sequence[floa
     passes = len(scales) + 1
     if passes < 2:
         raise ValueError("guided needs at least one scale")
-    if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise ValueError(f"guidance interval {list(interval)} must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+    check_interval(interval)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)

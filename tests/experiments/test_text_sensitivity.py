@@ -9,7 +9,8 @@ import pytest
 
 from datamodules.synthetic.captions import scene_caption
 from datamodules.synthetic.generate import WorldConfig, make_scene
-from experiments.benchmarks.text_sensitivity import ATTRIBUTES, scene_from_meta, swapped_caption
+from datamodules.synthetic.world import SceneSpec
+from experiments.benchmarks.text_sensitivity import ATTRIBUTES, swapped_caption
 from lightning_modules.evaluation.probe import SHAPE_CLASS
 
 CONFIG = WorldConfig(sizes=[[32, 32]], durations=[1.0], max_objects=1, backgrounds=["plain", "gradient"])
@@ -19,7 +20,8 @@ CONFIG = WorldConfig(sizes=[[32, 32]], durations=[1.0], max_objects=1, backgroun
 def test_a_swap_changes_only_its_attribute(index):
     scene = make_scene(CONFIG, "train", index)[0].scene
     meta = json.loads(json.dumps(scene.to_dict()))  # as the shards' json holds it
-    rebuilt = scene_from_meta(meta)
+    rebuilt = SceneSpec.from_dict(meta)
+    assert json.loads(json.dumps(rebuilt.to_dict())) == meta  # the json's round trip
     assert scene_caption(rebuilt) == scene_caption(scene)
     obj = scene.objects[0]
     for attribute in ATTRIBUTES:
