@@ -17,6 +17,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -50,9 +51,9 @@ def run_checkpoint(location: str | None) -> tuple[Path, list[str]]:
                   for o in overrides if not o.startswith(RUN_ONLY)]
 
 
-def load_run(ckpt: Path, overrides: list[str], job: str) -> tuple[torch.nn.Module, bool, dict]:
+def load_run(ckpt: Path, overrides: list[str], job: str) -> tuple[torch.nn.Module, bool, dict, Any]:
     """(the run's module with the checkpoint's weights (EMA when it has them), whether EMA, its first validation
-    batch), composed from the run's overrides."""
+    batch, its datamodule set up for validation), composed from the run's overrides."""
     cfg = compose_config(overrides, Path("/tmp") / job)
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
     module.load_state_dict(read_module_state(ckpt))
@@ -61,7 +62,7 @@ def load_run(ckpt: Path, overrides: list[str], job: str) -> tuple[torch.nn.Modul
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     datamodule.prepare_data()
     datamodule.setup("validate")
-    return module, ema, next(iter(datamodule.val_dataloader()))
+    return module, ema, next(iter(datamodule.val_dataloader())), datamodule
 
 
 def frames_row(video: torch.Tensor, scale: int) -> np.ndarray:
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt, overrides = run_checkpoint(run)
     overrides += [a for a in rest if not a.startswith("run=")]
     torch.set_num_threads(1)
-    module, ema, batch = load_run(ckpt, overrides, "quickstart_grid")
+    module, ema, batch, _ = load_run(ckpt, overrides, "quickstart_grid")
     n = min(args.prompts, len(batch["text"]))
     part = {k: v[:n] if isinstance(v, torch.Tensor | list | tuple) else v for k, v in batch.items()}
     frames, height, width = part["video"].shape[2:]

@@ -71,6 +71,9 @@ class WorldConfig:
     backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUND_KINDS))
     textures: list[str] = field(default_factory=lambda: list(TEXTURES))  # scene objects' textures
     upright: bool = False  # scene objects keep angle 0 and never spin (shape is then readable from the outline)
+    # Scene objects start within this fraction of their free range around its middle (1: anywhere; 0: at the
+    # centre). Small values make a caption's shape and motion visible in the clip's mean, not only in its detail.
+    start_spread: float = 1.0
     sample_rate: int = 16000
     scenes: list[int] = field(default_factory=lambda: [256, 32])
     images: list[int] = field(default_factory=lambda: [256, 32])
@@ -93,6 +96,8 @@ class WorldConfig:
             raise ValueError(f"world.backgrounds={self.backgrounds}: choose from {list(BACKGROUND_KINDS)}")
         if set(self.textures) - set(TEXTURES) or not self.textures:
             raise ValueError(f"world.textures={self.textures}: choose from {list(TEXTURES)}")
+        if not 0 <= self.start_spread <= 1:
+            raise ValueError(f"world.start_spread={self.start_spread}: need 0 <= start_spread <= 1")
         low, high = self.radius_range
         if not 0 < low <= high < 0.5:
             raise ValueError(f"world.radius_range={self.radius_range}: need 0 < low <= high < 0.5 (x the shorter side)")
@@ -118,7 +123,7 @@ class WorldConfig:
 
 
 LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25], "added_radius_range": [0.1, 0.2],
-                "textures": list(TEXTURES), "upright": False}  # field -> default, left out of
+                "textures": list(TEXTURES), "upright": False, "start_spread": 1.0}  # field -> default, left out of
 # to_dict() at its default
 
 
@@ -169,9 +174,11 @@ def sample_object(
     radius_range: tuple[float, float] = (0.1, 0.2),
     textures: tuple[str, ...] = TEXTURES,
     upright: bool = False,
+    start_spread: float = 1.0,
 ) -> ObjectSpec:
-    """An object whose (shape, colour) differs from `others`, placed without overlapping them at t = 0; its
-    texture one of `textures` (in TEXTURE_WEIGHTS' proportions), its angle and spin 0 when `upright`."""
+    """An object whose (shape, colour) differs from `others`, placed without overlapping them at t = 0 (tried
+    100 times); its texture one of `textures` (in TEXTURE_WEIGHTS' proportions), its angle and spin 0 when
+    `upright`, its start within `start_spread` of the free range around the range's middle."""
     taken = {(o.shape, o.colour) for o in others}
     while True:
         shape, colour = _pick(rng, SHAPES), _pick(rng, list(OBJECT_COLOURS))
@@ -190,8 +197,13 @@ def sample_object(
         obj.angle, obj.spin = 0.0, 0.0
     for _ in range(100):
         x, y = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+        y_range = (radius, height - radius)
         if motion == "fall":
             y = rng.uniform(radius, max(radius, height / 2))
+            y_range = (radius, max(radius, height / 2))
+        if start_spread != 1.0:  # same draws, pulled towards the middle
+            x = width / 2 + start_spread * (x - width / 2)
+            y = sum(y_range) / 2 + start_spread * (y - sum(y_range) / 2)
         if all(math.hypot(x - o.position[0], y - o.position[1]) > radius + o.radius + 1 for o in others):
             break
     obj.position = (float(x), float(y))
@@ -231,7 +243,8 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig, still: bool = Fa
     objects: list[ObjectSpec] = []
     for i in range(int(rng.integers(min_objects, config.max_objects + 1))):
         objects.append(sample_object(rng, i + 1, height, width, objects, radius_range=tuple(config.radius_range),
-                                     textures=tuple(config.textures), upright=config.upright))
+                                     textures=tuple(config.textures), upright=config.upright,
+                                     start_spread=config.start_spread))
     return SceneSpec(height, width, fps, frames, background, objects, collisions=collisions)
 
 

@@ -146,7 +146,7 @@ def load_benchmark(options: dict[str, str], clips: int) -> tuple:
     v2a_ckpt, overrides = run_checkpoint(options.get("run_v2a", str(ROOT / "outputs" / "audio_v2a")))
     overrides = [o for o in overrides if not o.startswith("model.codec.checkpoint")] + \
         [f"model.codec.checkpoint={ae_ckpt}", "data.val_batches=null"]
-    module, ema, _ = load_run(v2a_ckpt, overrides, "audio_benchmark")
+    module, ema, _, _ = load_run(v2a_ckpt, overrides, "audio_benchmark")
     cfg = compose_config(overrides + ["data.frames=[16]", "data.batch_size=16"], Path("/tmp") / "audio_benchmark_data")
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     datamodule.prepare_data()

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = Path(run) if run else Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "avid_structure"
     ckpt, overrides = run_checkpoint(str(base))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    module, ema, batch = load_run(ckpt, [*overrides, f"data.batch_size={args.clips}"], "avid_inpaint")
+    module, ema, batch, _ = load_run(ckpt, [*overrides, f"data.batch_size={args.clips}"], "avid_inpaint")
     bench = Bench(module, batch, args.clips, args.steps)
     keys = ["fill_error", "text_alignment", "background_error", "flicker", "seam_jump", "colour_drift"]
     head = "".join(f"{k[:9]:>10}" for k in keys)

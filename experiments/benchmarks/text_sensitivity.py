@@ -108,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     run = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run=")), None)
     ckpt, overrides = run_checkpoint(run)
-    module, _, batch = load_run(ckpt, overrides + [o for o in args.overrides if not o.startswith("run=")],
+    module, _, batch, _ = load_run(ckpt, overrides + [o for o in args.overrides if not o.startswith("run=")],
                                 "text_sensitivity")
     result = {"checkpoint": str(ckpt), **sensitivity(module, batch, args.seeds)}
     print(f"[text_sensitivity] {ckpt}: {result['clips']} held-out clips, {args.seeds} noise draws per time")

@@ -64,20 +64,26 @@ class PixelCodec(nn.Module):
 class PCACodec(nn.Module):
     """Principal components of pixel patches (see the module docstring). With p a patch of f frames × s × s
     pixels × 3 channels (D = 3·f·s² values: a `PixelCodec` latent position's channels), μ the mean patch and B [K, D]
-    the top K principal directions of the fitted patches:
+    the top K principal directions of the fitted patches, c = B·(p − μ) a patch's coordinates and v_k = var(c_k):
 
-        z = B·(p − μ) / σ,    p̂ = σ·Bᵀ·z + μ,    σ = sqrt(mean_k var(z_k))  (one scale for all components)
+        z_k = c_k / σ_k,    p̂ = Bᵀ·(σ ⊙ z) + μ,    σ_k = a · v_k^(w/2),   a such that mean_k var(z_k) = 1
 
-    One σ keeps the components' relative sizes: a patch's mean colour (the first components) stays as visible
-    through the flow's noise as it is in pixels, which is what lets the text be learnt at a training shift > 1
-    (whitening each component hid it: colour and background were lost). The basis, the mean and σ are buffers,
-    so checkpoints carry them; `fit` computes them (`GenerationModule.setup` fits an unfitted codec on the
-    datamodule's training clips before training)."""
+    `whiten` w in [0, 1] sets how far the components' sizes are evened out. At w = 0 (one scale for all) a
+    patch's mean colour (the first components) stays as visible through the flow's noise as it is in pixels,
+    which is what lets the text be learnt at a training shift > 1 (w = 1, whitening, hid it: colour and
+    background were lost). But a component of std s is drowned by the noise until flow time t ≈ 1 / (1 + s):
+    at w = 0 the outline inside a patch (components 10-48, s ≈ 0.1-0.4 on the quickstart's clips) only
+    appears at t ≈ 0.7-0.9, where a shifted time sampler hardly ever trains. w = 0.5 brings those to t ≈ 0.6 and
+    keeps the colour ahead (t ≈ 0.2). The basis, the mean and σ are buffers, so checkpoints carry them; `fit`
+    computes them (`GenerationModule.setup` fits an unfitted codec on the datamodule's training clips before
+    training)."""
 
     def __init__(self, components: int = 48, spatial: int = 4, temporal: int = 4, channels: int = 3,
-                 fit_clips: int = 256) -> None:
+                 fit_clips: int = 256, whiten: float = 0.0) -> None:
         super().__init__()
-        self.fit_clips = fit_clips
+        if not 0.0 <= whiten <= 1.0:
+            raise ValueError(f"PCACodec: whiten={whiten} must be in [0, 1]")
+        self.fit_clips, self.whiten = fit_clips, whiten
         self.pixels = PixelCodec(spatial, temporal, channels)  # a patch = a pixel latent position's channels
         self.patch_values = self.pixels.latent_channels
         if not 0 < components <= self.patch_values:
@@ -87,7 +93,7 @@ class PCACodec(nn.Module):
         self.spatial_factor, self.temporal_factor = spatial, temporal
         self.register_buffer("mean", torch.zeros(self.patch_values))
         self.register_buffer("basis", torch.zeros(components, self.patch_values))
-        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("scale", torch.ones(components))  # σ_k
 
     @property
     def fitted(self) -> bool:
@@ -122,7 +128,15 @@ class PCACodec(nn.Module):
         coefficients = (patches - mean) @ basis.T
         self.mean.copy_(mean)
         self.basis.copy_(basis)
-        self.scale.copy_(coefficients.pow(2).mean().sqrt().clamp_min(1e-6))
+        variance = coefficients.pow(2).mean(0).clamp_min(1e-12)
+        shape = variance.pow(self.whiten / 2)
+        self.scale.copy_(shape * (variance / shape.pow(2)).mean().sqrt().clamp_min(1e-6))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        scale = state_dict.get(prefix + "scale")
+        if scale is not None and scale.dim() == 0:  # checkpoints before `whiten` held one scale for all components
+            state_dict[prefix + "scale"] = scale.expand(self.latent_channels).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_fitted(self) -> None:
         if not self.fitted:
@@ -136,7 +150,7 @@ class PCACodec(nn.Module):
 
     def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         self._check_fitted()
-        patches = rearrange(latent.float(), "b k t h w -> b t h w k") * self.scale @ self.basis + self.mean
+        patches = (rearrange(latent.float(), "b k t h w -> b t h w k") * self.scale) @ self.basis + self.mean
         return self.pixels.decode(rearrange(patches, "b t h w d -> b d t h w"), num_frames)
 
 

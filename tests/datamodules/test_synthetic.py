@@ -165,6 +165,28 @@ def test_textures_and_upright_restrict_scene_objects_and_keep_other_draws():
         WorldConfig(textures=["plaid"])
 
 
+def test_start_spread_pulls_starts_to_the_middle_and_keeps_other_draws():
+    """world.start_spread scales each start's offset from the middle of its free range (the upper half for a
+    fall); at 0 every object starts, or orbits, at the middle. The other draws are the default world's."""
+    wide = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, max_objects=1)
+    for spread in (0.0, 0.5):
+        near = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, max_objects=1, start_spread=spread)
+        for index in range(16):
+            a, scene = make_scene(wide, "train", index)[0].scene.objects[0], make_scene(near, "train", index)[0].scene
+            b, h, w = scene.objects[0], scene.height, scene.width
+            assert (a.shape, a.colour, a.motion, a.velocity, a.radius) == (b.shape, b.colour, b.motion, b.velocity,
+                                                                            b.radius)
+            middle_y = (a.radius + max(a.radius, h / 2)) / 2 if a.motion == "fall" else h / 2
+            if a.motion != "orbit":
+                assert b.position[0] == pytest.approx(w / 2 + spread * (a.position[0] - w / 2))
+                assert b.position[1] == pytest.approx(middle_y + spread * (a.position[1] - middle_y))
+            elif spread == 0:  # an orbit's centre is its drawn start, clipped into the canvas
+                assert b.orbit_centre == pytest.approx((w / 2, h / 2))
+    assert "start_spread" not in WorldConfig().to_dict() and near.to_dict()["start_spread"] == 0.5
+    with pytest.raises(ValueError, match="world.start_spread"):
+        WorldConfig(start_spread=1.5)
+
+
 def test_stickers_loop_and_their_still_is_the_middle_frame():
     for index in range(4):
         rendered = make_sticker(CONFIG, "train", index)

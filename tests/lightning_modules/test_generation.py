@@ -202,6 +202,41 @@ def test_pca_codec_reconstructs_as_sklearn_pca_does(world: Path) -> None:
         codec.encode(video[..., :15, :15])
 
 
+def test_pca_codec_whiten_evens_out_the_components_and_loads_old_checkpoints(world: Path) -> None:
+    """whiten = 1 gives scikit-learn's whitened coordinates (each of unit variance, up to sign and the ddof);
+    whiten = 0.5 leaves component k with std ∝ v_k^(1/4) at mean variance 1; every w decodes the same patches;
+    a checkpoint from before `whiten` (one scale for all components) loads as w = 0."""
+    from sklearn.decomposition import PCA
+
+    dm = datamodule(world)
+    dm.setup("fit")
+    clips = [b["video"] for b in dm.train_dataloader()]
+    video = torch.cat(clips)
+    patches = rearrange(video, "b c (t f) (h s) (w r) -> (b t h w) (c f s r)", f=4, s=4, r=4).double().numpy()
+    reference = PCA(n_components=12, svd_solver="full", whiten=True).fit(patches)
+    n = patches.shape[0]
+    expected = torch.from_numpy(reference.transform(patches) * math.sqrt(n / (n - 1))).float()  # sklearn: ddof 1
+    codecs = {w: PCACodec(components=12, spatial=4, temporal=4, whiten=w) for w in (0.0, 0.5, 1.0)}
+    latents = {}
+    for w, codec in codecs.items():
+        codec.fit(clips)
+        latents[w] = rearrange(codec.encode(video), "b k t h w -> (b t h w) k")
+        assert latents[w].pow(2).mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.allclose(latents[1.0].abs(), expected.abs(), atol=1e-3)
+    plain_std, half_std = latents[0.0].std(0, unbiased=False), latents[0.5].std(0, unbiased=False)
+    ratio = half_std / plain_std.sqrt()  # v^(1/4) ∝ sqrt(std at w = 0)
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3)
+    assert half_std[0] / half_std[-1] < plain_std[0] / plain_std[-1]
+    decoded = {w: c.decode(c.encode(video)) for w, c in codecs.items()}
+    assert torch.allclose(decoded[0.5], decoded[0.0], atol=1e-4) and torch.allclose(decoded[1.0], decoded[0.0], atol=1e-4)
+    old = {**codecs[0.0].state_dict(), "scale": codecs[0.0].scale[0].clone()}  # one scale, as saved before
+    loaded = PCACodec(components=12, spatial=4, temporal=4)
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded.encode(video), codecs[0.0].encode(video))
+    with pytest.raises(ValueError, match="whiten"):
+        PCACodec(whiten=2.0)
+
+
 def test_pca_codec_is_fitted_on_the_training_clips_and_kept_in_checkpoints(world: Path) -> None:
     """A module with an unfitted PCACodec fits it in setup("fit") from the datamodule and trains; its basis is in
     the state dict, so a new module that loads it samples the same video."""
