@@ -61,8 +61,8 @@ def evaluate(module: Any, datamodule: Any, starts: list[float]) -> dict[str, dic
     for name, start in [("codec", None), *((f"from t0={t0:g}", t0) for t0 in starts)]:
         for e in evaluators:
             e.start(module, trainer)
-        for batch in batches:
-            clips = stage_clips(module, batch, start)
+        for i, batch in enumerate(batches):  # the test loop's seeds: from t0 = 0 are the run's test samples
+            clips = stage_clips(module, batch, start, seed=module.sampler.seed + 1000 * i)
             for e in evaluators:
                 e.update(clips, batch, {})
         metrics = {k: v for e in evaluators for k, v in e.compute().items()}
