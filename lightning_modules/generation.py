@@ -130,8 +130,9 @@ class SamplerConfig:
     InstructPix2Pix's); guidance_order: that order when it differs from the dict's (a config that adds a
     condition to an inherited {text: ...} cannot put it first); guidance_interval: [t_lo, t_hi], guide only at
     flow times in it, elsewhere all conditions on (null: everywhere; `guidance.guided`); window / overlap /
-    weighting: temporal windows in latent frames (null: none); anchor_weight: ω_a of AVID's middle-frame attention guidance across windows (0: off;
-    `nn.attention.MiddleFrameAnchors`, for backbones whose blocks have an `anchors` slot); seed.
+    weighting: temporal windows in latent frames (null: none); anchor_weight: ω_a of AVID's middle-frame
+    attention guidance across windows (0: off; `nn.attention.MiddleFrameAnchors`, for backbones whose blocks have
+    an `anchors` slot); seed.
     """
 
     solver: str = "euler"
@@ -567,9 +568,12 @@ class GenerationModule(BaseModule):
         for e in self.evaluators.values():
             e.start(self, self.trainer)
 
+    def test_seed(self, batch_idx: int) -> int:
+        """The sampling seed of test batch `batch_idx` (its sample i then uses test_seed + i)."""
+        return self.sampler.seed + 1000 * batch_idx
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, list(self.evaluators.values()), self._stage_prefix,
-                       seed=self.sampler.seed + 1000 * batch_idx)
+        self._evaluate(batch, list(self.evaluators.values()), self._stage_prefix, seed=self.test_seed(batch_idx))
 
     def on_test_epoch_end(self) -> None:
         for e in self.evaluators.values():

@@ -62,7 +62,7 @@ def evaluate(module: Any, datamodule: Any, starts: list[float]) -> dict[str, dic
         for e in evaluators:
             e.start(module, trainer)
         for i, batch in enumerate(batches):  # the test loop's seeds: from t0 = 0 are the run's test samples
-            clips = stage_clips(module, batch, start, seed=module.sampler.seed + 1000 * i)
+            clips = stage_clips(module, batch, start, seed=module.test_seed(i))
             for e in evaluators:
                 e.update(clips, batch, {})
         metrics = {k: v for e in evaluators for k, v in e.compute().items()}
