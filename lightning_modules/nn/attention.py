@@ -74,6 +74,50 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mas
                                     backend=backend)
 
 
+def rotary_angles(grid: Sequence[int], head_dim: int, theta: float = 100.0,
+                  frame_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Angles of 3D axial rotary position embeddings (RoPE, Su et al. 2021) for a (t, h, w) token grid in the
+    order t, then h, then w: [N, head_dim / 2], or [B, N, head_dim / 2] with frame_offset [B] (temporal positions
+    offset_b + 0 .. t − 1).
+
+    The head dim is split into three even parts, one per axis (t gets what does not divide by 3); a part of 2m
+    dims rotates its m pairs by pos · theta^(−i/m), i < m. A small theta suits small grids: with 100 and m = 4
+    the fastest pair turns 1 rad per position and the slowest 0.03."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
+    pairs = head_dim // 2
+    split = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
+    t, h, w = (int(g) for g in grid)
+    device = None if frame_offset is None else frame_offset.device
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in (t, h, w)]
+    if frame_offset is not None:
+        axes[0] = frame_offset.float()[:, None] + axes[0]
+    parts = []
+    for axis, (positions, m) in enumerate(zip(axes, split)):
+        if m == 0:
+            continue
+        freqs = theta ** (-torch.arange(m, device=device, dtype=torch.float32) / m)
+        angles = positions[..., None] * freqs  # [n, m] or [B, t, m]
+        shape = [t, h, w]
+        view = [1, 1, 1]
+        view[axis] = shape[axis]
+        lead = angles.shape[:-2]
+        angles = angles.reshape(*lead, *view, m).expand(*lead, t, h, w, m)
+        parts.append(angles)
+    parts = [part.expand(*parts[0].shape[:-1], part.shape[-1]) for part in parts]  # the batch of frame_offset
+    return rearrange(torch.cat(parts, dim=-1), "... t h w m -> ... (t h w) m")
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] with its pairs (x_2i, x_2i+1) turned by angles [N, D/2] or [B, N, D/2]:
+    (a cos θ − b sin θ, a sin θ + b cos θ). q·k of rotated vectors depends on their positions' difference only."""
+    if angles.ndim == 3:
+        angles = angles[:, None]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    a, b = rearrange(x, "... (m two) -> two ... m", two=2)
+    return rearrange(torch.stack([a * cos - b * sin, a * sin + b * cos]), "two ... m -> ... (m two)")
+
+
 class Attention(nn.Module):
     """Multi-head (self or cross) attention: Q from x, K/V from x or ``context``, optional QK RMSNorm.
 
@@ -135,7 +179,7 @@ class Attention(nn.Module):
                 key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cu_seqlens_context: torch.Tensor | None = None, max_seqlen: int | None = None,
                 max_seqlen_context: int | None = None, guidance: FrameGuidance | None = None,
-                context_segments: Sequence[int] | None = None) -> torch.Tensor:
+                context_segments: Sequence[int] | None = None, rotary: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, C] → [B, L, C]; packed: x [T, C] with cu_seqlens (context [Tc, Cc] with cu_seqlens_context).
 
         context_segments (cross-attention): lengths (L_0, L_1, ...) of consecutive segments of the context, each
@@ -145,8 +189,12 @@ class Attention(nn.Module):
             out = W_o · Σ_s softmax(q K_sᵀ/√d) V_s        K_s, V_s = W_k, W_v of segment s's tokens (and mask)
 
         A segment with no real token adds 0, and so does one whose tokens are 0 (V_s = W_v·0 = 0, no bias): the
-        output is then exactly that of the first segment alone (`conditioning.tokens.ReferenceImage`)."""
+        output is then exactly that of the first segment alone (`conditioning.tokens.ReferenceImage`).
+
+        rotary: self-attention only, angles [L, D/2] or [B, L, D/2] (`rotary_angles`) that turn q and k."""
         source = x if context is None else context
+        if rotary is not None and (context is not None or cu_seqlens is not None or self.kv_hook is not None):
+            raise ValueError("Attention: rotary embeddings are for dense self-attention (no context, packing or kv_hook)")
         if context_segments is not None and context is not None and len(context_segments) > 1:
             if cu_seqlens is not None or guidance is not None:
                 raise ValueError("Attention: context_segments take neither packed inputs nor guidance")
@@ -176,6 +224,8 @@ class Attention(nn.Module):
             return self.to_out(rearrange(out, "t h d -> t (h d)"))
         q = self._norm(rearrange(self.to_q(x), "b l (h d) -> b h l d", d=self.head_dim), self.q_norm)
         k, v = self.project_kv(source)
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
         if self.kv_hook is not None and context is None:
             k, v = self.kv_hook(k, v)
         out = attend(q, k, v, key_padding_mask=key_padding_mask, guidance=guidance, backend=self.backend)

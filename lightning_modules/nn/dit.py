@@ -36,7 +36,7 @@ from torch import nn
 
 import kernels
 from kernels import Backend
-from lightning_modules.nn.attention import Attention
+from lightning_modules.nn.attention import Attention, rotary_angles
 
 
 def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> torch.Tensor:
@@ -146,12 +146,14 @@ class Block(nn.Module):
         nn.init.zeros_(self.modulation)
 
     def forward(self, x: torch.Tensor, pe: torch.Tensor, modulation: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, context_segments: Sequence[int] | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, context_segments: Sequence[int] | None = None,
+                rotary: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N, dim], pe [N, dim] or [B, N, dim], modulation [B, 6, dim], context [B, L, dim], context_mask bool [B, L];
-        context_segments: lengths of the context's segments, each with its own softmax (None: one)."""
+        context_segments: lengths of the context's segments, each with its own softmax (None: one); rotary:
+        the self-attention's rotary angles (`nn.attention.rotary_angles`; None: none)."""
         s1, b1, g1, s2, b2, g2 = (self.modulation + modulation).unsqueeze(2).unbind(1)  # each [B, 1, dim]
         x = x + pe
-        x = x + g1 * self.attn(self.norm1(x, scale=s1, shift=b1))
+        x = x + g1 * self.attn(self.norm1(x, scale=s1, shift=b1), rotary=rotary)
         x = x + self.cross(self.norm2(x), context, key_padding_mask=context_mask, context_segments=context_segments)
         return x + g2 * self.ffn(self.norm3(x, scale=s2, shift=b2))
 
@@ -173,6 +175,10 @@ class DiT(nn.Module):
         pooled_text: also add a projection of the masked mean of the text sequence to the time embedding, so the
             text steers every block's adaLN modulation (as in SD3 / PixArt-style pooled conditioning; not in Movie
             Gen, which conditions through cross-attention only: off by default). Its weights start at zero.
+        rope_theta: also turn the self-attention's queries and keys by 3D axial rotary embeddings of the token's
+            (t, h, w) patch position with this base (`nn.attention.rotary_angles`; not in Movie Gen, whose
+            positions are the absolute tables alone; None: off). Attention then sees relative offsets from the
+            first step: what a shape or a motion is, wherever it is in the clip.
         attention_backend: the kernels of every attention layer (`kernels.Backend`): "auto" = PyTorch SDPA for
             the dense self- and cross-attention (cuDNN / flash on GPU) and our Triton kernels for what SDPA lacks;
             "triton" = our Triton kernels everywhere (CUDA, or the interpreter); "torch" = PyTorch only.
@@ -183,12 +189,14 @@ class DiT(nn.Module):
     def __init__(self, in_channels: int = 16, dim: int = 64, depth: int = 2, heads: int = 4, ffn_dim: int = 172,
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
-                 out_channels: int | None = None, attention_backend: Backend = "auto", pooled_text: bool = False) -> None:
+                 out_channels: int | None = None, attention_backend: Backend = "auto", pooled_text: bool = False,
+                 rope_theta: float | None = None) -> None:
         super().__init__()
         self.in_channels, self.cond_channels = in_channels, cond_channels
         self.out_channels = out_channels or in_channels
         self.patch = tuple(int(p) for p in patch)
         self.dim, self.depth, self.heads, self.ffn_dim = dim, depth, heads, ffn_dim
+        self.rope_theta = rope_theta
         self.patchify = nn.Conv3d(in_channels + cond_channels, dim, kernel_size=self.patch, stride=self.patch)
         self.pos = PositionEmbedding3D(dim, max_t, max_h, max_w)
         self.time = TimestepEmbedder(dim)
@@ -273,6 +281,8 @@ class DiT(nn.Module):
             per_patch = reduce(frame_features.to(tokens.dtype), "b (t kt) d -> b t 1 d", "mean", kt=self.patch[0])
             tokens = rearrange(rearrange(tokens, "b (t hw) d -> b t hw d", t=gt) + per_patch, "b t hw d -> b (t hw) d")
         pe = self.pos(gt, gh, gw, frame_offset).to(tokens.dtype)
+        rotary = None if self.rope_theta is None else rotary_angles(
+            (gt, gh, gw), self.dim // self.heads, self.rope_theta, frame_offset).to(tokens.device)
         emb = self.time(t)
         if time_embedding is not None:
             emb = emb + time_embedding.to(emb.dtype)
@@ -284,7 +294,7 @@ class DiT(nn.Module):
                                               None if context_mask is None else context_mask[:, text]))
         modulation = rearrange(self.modulation(emb), "b (six d) -> b six d", six=6)
         for block in self.blocks:
-            tokens = block(tokens, pe, modulation, context.to(tokens.dtype), context_mask, context_segments)
+            tokens = block(tokens, pe, modulation, context.to(tokens.dtype), context_mask, context_segments, rotary)
         shift, scale = self.modulation_out(emb).unsqueeze(1).chunk(2, dim=-1)
         out = self.proj_out(self.norm_out(tokens, scale=scale, shift=shift))
         kt, kh, kw = self.patch

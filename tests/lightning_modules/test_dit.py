@@ -10,6 +10,7 @@ import torch
 
 from experiments import plan
 from experiments.compose import compose_config
+from lightning_modules.nn.attention import Attention, rotary_angles, rotate
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.dit import DiT, count_parameters, grow_position_tables
 from lightning_modules.nn.text import (
@@ -119,6 +120,44 @@ def test_pooled_text_starts_at_zero_and_then_conditions_the_modulation() -> None
     for block in pooled.blocks:
         block.cross.forward = lambda x, *args, **kwargs: torch.zeros_like(x)
     assert not torch.allclose(pooled(x, t, ctx, mask), pooled(x, t, ctx * 2, mask))
+
+
+def test_rotary_positions_turn_queries_and_keys_by_their_offset() -> None:
+    grid, head_dim, theta = (2, 3, 4), 16, 50.0  # 8 pairs: 4 for t, 2 for h, 2 for w
+    angles = rotary_angles(grid, head_dim, theta)
+    # the angles written out position by position: pair i of an axis part of m pairs turns pos·theta^(−i/m)
+    expected = torch.zeros(24, 8)
+    for n, (t, h, w) in enumerate((t, h, w) for t in range(2) for h in range(3) for w in range(4)):
+        for i in range(8):
+            axis, pos, m, j = ((0, t, 4, i) if i < 4 else (1, h, 2, i - 4) if i < 6 else (2, w, 2, i - 6))
+            expected[n, i] = pos * theta ** (-j / m)
+    torch.testing.assert_close(angles, expected)
+    # the rotation, as complex numbers: (x_2i + i·x_2i+1)·e^(iθ)
+    x = torch.randn(2, 3, 24, head_dim)
+    as_complex = torch.view_as_complex(x.reshape(2, 3, 24, 8, 2)) * torch.polar(torch.ones_like(angles), angles)
+    torch.testing.assert_close(rotate(x, angles), torch.view_as_real(as_complex).reshape(x.shape))
+    # q·k depends on the tokens' offset only: the same vectors at (0, 0, 1)→(1, 2, 3) and (0, 0, 0)→(1, 2, 2)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+    qs, ks = (rotate(v.expand(1, 1, 24, head_dim), angles)[0, 0] for v in (q, k))
+    index = {(t, h, w): n for n, (t, h, w) in enumerate((t, h, w) for t in range(2) for h in range(3) for w in range(4))}
+    assert torch.allclose(qs[index[0, 0, 1]] @ ks[index[1, 2, 3]], qs[index[0, 0, 0]] @ ks[index[1, 2, 2]], atol=1e-5)
+    assert not torch.allclose(qs[index[0, 0, 1]] @ ks[index[1, 2, 3]], qs[index[0, 0, 0]] @ ks[index[1, 1, 2]], atol=1e-3)
+    # frame_offset: the temporal positions of sample b start at offset_b
+    shifted = rotary_angles(grid, head_dim, theta, frame_offset=torch.tensor([0, 3]))
+    torch.testing.assert_close(shifted[0], angles)
+    torch.testing.assert_close(shifted[1], rotary_angles((5, 3, 4), head_dim, theta)[3 * 12:])
+    with pytest.raises(ValueError, match="dense self-attention"):
+        Attention(16, 1)(torch.randn(1, 24, 16), torch.randn(1, 3, 16), rotary=angles)
+
+
+def test_rope_dit_is_unchanged_without_it_and_turns_self_attention_with_it() -> None:
+    plain = randomise(tiny())
+    rope = tiny(rope_theta=100.0)
+    rope.load_state_dict(plain.state_dict())  # no new weights
+    x, t, ctx = torch.randn(2, 12, 2, 4, 4), torch.rand(2), torch.randn(2, 5, 32)
+    assert not torch.allclose(rope(x, t, ctx), plain(x, t, ctx), atol=1e-4)
+    rope.rope_theta = None
+    torch.testing.assert_close(rope(x, t, ctx), plain(x, t, ctx))
 
 
 def test_clear_errors_for_bad_shapes() -> None:
