@@ -62,19 +62,12 @@ class Objective:
     """The affine path, the backbone's prediction type ("velocity", "epsilon", "data" or "v") and the noise:
     `frame_correlation` a > 0 correlates every clip's frames, in training and in sampling alike, by PYoCo's
     `frame_noise` prior: "mixed" (a shared component, `paths.correlate_frames`) or "progressive" (an AR(1) chain in
-    time, `paths.progressive_frames`); 0 (default) is i.i.d. N(0, I).
-
-    Self-conditioning (a backbone built with `self_condition`, e.g. `model.net.self_condition=true`; Chen et al.
-    2022, arXiv 2208.04202): in training, for a `self_condition_rate` share of the batch, the backbone first
-    predicts without gradient and its estimate X̂_1 of the clean latent is fed back as an input; the rest get
-    zeros. A sampler feeds each step the X̂_1 of the step before (zeros at the first), so the model refines its
-    own picture of the whole clip instead of starting from the noise alone at every step."""
+    time, `paths.progressive_frames`); 0 (default) is i.i.d. N(0, I)."""
 
     path: paths.AffinePath = field(default_factory=paths.FlowMatchingPath)
     prediction: str = "velocity"
     frame_correlation: float = 0.0
     frame_noise: str = "mixed"
-    self_condition_rate: float = 0.5
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> torch.Tensor:
@@ -95,8 +88,6 @@ class Objective:
             raise ValueError(f"model.objective.frame_noise={self.frame_noise!r}; choose mixed or progressive")
         if self.prediction not in paths.PREDICTIONS:
             raise ValueError(f"model.objective.prediction={self.prediction!r}; choose one of {paths.PREDICTIONS}")
-        if not 0.0 <= self.self_condition_rate <= 1.0:
-            raise ValueError(f"model.objective.self_condition_rate={self.self_condition_rate} must be in [0, 1]")
 
 
 @dataclass
@@ -293,10 +284,8 @@ class GenerationModule(BaseModule):
         return [*self.net.blocks, *(c for c in self.conditioners.values() if any(True for _ in c.parameters()))]
 
     def forward(self, x: torch.Tensor | None, t: torch.Tensor | None, conditions: Conditions | None = None, *,
-                embed: tuple[dict[str, Any], torch.Tensor, dict[str, bool | torch.Tensor]] | None = None,
-                previous: torch.Tensor | None = None) -> Any:
-        """The backbone's prediction for x_t [B, C, T, H, W] at times t [B] under `conditions` (and the
-        self-conditioning estimate `previous`, for a backbone with `self_condition`); or, with
+                embed: tuple[dict[str, Any], torch.Tensor, dict[str, bool | torch.Tensor]] | None = None) -> Any:
+        """The backbone's prediction for x_t [B, C, T, H, W] at times t [B] under `conditions`; or, with
         `embed=(raw, fps, on)` (x and t None), the Conditions themselves (see `conditions`). Both go through here
         because FSDP2 gathers the root module's parameters, and initialises its units, around `forward` only."""
         if embed is not None:
@@ -307,17 +296,7 @@ class GenerationModule(BaseModule):
                 keep = keep if isinstance(keep, torch.Tensor) else torch.full((fps.shape[0],), bool(keep))
                 values[name] = c(c.drop(raw[name], keep))
             return assemble(dict(self.conditioners), values, fps.to(self.device))
-        extra = {} if previous is None else {"previous": previous}
-        return self.net(x, t, **conditions.backbone_kwargs(), **extra)
-
-    @property
-    def self_conditioned(self) -> bool:
-        return bool(getattr(self.net, "self_condition", False))
-
-    @torch.no_grad()
-    def estimate(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """X̂_1, the clean latent a backbone output at (x_t, t) points to: the self-conditioning input."""
-        return self.objective.path.to_data_noise(output, x_t, t, self.objective.prediction)[0]
+        return self.net(x, t, **conditions.backbone_kwargs())
 
     # -- starting from a previous stage ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -420,14 +399,7 @@ class GenerationModule(BaseModule):
         if noise is None:
             noise = self.objective.noise(tuple(x1.shape), device=x1.device).to(x1)
         x0, x_t = path.sample(x1, t, noise)
-        previous = None
-        if train and self.self_conditioned:  # a share of the batch sees its own estimate (Objective)
-            keep = (torch.rand(b, device=x1.device) < self.objective.self_condition_rate).to(x1.dtype)
-            with torch.no_grad():
-                first = self(x_t, t, conditions)
-            previous = self.estimate(first, x_t, t) * keep.view(-1, *[1] * (x1.ndim - 1))
-        return paths.flow_matching_loss(self(x_t, t, conditions, previous=previous),
-                                        path.target(x0, x1, t, prediction))
+        return paths.flow_matching_loss(self(x_t, t, conditions), path.target(x0, x1, t, prediction))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, train=True)
@@ -519,16 +491,7 @@ class GenerationModule(BaseModule):
         anchors = MiddleFrameAnchors(cfg.anchor_weight) if cfg.window and cfg.anchor_weight > 0 else None
         middle = shape[1] // 2
 
-        if cfg.window and self.self_conditioned:
-            raise ValueError("model.sampler.window: windowed sampling does not feed self-conditioning estimates "
-                             "(model.net.self_condition)")
-        estimates: dict[str, torch.Tensor] = {}  # self-conditioning: the previous call's X̂_1, per pass
-
         def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not cfg.window and self.self_conditioned:
-                out = self(x, t, conditions, previous=estimates.get("x1"))
-                estimates["x1"] = self.estimate(out, x, t)
-                return out
             if not cfg.window:
                 return self(x, t, conditions)
             spans = multidiffusion.window_spans(x.shape[2], cfg.window, cfg.overlap)

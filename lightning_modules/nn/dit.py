@@ -175,10 +175,6 @@ class DiT(nn.Module):
         pooled_text: also add a projection of the masked mean of the text sequence to the time embedding, so the
             text steers every block's adaLN modulation (as in SD3 / PixArt-style pooled conditioning; not in Movie
             Gen, which conditions through cross-attention only: off by default). Its weights start at zero.
-        self_condition: also read the model's own previous estimate of the clean latent (Chen et al. 2022,
-            "Analog Bits", arXiv 2208.04202), concatenated on the channels after the conditions (`previous` in
-            forward; zeros when absent). Its patchify weights start at zero. `GenerationModule` feeds it (see
-            `Objective.self_condition`).
         rope_theta: also turn the self-attention's queries and keys by 3D axial rotary embeddings of the token's
             (t, h, w) patch position with this base (`nn.attention.rotary_angles`; not in Movie Gen, whose
             positions are the absolute tables alone; None: off). Attention then sees relative offsets from the
@@ -194,15 +190,14 @@ class DiT(nn.Module):
                  patch: Sequence[int] = (1, 2, 2), max_t: int = 8, max_h: int = 16, max_w: int = 16,
                  qk_norm: bool = False, fps_embedding: bool = False, cond_channels: int = 0,
                  out_channels: int | None = None, attention_backend: Backend = "auto", pooled_text: bool = False,
-                 rope_theta: float | None = None, self_condition: bool = False) -> None:
+                 rope_theta: float | None = None) -> None:
         super().__init__()
         self.in_channels, self.cond_channels = in_channels, cond_channels
         self.out_channels = out_channels or in_channels
         self.patch = tuple(int(p) for p in patch)
         self.dim, self.depth, self.heads, self.ffn_dim = dim, depth, heads, ffn_dim
-        self.rope_theta, self.self_condition = rope_theta, self_condition
-        inputs = in_channels + cond_channels + (in_channels if self_condition else 0)
-        self.patchify = nn.Conv3d(inputs, dim, kernel_size=self.patch, stride=self.patch)
+        self.rope_theta = rope_theta
+        self.patchify = nn.Conv3d(in_channels + cond_channels, dim, kernel_size=self.patch, stride=self.patch)
         self.pos = PositionEmbedding3D(dim, max_t, max_h, max_w)
         self.time = TimestepEmbedder(dim)
         self.fps = TimestepEmbedder(dim, scale=1.0) if fps_embedding else None
@@ -235,7 +230,7 @@ class DiT(nn.Module):
         w = self.patchify.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patchify.bias)
-        if self.cond_channels or self.self_condition:
+        if self.cond_channels:
             with torch.no_grad():  # zero_ on a slice: DTensors have no rule for `w[...] = 0.0`
                 w[:, self.in_channels:].zero_()
         for layer in (self.modulation[-1], self.modulation_out[-1], self.proj_out):
@@ -263,15 +258,14 @@ class DiT(nn.Module):
                 fps: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                 frame_features: torch.Tensor | None = None,
                 context_segments: Sequence[int] | None = None, time_embedding: torch.Tensor | None = None,
-                frame_offset: torch.Tensor | None = None, previous: torch.Tensor | None = None) -> torch.Tensor:
+                frame_offset: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, T, H, W], t [B], context [B, L, dim], context_mask bool [B, L] → velocity [B, C_out, T, H, W].
         frame_features [B, T, dim] (one per latent frame) are added to the tokens of their frame (averaged
         over the frames of a patch). context_segments (L_0, L_1, ...): the context is the text (and tokens
         sharing its softmax) followed by token groups with a softmax of their own (`conditioning.Conditions`);
         the pooled text reads the first segment only. time_embedding [B, dim] is added to the time embedding
         (Movie Gen Edit's task vector); frame_offset [B] shifts each sample's temporal positions (see
-        `PositionEmbedding3D`); previous [B, C, T, H, W]: the self-conditioning estimate (with `self_condition`;
-        None reads zeros)."""
+        `PositionEmbedding3D`)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT expects a latent [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != self.dim:
@@ -281,13 +275,6 @@ class DiT(nn.Module):
                 raise ValueError(f"DiT with cond_channels={self.cond_channels} needs cond [B, {self.cond_channels}, "
                                  f"{', '.join(map(str, x.shape[2:]))}], got {None if cond is None else tuple(cond.shape)}")
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
-        if self.self_condition:
-            shape = (x.shape[0], self.in_channels, *x.shape[2:])
-            if previous is not None and tuple(previous.shape) != shape:
-                raise ValueError(f"DiT: previous must be {shape} (the latent's shape), got {tuple(previous.shape)}")
-            x = torch.cat([x, x.new_zeros(shape) if previous is None else previous.to(x.dtype)], dim=1)
-        elif previous is not None:
-            raise ValueError("DiT: previous given to a net without self_condition (model.net.self_condition)")
         gt, gh, gw = self.grid(x.shape)
         tokens = rearrange(self.patchify(x), "b d t h w -> b (t h w) d")
         if frame_features is not None:

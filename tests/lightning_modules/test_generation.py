@@ -30,7 +30,7 @@ from lightning_modules.evaluation.probe import (
 )
 from lightning_modules.generation import GenerationModule, TimeSampler
 from lightning_modules.nn.codecs import PCACodec, PixelCodec
-from lightning_modules.nn.dit import DiT, grow_input_channels
+from lightning_modules.nn.dit import DiT
 from lightning_modules.nn.text import ByteEncoder, TextConditioner
 from tests.helpers import fixed_loss, sqlite_uri
 
@@ -51,12 +51,11 @@ def datamodule(world: Path, batch_size: int = 8) -> VideoDataModule:
                            sizes=[[16, 16]], frames=[4], fps=8.0, batch_size=batch_size, num_workers=0, seed=0)
 
 
-def module(lr: float = 3e-3, upsampler: bool = False, text_dropout: float = 0.1, self_condition: bool = False,
-           **kwargs) -> GenerationModule:
+def module(lr: float = 3e-3, upsampler: bool = False, text_dropout: float = 0.1, **kwargs) -> GenerationModule:
     """Text-to-video on 4x4 space-to-depth pixels; with `upsampler`, the low-resolution video concatenated."""
     torch.manual_seed(0)
     net = DiT(in_channels=48, dim=32, depth=2, heads=4, ffn_dim=64, max_t=4, max_h=4, max_w=4,
-              cond_channels=48 if upsampler else 0, self_condition=self_condition)
+              cond_channels=48 if upsampler else 0)
     text = Text(TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=4, max_length=128)}, dim=32),
                 dropout=text_dropout)
     conditioners = {"text": text}
@@ -168,46 +167,6 @@ def test_frame_correlated_noise_in_sampling_and_training(world: Path) -> None:
     assert torch.corrcoef(frames[[0, 3]])[0, 1].item() == pytest.approx(rho**3, abs=0.02)
     with pytest.raises(ValueError, match="frame_noise"):
         module(objective=dict(frame_correlation=3.0, frame_noise="ar1"))
-
-
-def test_self_conditioning_feeds_each_step_the_last_estimate(world: Path) -> None:
-    """model.net.self_condition: the net reads X̂_1 = x_t + (1 − t)·v of its previous call (the flow-matching path's
-    clean estimate from a velocity, written out here), zeros at the first step; in training a share
-    (self_condition_rate) of the batch gets it from a first pass without gradient, the rest zeros. With the new
-    input weights at zero the model samples what the model without it does."""
-    plain = module()
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model = module(self_condition=True)
-    model.load_state_dict(grow_input_channels(plain.state_dict(), model.net, "net."))
-    plain.eval(), model.eval()
-    ask = {"text": ["A small red circle bounces around.", "A blue star sits still."], "fps": 8.0}
-    torch.testing.assert_close(model.generate(ask, 4, 16, 16, seed=3), plain.generate(ask, 4, 16, 16, seed=3))
-    with torch.no_grad():
-        model.net.patchify.weight[:, 48:].normal_(0, 0.05)
-    calls = []
-    model.net.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], args[1], kwargs.get("previous"), out)),
-                                    with_kwargs=True)
-    sample = model.generate(ask, 4, 16, 16, seed=3, guidance_scales={"text": 1.0})
-    assert len(calls) == 4 and calls[0][2] is None
-    for (x, t, _, v), (_, _, previous, _) in zip(calls, calls[1:]):
-        torch.testing.assert_close(previous, x + (1 - t).view(-1, 1, 1, 1, 1) * v, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(sample, plain.generate(ask, 4, 16, 16, seed=3, guidance_scales={"text": 1.0}), atol=1e-3)
-    # training: rate 1 feeds every clip its first pass's estimate, rate 0 none
-    batch = next(iter(datamodule(world).train_dataloader()))
-    for rate in (1.0, 0.0):
-        calls.clear()
-        model.objective.self_condition_rate = rate
-        model.loss(batch, train=True)
-        (x, t, first_previous, v), (_, _, previous, out) = calls
-        assert first_previous is None and not v.requires_grad and out.requires_grad
-        expected = x + (1 - t).view(-1, 1, 1, 1, 1) * v if rate else torch.zeros_like(x)
-        torch.testing.assert_close(previous, expected, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="self_condition"):
-        plain.net(x, t, torch.zeros(x.shape[0], 3, 32), previous=x)
-    with pytest.raises(ValueError, match="self_condition_rate"):
-        module(objective=dict(self_condition_rate=1.5))
 
 
 def test_pca_codec_reconstructs_as_sklearn_pca_does(world: Path) -> None:
