@@ -9,7 +9,9 @@ edited clip (the ceiling) and the unedited source (the "do nothing" floor).
 Every model edits the same 64 held-out pairs (never trained on; recolour, replace, add, remove) with the same noise per
 pair and the same solver steps, at its config's guidance (editors: source 1.5, text 2; T2V: text 2). SDEdit
 (`lightning_modules.editing.sdedit`) noises the source latent to t_0 = 1 − strength with the quickstart's
-text-to-video model and regenerates it with the instruction as the prompt. Metrics
+text-to-video model and regenerates it with the instruction as the prompt. "source via the codec" is the
+source encoded and decoded by the quickstart's codec, which the editors inherit: the most an editor that copies
+what it should keep can preserve. Metrics
 (`lightning_modules.evaluation.editing`): edit success (the probe reads the asked attribute; per kind too),
 preservation (mean |g − x| outside the edited region, lower is better), temporal error (frame-to-frame change
 against the real edited clip's, lower is better). Writes experiments/benchmarks/results/<name>.json and
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples: dict[str, torch.Tensor] = {}
     t2v, t2v_ckpt = load("quickstart", job)
     checkpoints = {"quickstart": str(t2v_ckpt.relative_to(ROOT)) if t2v_ckpt.is_relative_to(ROOT) else str(t2v_ckpt)}
+    with torch.no_grad():
+        through_codec = t2v.from_latent(t2v.encode(batch["source"]), batch["source"].shape[2])
+    table["source via the codec (floor)"] = row(score(evaluator, through_codec, batch))
     for strength in args.strengths:
         name = f"SDEdit t2v, strength {strength:g}"
         start = time.perf_counter()

@@ -128,6 +128,28 @@ def test_zeroed_new_weights_give_exactly_the_text_to_video_model(tmp_path: Path)
         assert (predict(moved, edit) - want).abs().max() > 1e-4, layer
 
 
+def test_source_residual_predicts_the_edit_on_top_of_the_source() -> None:
+    """model.source_residual: X̂_1 = Enc(source) + net(...); without a source (T2V, or the source dropped for
+    guidance) the net alone; a net that predicts no edit returns the source, pixel for pixel."""
+    editor = build(True, partial(EditingModule, source_residual=True, objective=dict(prediction="data")))
+    perturb(editor)
+    source = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    batch = {"text": ["Make the red circle blue.", "a star"], "fps": torch.full((2,), 8.0),
+             "source": source, "task": ["edit", "edit"]}
+    x_t, t = torch.randn(2, C, 4, 8, 8), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        for on, shift in (({}, editor.encode(source)), ({"source": False}, 0.0)):
+            conditions = editor.conditions(editor.condition_inputs(batch, (C, 4, 8, 8), False), batch["fps"], on)
+            net = editor.net(x_t, t, **conditions.backbone_kwargs())
+            torch.testing.assert_close(editor(x_t, t, conditions), net + shift)
+        editor.net.proj_out.weight.zero_()
+        editor.net.proj_out.bias.zero_()
+        kept = editor.generate(batch, 4, 16, 16, seed=0, guidance_scales={"source": 1.0, "text": 1.0})
+    torch.testing.assert_close(kept, source, atol=2e-4, rtol=0)  # the path's sigma_min: not bit for bit
+    with pytest.raises(ValueError, match="prediction=data"):
+        build(True, partial(EditingModule, source_residual=True))
+
+
 def test_image_edits_take_a_random_temporal_position() -> None:
     raw = pairs()
     batch = image_edit_batch(raw, torch.Generator().manual_seed(0), max_frames=8)
