@@ -34,30 +34,12 @@ class EditingModule(GenerationModule):
     """`GenerationModule` that completes stage III's backtranslation batches (those with "inverse_text").
 
     Args:
-        backtranslation_steps: solver steps of the model's own edit.
-        source_residual: the backbone predicts the edit, not the clip: X̂_1 = c + net(...) where c is the source's
-            latent (`conditioning.concat.SourceVideo`; zeros without a source, so text-to-video is unchanged). Keeping
-            the source is then the net's zero, not a copy through every block (not in Movie Gen; needs
-            `objective.prediction: data`).
-        **kwargs: `GenerationModule`'s.
+        backtranslation_steps: solver steps of the model's own edit; **kwargs: `GenerationModule`'s.
     """
 
-    def __init__(self, *args: Any, backtranslation_steps: int = 10, source_residual: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, backtranslation_steps: int = 10, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backtranslation_steps = int(backtranslation_steps)
-        self.source_residual = bool(source_residual)
-        if self.source_residual and self.objective.prediction != "data":
-            raise ValueError("model.source_residual=true needs model.objective.prediction=data (X̂_1 = source + net)")
-
-    def forward(self, x: torch.Tensor | None, t: torch.Tensor | None, conditions: Any = None, **kwargs: Any) -> Any:
-        out = super().forward(x, t, conditions, **kwargs)
-        if not self.source_residual or x is None:
-            return out
-        source = conditions.backbone_kwargs()["cond"]  # the source is the editor's only concatenated condition
-        if source.shape != out.shape:
-            raise ValueError(f"source_residual: the concatenated conditions {tuple(source.shape)} must be the "
-                             f"source latent alone, shaped as the prediction {tuple(out.shape)}")
-        return out + source.to(out.dtype)
 
     @torch.no_grad()
     def backtranslate(self, batch: dict[str, Any]) -> dict[str, Any]:

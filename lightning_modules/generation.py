@@ -209,6 +209,11 @@ class GenerationModule(BaseModule):
         init_from: weights to start from (the previous stage): a checkpoint, or a folder whose newest
             `**/checkpoints/last.ckpt` is used; position tables grow to this model's sizes and new input channels
             start at zero. A missing one is an error, except under `trainer.fast_dev_run`.
+        residual_condition: the name of a concatenated conditioner whose latent c the backbone's prediction is added
+            to: X̂_1 = c + net(...) (needs `objective.prediction: data`; None: off, the paper's way). For a clip that
+            is mostly its condition (the source of an edit, a sticker to animate) keeping the condition is then the
+            net's zero, not a copy carried through every block. A batch without the condition gets zeros for it
+            (`LatentConcat`), so the net alone predicts.
     """
 
     sample_config_class: type[SampleTaskConfig] = SampleTaskConfig  # a line with more sample options subclasses it
@@ -231,6 +236,7 @@ class GenerationModule(BaseModule):
         media: dict | MediaConfig | None = None,
         sample: dict | SampleTaskConfig | None = None,
         init_from: str | None = None,
+        residual_condition: str | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler, scheduler_interval)
         conditioners = {name: c for name, c in (conditioners or {}).items() if c is not None}
@@ -243,6 +249,7 @@ class GenerationModule(BaseModule):
         self.sample_cfg = _config(self.sample_config_class, sample, "sample")
         self.evaluators = {name: e for name, e in (evaluators or {}).items() if e is not None}
         self.val_times, self.init_from = val_times, init_from
+        self.residual_condition = residual_condition
         self._check_wiring()
         self.register_buffer("latent_mean", _channel_stat(latent_mean, net.in_channels, "latent_mean"))
         self.register_buffer("latent_std", _channel_stat(latent_std, net.in_channels, "latent_std"))
@@ -257,7 +264,18 @@ class GenerationModule(BaseModule):
         for name, c in self.conditioners.items():
             if c.kind in ("context", "tokens") and getattr(c, "dim", net.dim) != net.dim:
                 raise ValueError(f"model.conditioners.{name}: width {c.dim} must equal model.net.dim={net.dim}")
+            if name == self.residual_condition:
+                self._residual_channels = slice(concat, concat + getattr(c, "channels", 0))
             concat += c.channels if c.kind == "concat" else 0
+        if self.residual_condition is not None:
+            c = self.conditioners[self.residual_condition] if self.residual_condition in self.conditioners else None
+            if c is None or c.kind != "concat" or c.channels != net.in_channels:
+                raise ValueError(f"model.residual_condition={self.residual_condition!r} must name a concatenated "
+                                 f"conditioner of model.net.in_channels={net.in_channels} channels "
+                                 f"({sorted(self.conditioners)})")
+            if self.objective.prediction != "data":
+                raise ValueError(f"model.residual_condition needs model.objective.prediction=data "
+                                 f"(X̂_1 = condition + net), not {self.objective.prediction!r}")
         if concat != getattr(net, "cond_channels", 0):
             raise ValueError(f"model.net.cond_channels={getattr(net, 'cond_channels', 0)} must equal the channels of "
                              f"the concatenated conditioners ({concat})")
@@ -296,7 +314,10 @@ class GenerationModule(BaseModule):
                 keep = keep if isinstance(keep, torch.Tensor) else torch.full((fps.shape[0],), bool(keep))
                 values[name] = c(c.drop(raw[name], keep))
             return assemble(dict(self.conditioners), values, fps.to(self.device))
-        return self.net(x, t, **conditions.backbone_kwargs())
+        out = self.net(x, t, **conditions.backbone_kwargs())
+        if self.residual_condition is None:
+            return out
+        return out + conditions.concat[:, self._residual_channels].to(out.dtype)
 
     # -- starting from a previous stage ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -129,9 +129,9 @@ def test_zeroed_new_weights_give_exactly_the_text_to_video_model(tmp_path: Path)
 
 
 def test_source_residual_predicts_the_edit_on_top_of_the_source() -> None:
-    """model.source_residual: X̂_1 = Enc(source) + net(...); without a source (T2V, or the source dropped for
-    guidance) the net alone; a net that predicts no edit returns the source, pixel for pixel."""
-    editor = build(True, partial(EditingModule, source_residual=True, objective=dict(prediction="data")))
+    """model.residual_condition=source: X̂_1 = Enc(source) + net(...); without a source (T2V, or the source dropped
+    for guidance) the net alone; a net that predicts no edit returns the source, pixel for pixel."""
+    editor = build(True, partial(EditingModule, residual_condition="source", objective=dict(prediction="data")))
     perturb(editor)
     source = torch.rand(2, 3, 4, 16, 16) * 2 - 1
     batch = {"text": ["Make the red circle blue.", "a star"], "fps": torch.full((2,), 8.0),
@@ -147,7 +147,9 @@ def test_source_residual_predicts_the_edit_on_top_of_the_source() -> None:
         kept = editor.generate(batch, 4, 16, 16, seed=0, guidance_scales={"source": 1.0, "text": 1.0})
     torch.testing.assert_close(kept, source, atol=2e-4, rtol=0)  # the path's sigma_min: not bit for bit
     with pytest.raises(ValueError, match="prediction=data"):
-        build(True, partial(EditingModule, source_residual=True))
+        build(True, partial(EditingModule, residual_condition="source"))
+    with pytest.raises(ValueError, match="'task' must name a concatenated conditioner"):
+        build(True, partial(EditingModule, residual_condition="task", objective=dict(prediction="data")))
 
 
 def test_image_edits_take_a_random_temporal_position() -> None:
