@@ -260,22 +260,22 @@ class GenerationModule(BaseModule):
         if self.codec.latent_channels != net.in_channels:
             raise ValueError(f"model.net.in_channels={net.in_channels} must equal the codec's latent channels "
                              f"({self.codec.latent_channels})")
-        concat = 0
+        concat, offsets = 0, {}  # offsets: where each concatenated condition starts along the channels
         for name, c in self.conditioners.items():
             if c.kind in ("context", "tokens") and getattr(c, "dim", net.dim) != net.dim:
                 raise ValueError(f"model.conditioners.{name}: width {c.dim} must equal model.net.dim={net.dim}")
-            if name == self.residual_condition:
-                self._residual_channels = slice(concat, concat + getattr(c, "channels", 0))
-            concat += c.channels if c.kind == "concat" else 0
+            if c.kind == "concat":
+                offsets[name], concat = concat, concat + c.channels
         if self.residual_condition is not None:
-            c = self.conditioners[self.residual_condition] if self.residual_condition in self.conditioners else None
-            if c is None or c.kind != "concat" or c.channels != net.in_channels:
+            start = offsets.get(self.residual_condition)
+            if start is None or self.conditioners[self.residual_condition].channels != net.in_channels:
                 raise ValueError(f"model.residual_condition={self.residual_condition!r} must name a concatenated "
                                  f"conditioner of model.net.in_channels={net.in_channels} channels "
                                  f"({sorted(self.conditioners)})")
             if self.objective.prediction != "data":
                 raise ValueError(f"model.residual_condition needs model.objective.prediction=data "
                                  f"(X̂_1 = condition + net), not {self.objective.prediction!r}")
+            self._residual_channels = slice(start, start + net.in_channels)
         if concat != getattr(net, "cond_channels", 0):
             raise ValueError(f"model.net.cond_channels={getattr(net, 'cond_channels', 0)} must equal the channels of "
                              f"the concatenated conditioners ({concat})")
