@@ -17,7 +17,14 @@ as an input (`net.guidance_inputs` = n, added to its time embedding, zero at ini
     target:   v* = (y_m − x_{t_k}) / (t_{k+1} − t_k) = (1/m)·Σ_j ũ(y_j, t_k + j·h)
     student:  v  = S(x_{t_k}, t_k, all conditions on, guidance = s)      (converted to a velocity)
 
-    loss = ‖v − v*‖²  +  data_weight · ‖S(x_t, t, C, 1) − target_t‖²
+    loss = ‖v − v*‖²  +  data_weight · ‖S(x_t, t, C, 1) − target_t‖²          (distillation_space: velocity)
+    loss = ‖S(...) − P(v*)‖²  +  data_weight · ‖S(x_t, t, C, 1) − target_t‖²   (distillation_space: prediction)
+
+where P converts the velocity v* at (x_{t_k}, t_k) into the student's prediction type (`objective.prediction`;
+for data prediction on the flow-matching path with σ_min = 0, P(v*) = x_{t_k} + (1 − t_k)·v*). Both are the same
+target; they weigh the steps differently. In velocity space a data-predicting student's error is divided by
+(1 − t_k), so the last steps near the data dominate the loss (~500x the first on the shifted 8-step schedule);
+in the prediction's own space every step counts as the flow-matching loss on the batch counts it.
 
 One Euler step of the student with v* from x_{t_k} lands exactly where the teacher's m guided sub-steps land, so
 the student's S-step one-pass sampler learns to follow the teacher's S·m-step (n + 1)-pass sampler: (n + 1)·m
@@ -69,6 +76,8 @@ class DistillationModule(GenerationModule):
         teacher_steps: the teacher's Euler steps over the whole schedule (a multiple of S).
         guidance_ranges: guided condition → [lo, hi], the range the scale is drawn from (uniformly).
         data_weight: the weight of the flow-matching loss on the batch (0: distillation only).
+        distillation_space: "velocity" (‖v − v*‖²) or "prediction" (‖S − P(v*)‖², in the space the student
+            predicts, as its flow-matching loss is measured); the same for a velocity-predicting student.
         start_from_teacher: when a fit starts, every student tensor that the teacher has too (same name and shape)
             takes the teacher's value: a student with the teacher's widths and fewer layers starts as the teacher
             pruned (`copy_teacher_weights`). A resumed fit then restores the student's own checkpoint over it.
@@ -78,10 +87,13 @@ class DistillationModule(GenerationModule):
                  optimizer: OptimizerFactory, *, teacher: GenerationModule, teacher_from: str | None = None,
                  student_steps: int = 8, teacher_steps: int = 48,
                  guidance_ranges: Mapping[str, Sequence[float]] | None = None, data_weight: float = 0.5,
-                 start_from_teacher: bool = False, **kwargs: Any) -> None:
+                 start_from_teacher: bool = False, distillation_space: str = "velocity", **kwargs: Any) -> None:
         super().__init__(net, codec, conditioners, optimizer, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_from, self.data_weight = teacher_from, float(data_weight)
+        if distillation_space not in ("velocity", "prediction"):
+            raise ValueError(f"model.distillation_space={distillation_space!r} must be 'velocity' or 'prediction'")
+        self.distillation_space = distillation_space
         self.start_from_teacher = bool(start_from_teacher)
         self.student_steps, self.teacher_steps = int(student_steps), int(teacher_steps)
         self.guided = self.guided_names(self.sampler.guidance)
@@ -243,7 +255,8 @@ class DistillationModule(GenerationModule):
 
     def distillation_loss(self, batch: dict[str, Any], k: torch.Tensor | None = None,
                           noise: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
-        """‖v − v*‖² on a batch, at student steps k [B] (default: drawn), noise x_0 and scales s [B, n]."""
+        """‖v − v*‖² (or ‖S − P(v*)‖², `distillation_space`) on a batch, at student steps k [B] (default: drawn),
+        noise x_0 and scales s [B, n]."""
         batch = {**batch, "frames": self.pixel_shape(batch)[0]}
         x1 = self.to_latent(batch)
         self._check_latents(batch, x1)
@@ -255,8 +268,11 @@ class DistillationModule(GenerationModule):
         target = self.teacher_target(batch, x_t, t, t_next, scales)
         raw = self.condition_inputs(batch, tuple(x1.shape[1:]), train=False)
         conditions = replace(self.conditions(raw, batch_fps(batch, b), {}), guidance=scales)
-        v = self.objective.path.convert(self(x_t, t, conditions), x_t, t, self.objective.prediction, "velocity")
-        return paths.flow_matching_loss(v, target)
+        path, prediction = self.objective.path, self.objective.prediction
+        if self.distillation_space == "prediction":
+            return paths.flow_matching_loss(self(x_t, t, conditions), path.convert(target, x_t, t, "velocity",
+                                                                                   prediction))
+        return paths.flow_matching_loss(path.convert(self(x_t, t, conditions), x_t, t, prediction, "velocity"), target)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss_distill = self.distillation_loss(batch)

@@ -228,6 +228,22 @@ def test_distillation_target_by_hand() -> None:
 
     loss = module.distillation_loss(batch, k=k, noise=noise, scales=scales)
     assert loss.item() == pytest.approx((v - target.double()).pow(2).mean().item(), rel=1e-4)
+    # A data-predicting student distilled in its own space: its output x̂ against the data point that the target
+    # velocity implies at (x_t, t). From x_t = t·x_1 + (1 − c·t)·x_0 and v = x_1 − c·x_0 (c = 1 − σ_min):
+    # x_1 = c·x_t + (1 − c·t)·v.
+    data_student = student(sticker_model(), objective={"prediction": "data"}, distillation_space="prediction")
+    data_student.teacher.net, data_student.net = AffineTeacher(), AffineStudent()
+    c = 1 - SIGMA_MIN
+    implied = torch.stack([c * x_t[i].double() + (1 - c * grid[k[i]]) * target[i].double() for i in range(3)])
+    loss = data_student.distillation_loss(batch, k=k, noise=noise, scales=scales)
+    assert loss.item() == pytest.approx((v - implied).pow(2).mean().item(), rel=1e-4)
+    # the same target in velocity space weighs step k by 1 / (1 − c·t_k)²: the last steps dominate
+    data_student.distillation_space = "velocity"
+    as_velocity = torch.stack([(v[i] - c * x_t[i].double()) / (1 - c * grid[k[i]]) for i in range(3)])
+    loss = data_student.distillation_loss(batch, k=k, noise=noise, scales=scales)
+    assert loss.item() == pytest.approx((as_velocity - target.double()).pow(2).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="distillation_space='data' must be"):
+        student(sticker_model(), distillation_space="data")
     # the student's other uses (its flow-matching loss, validation) see the scales 1: the conditional model
     raw = module.condition_inputs(batch, tuple(x1.shape[1:]), train=False)
     assert module.conditions(raw, batch["fps"], {}).guidance.tolist() == [[1.0, 1.0]] * 3
