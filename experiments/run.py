@@ -37,6 +37,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("add", lambda *xs: sum(int(x) for x in xs))
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
+    if not OmegaConf.has_resolver("run_folder"):
+        OmegaConf.register_new_resolver("run_folder", run_folder_name, use_cache=True)
+
+
+def run_folder_name() -> str:
+    """A run's folder name (conf/hydra): its start time, then the process id, so that two runs of one experiment
+    started in the same second write two folders (one would otherwise version the other's `last.ckpt` as
+    `last-v1.ckpt`). The processes of a torchrun job (RANK set) keep the time alone: they share one folder."""
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return stamp if "RANK" in os.environ else f"{stamp}_{os.getpid()}"
 
 
 def list_experiments() -> list[str]:

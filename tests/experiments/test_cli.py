@@ -61,3 +61,31 @@ def test_slurm_launcher_config_matches_the_trainer(outputs: Path) -> None:
     assert "SlurmLauncher" in out
     # one SLURM task per device, so Lightning's SLURM detection starts the ranks
     assert "tasks_per_node: 4" in out and "nodes: 2" in out
+
+
+def test_runs_started_together_get_their_own_folders(outputs: Path) -> None:
+    """Two runs of one experiment started in the same second must not share a folder (nor its last.ckpt); the
+    ranks of a torchrun job (RANK set) must."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    def start(env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "experiments/run.py"), "experiment=digits_classifier",
+                                 "--cfg", "all", "--resolve"], cwd=ROOT, env={**os.environ, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start({}), start({}), start({"RANK": "0"})]
+    folders = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        (line,) = [line for line in out.splitlines() if line.strip().startswith("dir:") and "/runs/" in line]
+        folders.append(line.rsplit("/", 1)[1].strip())
+    stamp = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
+    for proc, folder in zip(procs[:2], folders[:2]):
+        assert re.fullmatch(f"{stamp}_{proc.pid}", folder), folder
+    assert re.fullmatch(stamp, folders[2]), folders[2]
