@@ -3,9 +3,10 @@
     python experiments/benchmarks/sticker_latency.py [--repeats 7] [--threads 1] [--device cpu] [key=value ...]
     python experiments/benchmarks/sticker_latency.py --smoke          # 1 warm-up, 2 repeats: a wiring check
 
-The models are `experiment=sticker_student`'s (further key=value are Hydra overrides): the student
-(conf/model/sticker_student.yaml) and its teacher (`model.teacher`, the sticker_tiny architecture), with their
-random initial weights: time does not depend on the values of the weights. One request = one 8-frame 16x16 clip
+The models: the student of `experiment=sticker_student` (conf/model/sticker_student.yaml; further key=value are
+Hydra overrides of it) and the teacher of the ensemble, `experiment=sticker_stage2`'s model (the sticker_tiny
+architecture; the student distils its own start, not this model, but replaces it at sampling), with their random
+initial weights: time does not depend on the values of the weights. One request = one 8-frame 16x16 clip
 from a prompt and a sticker image, end to end through `GenerationModule.generate` (text encoding, the sticker's
 latent, the solver, decoding). Timed, each as the median wall time of --repeats runs after --warmup runs:
 
@@ -79,11 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(o.startswith("experiment=") for o in overrides):
         overrides.insert(0, "experiment=sticker_student")
     overrides += ["model.evaluators=null", "model.scheduler=null"]
-    cfg = compose_config(overrides, Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "benchmark")
+    output_dir = Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "benchmark"
+    cfg = compose_config(overrides, output_dir)
     torch.manual_seed(0)
     device = torch.device(args.device)
     student = hydra.utils.instantiate(cfg.model, _convert_="object").to(device).eval()
-    teacher = student.teacher
+    teacher_cfg = compose_config(["experiment=sticker_stage2", "model.evaluators=null", "model.scheduler=null",
+                                  "model.init_from=null"], output_dir)
+    teacher = hydra.utils.instantiate(teacher_cfg.model, _convert_="object").to(device).eval()
     frames, (height, width) = int(cfg.data.frames[0]), cfg.data.sizes[0]
     request = {"text": ["a red star with polka dots spins, on a plain white background"],
                "image": torch.rand(1, 3, height, width, device=device) * 2 - 1,  # the sticker
