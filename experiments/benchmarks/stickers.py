@@ -3,7 +3,8 @@ the same (sticker, prompt) pool.
 
     python experiments/run.py experiment=sticker_ensemble && python experiments/run.py experiment=sticker_student_base \
         && python experiments/run.py experiment=sticker_student      # the chain's last steps (README)
-    python experiments/benchmarks/stickers.py [--student <checkpoint or folder>] [--start <checkpoint or folder>]
+    python experiments/benchmarks/stickers.py [--student <checkpoint or folder>] [--start <checkpoint or folder>] \
+        [key=value ...]                                                # Hydra overrides of the student's config
 
 The teachers' and the ensemble's rows are read from the ensemble's labels.csv (`ensemble.output_dir`/gallery):
 each teacher's clips and their judges' verdicts (a person's `keep` wins where filled). A (sticker, prompt) pair
@@ -69,9 +70,11 @@ def ensemble_rates(labels_csv: Path) -> dict[str, Any]:
 
 
 def runner(experiment: str, checkpoint: Path | None, name: str, steps: int, ensemble_cfg: Any,
-           output_dir: Path) -> TeacherEnsemble:
-    """The ensemble's pool, seeds and judges with one "teacher": `experiment`'s model and `checkpoint`'s weights."""
-    cfg = compose_config([f"experiment={experiment}", "model.init_from=null", "model.evaluators=null"], output_dir)
+           output_dir: Path, overrides: list[str]) -> TeacherEnsemble:
+    """The ensemble's pool, seeds and judges with one "teacher": `experiment`'s model (with `overrides`) and
+    `checkpoint`'s weights."""
+    cfg = compose_config([f"experiment={experiment}", *overrides, "model.init_from=null", "model.evaluators=null"],
+                         output_dir)
     model = hydra.utils.instantiate(cfg.model, _convert_="object")
     return TeacherEnsemble(model, {name: {"checkpoint": str(checkpoint), "frame": "middle"}},
                            pool=int(ensemble_cfg.pool), seeds=int(ensemble_cfg.seeds), steps=steps,
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--labels", default=None, help="the ensemble's labels.csv (default: its gallery's)")
     parser.add_argument("--grid", type=int, default=6, help="stickers in the grid")
     parser.add_argument("--name", default="stickers", help="results file stem")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(1)
     started = time.time()
 
@@ -108,17 +111,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     labels = Path(args.labels or Path(ens.ensemble.output_dir) / "gallery" / "labels.csv")
     if not labels.is_file():
         raise SystemExit(f"{labels}: no ensemble gallery; run `python experiments/run.py experiment=sticker_ensemble`")
-    report: dict[str, Any] = {"labels": str(labels), **ensemble_rates(labels)}
+    report: dict[str, Any] = {"labels": str(labels), "student_overrides": overrides, **ensemble_rates(labels)}
     datamodule = hydra.utils.instantiate(ens.data, _convert_="object")
     probe = probe_from_datamodule(datamodule, ProbeConfig(**dict(ens.ensemble.probe)), ens.ensemble.probe_cache)
 
-    models = [("student", "sticker_student", args.student, 8)]
+    models = [("student", "sticker_student", args.student, 8, overrides)]
     if args.start != "none":
-        models.append(("student_start_50x3", "sticker_student_base", args.start, 50))
+        models.append(("student_start_50x3", "sticker_student_base", args.start, 50, []))
     found, pool = {}, None
-    for name, experiment, path, steps in models:
+    for name, experiment, path, steps, options in models:
         checkpoint = newest_checkpoint(path)
-        judged = runner(experiment, checkpoint, name, steps, ens.ensemble, outputs / "benchmark")
+        judged = runner(experiment, checkpoint, name, steps, ens.ensemble, outputs / "benchmark", options)
         if pool is None:  # the ensemble's pool: its first held-out stickers with their captions
             pool = judged.pool_batch(datamodule)
             middle = torch.full((len(pool["text"]),), pool["video"].shape[2] // 2)
