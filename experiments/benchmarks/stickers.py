@@ -53,16 +53,15 @@ TARGET = 0.9  # the student's pass rate over the ensemble's, per pair
 def ensemble_rates(labels_csv: Path) -> dict[str, Any]:
     """Per teacher: the share of its clips kept; the ensemble: the share of pairs with a kept clip (a `keep`
     label wins over `judge_pass`), and the kept clips' count."""
+    with open(labels_csv, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    kept = set(judges.select([r["key"] for r in rows], [bool(int(r["judge_pass"])) for r in rows],
+                             judges.read_labels(labels_csv)))
     kept_by_teacher: dict[str, list[bool]] = defaultdict(list)
     pair_kept: dict[str, bool] = defaultdict(bool)
-    labels = judges.read_labels(labels_csv)
-    with open(labels_csv, newline="", encoding="utf-8") as file:
-        for row in csv.DictReader(file):
-            label = labels[row["key"]]
-            kept = bool(int(row["judge_pass"])) if label is None else label
-            kept_by_teacher[row["teacher"]].append(kept)
-            pair = row["key"].split("-")[1]  # <teacher>-pool<i>-s<seed>
-            pair_kept[pair] |= kept
+    for row in rows:
+        kept_by_teacher[row["teacher"]].append(row["key"] in kept)
+        pair_kept[row["key"].split("-")[1]] |= row["key"] in kept  # <teacher>-pool<i>-s<seed>
     clips = sum(len(v) for v in kept_by_teacher.values())
     return {"teachers": {t: sum(v) / len(v) for t, v in kept_by_teacher.items()},
             "ensemble_per_pair": sum(pair_kept.values()) / len(pair_kept), "pairs": len(pair_kept),
