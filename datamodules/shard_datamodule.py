@@ -57,6 +57,8 @@ class ShardDataModule(L.LightningDataModule):
         world_kind: which world shard set to read (scenes, images, identities, edits, stickers).
         require_text: skip (and count) samples without a caption.
         log_every_n_steps: how often data/ metrics go to the loggers (None: the trainer's setting).
+        shard_cache_mb: keep up to this many MB of read shards in memory (`shards.ShardCache`; 0: off), in the
+            process that reads them: with `num_workers: 0` a small world is read from disk once, not every epoch.
     """
 
     world_kind = "scenes"
@@ -83,6 +85,7 @@ class ShardDataModule(L.LightningDataModule):
         world_kind: str | None = None,
         require_text: bool = True,
         log_every_n_steps: int | None = None,
+        shard_cache_mb: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("shards", shards), ("val_shards", val_shards)):
@@ -98,6 +101,7 @@ class ShardDataModule(L.LightningDataModule):
         self.data_dir, self.world = Path(data_dir), plain(world) or {}
         self.world_kind = world_kind or self.world_kind
         self.require_text, self.log_every_n_steps = require_text, log_every_n_steps
+        self.shard_cache_mb = float(shard_cache_mb)
         self.urls: dict[str, list[str] | None] = {}
         self._train_loader: ResumableShardLoader | None = None
         self._val_loader: ShardLoader | None = None
@@ -170,7 +174,7 @@ class ShardDataModule(L.LightningDataModule):
     def _dataset(self, sources: list[Source], train: bool, samples: int | None) -> StreamDataset:
         return StreamDataset(sources, seed=self._seed(), shuffle=train, shuffle_buffer=self.shuffle_buffer,
                              max_bad_fraction=self.max_bad_fraction, min_samples=self.min_samples,
-                             samples_hint=samples)
+                             samples_hint=samples, shard_cache_mb=self.shard_cache_mb)
 
     def train_dataloader(self) -> ResumableShardLoader:
         if self._train_loader is None:

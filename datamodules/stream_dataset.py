@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.media import MediaDecodeError
 from datamodules.shard_schedule import mix_seed, shard_schedule
-from datamodules.shards import ShardReadError, read_shard, shard_sample_counts
+from datamodules.shards import ShardCache, ShardReadError, read_shard, shard_sample_counts
 from datamodules.sources import SkipSample, Source
 
 FILTER_REASONS = frozenset({"too_short", "low_motion"})  # skip reasons that count as filtered, not bad
@@ -99,7 +99,8 @@ class _SlotStream:
                 current_pass = pass_index
             got = 0
             try:
-                for sample in read_shard(urls[shard]):
+                reader = ds.shard_cache.read if ds.shard_cache is not None else read_shard
+                for sample in reader(urls[shard]):
                     got += 1
                     if size <= 1:
                         yield emit(sample)
@@ -134,6 +135,7 @@ class StreamDataset(IterableDataset):
         max_bad_fraction: float = 0.05,
         min_samples: int = 64,
         samples_hint: int | None = None,
+        shard_cache_mb: float = 0.0,
     ) -> None:
         super().__init__()
         if not sources:
@@ -146,6 +148,9 @@ class StreamDataset(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer = int(seed), bool(shuffle), int(shuffle_buffer)
         self.max_bad_fraction, self.min_samples = float(max_bad_fraction), int(min_samples)
         self.samples_hint = samples_hint
+        # shards kept in memory by the reading process (`shards.ShardCache`); a per-epoch copy of the dataset
+        # shares it, so with num_workers 0 it lasts the run
+        self.shard_cache = ShardCache(shard_cache_mb) if shard_cache_mb > 0 else None
         self.plan = Plan()
         self._counts: dict[int, list[int] | None] = {}
 

@@ -2,7 +2,10 @@
 stages, beside the text-to-video model without a reference, real clips of the identity, and paired training.
 
     python experiments/benchmarks/pt2v.py [--t2v <quickstart run folder or checkpoint>] [--t2v-steps 1000]
-        [--steps 600 200 300] [--fresh] [--out <folder>]
+        [--steps 600 200 300] [--fresh] [--out <folder>] [key=value ...]
+
+Hydra overrides after the options apply to every stage and to the evaluation, e.g. `model/codec=pca_clip` for the
+chain on another codec.
 
 The defaults are the experiments' own lengths (the quickstart's 1000 steps, the stages' 600 / 200 / 300): about
 30 minutes on 2 CPU cores. `--t2v-steps 400 --steps 400 60 120` is the 10-minute version (weaker identity).
@@ -36,6 +39,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -105,13 +109,13 @@ def evaluation_data(cfg: Any) -> tuple[Any, dict[str, Any]]:
     return datamodule, batch
 
 
-def load(name: str, ckpt: Path, out: Path) -> torch.nn.Module:
+def load(name: str, ckpt: Path, out: Path, overrides: Sequence[str] = ()) -> torch.nn.Module:
     """The model of row `name` (its stage's experiment; the text-to-video row without the reference conditioner)
     with the checkpoint's EMA weights."""
     experiment = CHAIN[name][0] if name in CHAIN else "pt2v_stage1"
     extra = ["model.conditioners.reference=null", "~model.sampler.guidance.reference",
              "model.sampler.guidance_order=null"] if name == "t2v" else []
-    cfg = compose_config([f"experiment={experiment}", *extra], out / "evaluate")
+    cfg = compose_config([f"experiment={experiment}", *extra, *overrides], out / "evaluate")
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
     module.load_state_dict(read_module_state(ckpt))
     load_ema_weights(module, ckpt)
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "pt2v"))
     parser.add_argument("--grid", type=int, default=4)
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: Hydra overrides of every stage
     out = Path(args.out)
     os.environ["OUTPUT_DIR"] = str(out)  # every stage's runs, checkpoints and MLflow store
     torch.set_num_threads(1)
@@ -196,18 +200,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings = {}
     t0 = time.time()
     ckpts = {"t2v": newest_checkpoint(args.t2v) if args.t2v else train(
-        "t2v", "quickstart", [], None, args.t2v_steps, out, args.fresh)}
+        "t2v", "quickstart", overrides, None, args.t2v_steps, out, args.fresh)}
     timings["t2v"] = time.time() - t0
     steps = {"stage1": args.steps[0], "stage2": args.steps[1], "stage3_cross": args.steps[2],
              "stage3_paired": args.steps[2]}
-    for name, (experiment, overrides, parent) in CHAIN.items():
+    for name, (experiment, stage_overrides, parent) in CHAIN.items():
         t0 = time.time()
-        ckpts[name] = train(name, experiment, overrides, ckpts[parent], steps[name], out, args.fresh)
+        ckpts[name] = train(name, experiment, [*stage_overrides, *overrides], ckpts[parent], steps[name], out,
+                            args.fresh)
         timings[name] = time.time() - t0
 
     t0 = time.time()
     cfg = compose_config(["experiment=pt2v_stage1", "data.reference=cross", "data.batch_size=16",
-                          "data.num_workers=0"], out / "evaluate")
+                          "data.num_workers=0", *overrides], out / "evaluate")
     datamodule, batch = evaluation_data(cfg)
     trainer = SimpleNamespace(datamodule=datamodule, fast_dev_run=False)
     evaluators = {name: hydra.utils.instantiate(cfg.model.evaluators[name], _convert_="object")
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [(name, name, None) for name in ckpts] + [(NO_REF_GUIDANCE, "stage3_cross", 1.0)]
     for row, name, reference_scale in variants:
         t0 = time.time()
-        module = load(name, ckpts[name], out)
+        module = load(name, ckpts[name], out, overrides)
         scales = dict(module.sampler.guidance) | ({"reference": reference_scale} if reference_scale else {})
         with torch.no_grad():
             samples[row] = module.generate(batch, 8, *batch["video"].shape[-2:], seed=0, steps=args.sampling_steps,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datamodules.audio import AudioDataModule
-from datamodules.shards import expand_shards, read_shard
+from datamodules.shards import ShardCache, ShardReadError, expand_shards, read_shard
 from datamodules.stream_dataset import BadDataError
 from datamodules.stream_loader import convert_batch
 from datamodules.video import AudioVideoDataModule, VideoDataModule
@@ -243,6 +243,47 @@ def test_stream_is_seeded_by_seed_and_epoch(tmp_path):
     assert [k for k, _ in a[:8]] != [k for k, _ in a[8:]]  # epochs differ
     assert [k for k, _ in _run(other.train_dataloader())] != [k for k, _ in a[:8]]
     assert sorted(k for keys, _ in a[:8] for k in keys) == sorted(f"s{s}-{i}" for s in range(4) for i in range(4))
+
+
+def test_shard_cache_reads_each_shard_from_disk_once(tmp_path):
+    urls = good_shards(tmp_path, 3, 2)
+    cache = ShardCache(max_mb=16)
+    first = [s for url in urls for s in cache.read(url)]
+    assert cache.misses == 3 and cache.hits == 0
+    first[0]["added"] = 1  # what a reader adds to a sample does not stay in the cache
+    for url in urls:
+        Path(url).unlink()
+    again = [s for url in urls for s in cache.read(url)]
+    assert cache.hits == 3 and "added" not in again[0]
+    assert [s["__key__"] for s in again] == [s["__key__"] for s in first]
+    assert all(a["mp4"] == b["mp4"] and a["json"] == b["json"] for a, b in zip(again, first))
+
+
+def test_shard_cache_keeps_only_whole_shards_within_its_size(tmp_path):
+    urls = good_shards(tmp_path, 3, 2)
+    size = sum(len(v) for s in read_shard(urls[0]) for v in s.values() if isinstance(v, bytes))
+    cut = ShardCache(max_mb=16)
+    next(iter(cut.read(urls[0])))  # a read cut off after one sample is not kept
+    assert urls[0] not in cut.shards
+    small = ShardCache(max_mb=1.5 * size / 2**20)  # room for one shard: the least recently read goes
+    for url in urls:
+        list(small.read(url))
+    assert list(small.shards) == [urls[2]] and small.bytes == small.sizes[urls[2]]
+    Path(urls[0]).unlink()
+    with pytest.raises(ShardReadError):
+        list(small.read(urls[0]))
+
+
+def test_stream_with_a_shard_cache_gives_the_same_batches(tmp_path):
+    shards = good_shards(tmp_path, 3, 4)
+    make = lambda mb: VideoDataModule(shards=shards, frames=[8], sizes=[[32, 32]], batch_size=2, num_workers=0,
+                                      seed=0, shuffle_buffer=4, epoch_batches=6, shard_cache_mb=mb)
+    plain_dm, cached_dm = make(0), make(16)
+    for dm in (plain_dm, cached_dm):
+        dm.setup()
+    assert _run(cached_dm.train_dataloader(), 3) == _run(plain_dm.train_dataloader(), 3)
+    cache = cached_dm.train_dataloader().dataset.shard_cache
+    assert cache.hits > 0 and set(cache.shards) == set(shards)  # every shard is kept once read to its end
 
 
 @pytest.mark.parametrize("workers", [0, 2])
