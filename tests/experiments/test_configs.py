@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import pytest
+import torch
 
 from experiments.compose import EXPERIMENTS, compose_config
 from experiments.runner import run, threads_per_process
@@ -62,6 +64,23 @@ def test_experiment_runs_one_step(experiment: str, outputs: Path) -> None:
     after = default_store.stat().st_mtime_ns if default_store.exists() else None
     assert after == before, "a fast_dev_run (which logs nothing) wrote ./mlflow.db"
 
+
+
+@pytest.mark.parametrize("codec", ["pca", "pca_clip", "pixel"])
+def test_each_codec_option_fits_the_quickstart_dit(codec: str, outputs: Path) -> None:
+    """`model/codec=<option>` on the quickstart: the DiT reads the codec's channels, its position tables hold the
+    codec's latent grid of a 16x16 clip of 8 frames, and a sample decodes to that clip's shape."""
+    cfg = compose_config(["experiment=quickstart", f"model/codec={codec}"], outputs / codec)
+    model = hydra.utils.instantiate(cfg.model, _convert_="object")
+    channels, t, h, w = model.codec.latent_shape(8, 16, 16)
+    net = cfg.model.net
+    assert channels == net.in_channels
+    grid = (t // net.patch[0], h // net.patch[1], w // net.patch[2])
+    assert all(n <= m for n, m in zip(grid, (net.max_t, net.max_h, net.max_w))), grid
+    if hasattr(model.codec, "fit"):
+        model.codec.fit([torch.rand(4, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    video = model.eval().generate({"text": ["A red circle bounces around."], "fps": 8.0}, 8, 16, 16, steps=1)
+    assert video.shape == (1, 3, 8, 16, 16) and torch.isfinite(video).all()
 
 
 def test_threads_are_split_between_the_processes_of_one_machine(outputs: Path) -> None:
