@@ -2,7 +2,8 @@
 
 media.py             PyAV decode/encode of video, audio and images (the one module that writes media files)
 shards.py            shard files: specs -> tar URLs (paths, brace lists, folders, pipe:, http), checks, sample
-                     counts, reading one tar shard (nothing unpickled)
+                     counts, reading one tar shard (nothing unpickled), ShardCache (read shards kept in memory)
+memory.py            MemoryLRU: the byte-bounded in-memory store of ShardCache and samples.ClipCache
 shard_schedule.py    node/rank/worker split: each slot's seeded shard schedule, default epoch length, rank/world
 sources.py           what the stream needs from a modality: Source, SampleHandler, Bucket, SkipSample
 stream_dataset.py    the worker side: shuffle buffer, per-bucket batching, source mixing, bad-sample accounting

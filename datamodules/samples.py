@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +45,7 @@ from datamodules.media import (
     probe_video,
     resize_crop_labels,
 )
+from datamodules.memory import MemoryLRU
 from datamodules.references import MODES, pick_reference, read_references
 from datamodules.sources import Bucket, SkipSample
 
@@ -193,34 +193,21 @@ class FrameHandler:
         return finalize_video(batch)
 
 
-class ClipCache:
-    """Decoded clips kept in memory, least recently used first out, up to `max_mb` of frames.
+class ClipCache(MemoryLRU):
+    """Decoded clips kept in memory (`memory.MemoryLRU`), up to `max_mb` of frames.
 
     The key is the sample (shard URL, key, media member) and the times decoded (frames, fps, start), so a hit
     returns exactly what `decode_video` would. A clip as long as the training clips always starts at 0 (the
     quickstart's 1 s clips), so from its second pass on nothing is decoded; longer clips hit only in
-    validation, where the start is fixed. The cache lives in the
-    process that decodes: with `num_workers: 0` the training process, for the whole run; a loader's workers
-    are restarted every epoch, and their caches with them.
+    validation, where the start is fixed.
     """
-
-    def __init__(self, max_mb: float) -> None:
-        self.max_bytes = int(max_mb * 2**20)
-        self.clips: OrderedDict[tuple, DecodedVideo] = OrderedDict()
-        self.bytes = self.hits = self.misses = 0
 
     def decode(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float) -> DecodedVideo:
         key = (sample.get("__url__"), sample.get("__key__"), member, num_frames, fps, start)
-        if key in self.clips:
-            self.hits += 1
-            self.clips.move_to_end(key)
-            return self.clips[key]
-        self.misses += 1
-        clip = decode_video(sample[member], num_frames, fps, start)  # its frames are only read from then on
-        self.clips[key] = clip
-        self.bytes += clip.frames.nbytes
-        while self.bytes > self.max_bytes and self.clips:
-            self.bytes -= self.clips.popitem(last=False)[1].frames.nbytes
+        clip = self.get(key)
+        if clip is None:
+            clip = decode_video(sample[member], num_frames, fps, start)  # its frames are only read from then on
+            self.put(key, clip, clip.frames.nbytes)
         return clip
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import tarfile
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from urllib.parse import urlparse
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
+
+from datamodules.memory import MemoryLRU
 
 # Members whose last extension is in this set are read; everything else (pyd, pickle, pth, ...) is skipped
 # unread, so shard data is never unpickled.
@@ -162,36 +163,23 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
             pass
 
 
-class ShardCache:
-    """Whole shards' samples (their members' bytes) kept in memory by the process that reads them, up to
-    `max_mb`, least recently read dropped first. A small world read for many epochs is then read from disk
-    once: re-reading the tars cost the quickstart ~30 ms a batch of 32 clips, 60% of its loader's time. A shard is kept only when read to its end without error; a cut-off or broken read is read again.
-    Samples come back as new dicts of the same (immutable) bytes, so what a reader adds to one does not stay."""
-
-    def __init__(self, max_mb: float) -> None:
-        self.max_bytes = int(max_mb * 2**20)
-        self.shards: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-        self.sizes: dict[str, int] = {}
-        self.bytes = self.hits = self.misses = 0
+class ShardCache(MemoryLRU):
+    """Whole shards' samples (their members' bytes) kept in memory (`memory.MemoryLRU`), up to `max_mb`. A small
+    world read for many epochs is then read from disk once: re-reading the tars cost the quickstart ~30 ms a batch
+    of 32 clips, 60% of its loader's time. A shard is kept only when read to its end without error; a cut-off or
+    broken read is read again. Samples come back as new dicts of the same (immutable) bytes, so what a reader adds
+    to one does not stay."""
 
     def read(self, url: str) -> Iterator[dict[str, Any]]:
         """`read_shard(url)`, from memory after the first complete read."""
-        if url in self.shards:
-            self.hits += 1
-            self.shards.move_to_end(url)
-            for sample in self.shards[url]:
+        kept = self.get(url)
+        if kept is not None:
+            for sample in kept:
                 yield dict(sample)
             return
-        self.misses += 1
         samples, size = [], 0
         for sample in read_shard(url):
             samples.append(dict(sample))
             size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
             yield sample
-        if size > self.max_bytes:
-            return
-        self.shards[url], self.sizes[url] = samples, size
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            old, _ = self.shards.popitem(last=False)
-            self.bytes -= self.sizes.pop(old)
+        self.put(url, samples, size)

@@ -92,6 +92,7 @@ class _SlotStream:
             return self.ordinal - 1, sample
 
         schedule = shard_schedule(len(urls), ds.seed, self.epoch, self.slot, self.num_slots, ds.shuffle)
+        reader = ds.shard_cache.read if ds.shard_cache is not None else read_shard
         for pass_index, shard in schedule:
             if pass_index != current_pass:
                 while buffer:
@@ -99,7 +100,6 @@ class _SlotStream:
                 current_pass = pass_index
             got = 0
             try:
-                reader = ds.shard_cache.read if ds.shard_cache is not None else read_shard
                 for sample in reader(urls[shard]):
                     got += 1
                     if size <= 1:

@@ -86,7 +86,7 @@ def test_decode_cache_gives_the_same_batches_and_decodes_each_clip_once(world_di
     tiny.prepare_data()
     tiny.setup("fit")
     next(iter(tiny.train_dataloader()))
-    assert not tiny.train_dataloader().dataset.sources[0].handler.cache.clips
+    assert not tiny.train_dataloader().dataset.sources[0].handler.cache.entries
 
 
 class _Recorder(L.LightningModule):

@@ -264,11 +264,11 @@ def test_shard_cache_keeps_only_whole_shards_within_its_size(tmp_path):
     size = sum(len(v) for s in read_shard(urls[0]) for v in s.values() if isinstance(v, bytes))
     cut = ShardCache(max_mb=16)
     next(iter(cut.read(urls[0])))  # a read cut off after one sample is not kept
-    assert urls[0] not in cut.shards
+    assert urls[0] not in cut.entries
     small = ShardCache(max_mb=1.5 * size / 2**20)  # room for one shard: the least recently read goes
     for url in urls:
         list(small.read(url))
-    assert list(small.shards) == [urls[2]] and small.bytes == small.sizes[urls[2]]
+    assert list(small.entries) == [urls[2]] and small.bytes == small.sizes[urls[2]]
     Path(urls[0]).unlink()
     with pytest.raises(ShardReadError):
         list(small.read(urls[0]))
@@ -283,7 +283,7 @@ def test_stream_with_a_shard_cache_gives_the_same_batches(tmp_path):
         dm.setup()
     assert _run(cached_dm.train_dataloader(), 3) == _run(plain_dm.train_dataloader(), 3)
     cache = cached_dm.train_dataloader().dataset.shard_cache
-    assert cache.hits > 0 and set(cache.shards) == set(shards)  # every shard is kept once read to its end
+    assert cache.hits > 0 and set(cache.entries) == set(shards)  # every shard is kept once read to its end
 
 
 @pytest.mark.parametrize("workers", [0, 2])

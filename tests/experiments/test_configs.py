@@ -65,7 +65,6 @@ def test_experiment_runs_one_step(experiment: str, outputs: Path) -> None:
     assert after == before, "a fast_dev_run (which logs nothing) wrote ./mlflow.db"
 
 
-
 @pytest.mark.parametrize("codec", ["pca", "pca_clip", "pixel"])
 def test_each_codec_option_fits_the_quickstart_dit(codec: str, outputs: Path) -> None:
     """`model/codec=<option>` on the quickstart: the DiT reads the codec's channels, its position tables hold the
