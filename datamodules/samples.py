@@ -34,6 +34,7 @@ from torch.utils.data import get_worker_info
 from datamodules.media import (
     DecodedVideo,
     MediaDecodeError,
+    crop_box,
     crop_resize_frames,
     decode_audio,
     decode_image,
@@ -194,12 +195,16 @@ class FrameHandler:
 
 
 class ClipCache(MemoryLRU):
-    """Decoded clips kept in memory (`memory.MemoryLRU`), up to `max_mb` of frames.
+    """Decoded clips, and their crops resized to the training size, kept in memory (`memory.MemoryLRU`), up to
+    `max_mb` of frames.
 
-    The key is the sample (shard URL, key, media member) and the times decoded (frames, fps, start), so a hit
-    returns exactly what `decode_video` would. A clip as long as the training clips always starts at 0 (the
-    quickstart's 1 s clips), so from its second pass on nothing is decoded; longer clips hit only in
-    validation, where the start is fixed.
+    A decoded clip's key is the sample (shard URL, key, media member) and the times decoded (frames, fps, start),
+    so a hit returns exactly what `decode_video` would. A resized crop's key adds the size and the crop box
+    (`media.crop_box`), so a hit returns exactly what `crop_resize_frames` would: a random crop offset that
+    selects the same box (any offset, when the clip already has the target's aspect) hits too. The resize is
+    most of a cached batch's loading time (the quickstart: 26 -> 9 ms a batch). A clip as long as the training
+    clips always starts at 0 (the quickstart's 1 s clips), so from its second pass on nothing is decoded or
+    resized; longer clips hit only in validation, where the start is fixed.
     """
 
     def decode(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float) -> DecodedVideo:
@@ -209,6 +214,18 @@ class ClipCache(MemoryLRU):
             clip = decode_video(sample[member], num_frames, fps, start)  # its frames are only read from then on
             self.put(key, clip, clip.frames.nbytes)
         return clip
+
+    def frames(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float,
+               size: tuple[int, int], offset: tuple[float, float]) -> tuple[DecodedVideo, torch.Tensor]:
+        """(the decoded clip, its frames through `crop_resize_frames(frames, size, offset)`)."""
+        clip = self.decode(sample, member, num_frames, fps, start)
+        box = crop_box(clip.frames.shape[1], clip.frames.shape[2], size, offset)
+        key = (sample.get("__url__"), sample.get("__key__"), member, num_frames, fps, start, tuple(size), box)
+        frames = self.get(key)
+        if frames is None:
+            frames = crop_resize_frames(clip.frames, size, offset)
+            self.put(key, frames, frames.nbytes)
+        return clip, frames
 
 
 class VideoHandler(FrameHandler):
@@ -245,10 +262,13 @@ class VideoHandler(FrameHandler):
         self.identity_in_caption = identity_in_caption
         self.cache = ClipCache(decode_cache_mb) if decode_cache_mb > 0 else None
 
-    def _decode(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float) -> DecodedVideo:
-        if self.cache is None:
-            return decode_video(sample[member], num_frames, fps, start)
-        return self.cache.decode(sample, member, num_frames, fps, start)
+    def _frames(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float,
+                size: tuple[int, int], offset: tuple[float, float]) -> tuple[DecodedVideo, torch.Tensor]:
+        """(the decoded clip, its frames cropped and resized to `size`), from the cache when there is one."""
+        if self.cache is not None:
+            return self.cache.frames(sample, member, num_frames, fps, start, size, offset)
+        clip = decode_video(sample[member], num_frames, fps, start)
+        return clip, crop_resize_frames(clip.frames, size, offset)
 
     def _info(self, sample: dict[str, Any], meta: dict, key: str) -> tuple[int, int, float, float]:
         """(width, height, native fps, duration) from the json when complete, else by probing the container."""
@@ -301,11 +321,11 @@ class VideoHandler(FrameHandler):
         start = float(rng.uniform(0.0, max(0.0, duration - span))) if self.train else 0.0
         offset = (float(rng.uniform()), float(rng.uniform())) if self.train and self.random_crop else (0.5, 0.5)
         size = (bucket.height, bucket.width)
-        clip = self._decode(sample, key, bucket.frames, fps, start)
+        clip, frames = self._frames(sample, key, bucket.frames, fps, start, size, offset)
         if not self.identity_in_caption and meta.get("identity_token"):  # "The zq3 star ..." -> "The star ..."
             text = text.replace(f"{meta['identity_token']} ", "")
         item: dict[str, Any] = {
-            "video": crop_resize_frames(clip.frames, size, offset),
+            "video": frames,
             "text": f"FPS-{fps:g} {text}" if self.fps_in_caption else text,
             "fps": fps,
             "start": start,  # seconds into the source: the json's event times are relative to its beginning
@@ -315,8 +335,7 @@ class VideoHandler(FrameHandler):
             labels = read_labels(sample)
             item["labels"] = resize_crop_labels(labels[np.clip(clip.indices, 0, len(labels) - 1)], size, offset)
         if self.with_target:
-            target = self._decode(sample, "edit.mp4", bucket.frames, fps, start)
-            item["target_video"] = crop_resize_frames(target.frames, size, offset)
+            target, item["target_video"] = self._frames(sample, "edit.mp4", bucket.frames, fps, start, size, offset)
             if self.with_masks:  # an edit pair's target label maps ("target_labels" of its mask.npz)
                 labels = read_labels(sample, "target_labels")
                 item["target_labels"] = resize_crop_labels(labels[np.clip(target.indices, 0, len(labels) - 1)],

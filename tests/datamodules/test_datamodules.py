@@ -81,12 +81,39 @@ def test_decode_cache_gives_the_same_batches_and_decodes_each_clip_once(world_di
         for a, b in zip(cached.train_dataloader(), plain.train_dataloader()):
             assert a["key"] == b["key"] and torch.equal(a["video"], b["video"])
         if epoch == 1:
-            assert cache.misses - misses <= 12 - len(one_s) and cache.hits >= len(one_s) > 0
+            # a sample looks up its decoded clip and its resized crop: a 1 s clip hits both
+            assert cache.misses - misses <= 2 * (12 - len(one_s)) and cache.hits >= 2 * len(one_s) > 0
     tiny = VideoDataModule(decode_cache_mb=1e-6, **common)
     tiny.prepare_data()
     tiny.setup("fit")
     next(iter(tiny.train_dataloader()))
     assert not tiny.train_dataloader().dataset.sources[0].handler.cache.entries
+
+
+def test_decode_cache_keeps_the_resized_crops(world_dir):
+    """The cache also keeps each clip's crop resized to the training size, keyed by the crop box: with random
+    crops of clips that already have the target's aspect (every offset selects the whole frame) the batches equal
+    an uncached module's, and the second epoch decodes and resizes nothing for the 1 s clips."""
+    data_dir, world, _ = world_dir
+    common = dict(data_dir=data_dir, world=world, sizes=[[16, 16]], frames=[8], batch_size=4, num_workers=0,
+                  epoch_batches=3, seed=5, random_crop=True)
+    cached, plain = VideoDataModule(decode_cache_mb=8, **common), VideoDataModule(**common)
+    for dm in (cached, plain):
+        dm.prepare_data()
+        dm.setup("fit")
+    cache = cached.train_dataloader().dataset.sources[0].handler.cache
+    for epoch in range(2):
+        misses = cache.misses
+        seen = set()
+        for a, b in zip(cached.train_dataloader(), plain.train_dataloader()):
+            assert a["key"] == b["key"] and a["video"].shape[-2:] == (16, 16) and torch.equal(a["video"], b["video"])
+            seen |= {k for k, m in zip(a["key"], a["meta"]) if m["duration"] <= 1.0 and m["width"] == m["height"]}
+        resized = [k for k in cache.entries if len(k) == 8]
+        assert all(k[6] == (16, 16) and k[7][2:] == (32, 32) for k in resized)  # the whole 32x32 frame, to 16x16
+        if epoch == 1:
+            # a square 1 s clip misses neither its decode nor its resize; longer clips (random starts) and
+            # 32x48 ones (random boxes) can
+            assert cache.misses - misses <= 2 * (12 - len(seen)) and len(seen) > 0
 
 
 class _Recorder(L.LightningModule):
