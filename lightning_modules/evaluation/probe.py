@@ -634,14 +634,17 @@ class ProbeEvaluator(Evaluator):
     check) the probe is not trained.
 
     Args:
-        cache_dir: where trained probes are kept (None: not cached); width, features, steps, lr, clips, batch:
-            `ProbeConfig`. floor_clips: training clips read for the floor (at most this many samples count).
+        cache_dir: where trained probes are kept (None: not cached); width, features, steps, lr, clips, batch,
+            seed: `ProbeConfig` (another seed trains, and caches, another probe: how much a sample score owes to
+            the probe instance). floor_clips: training clips read for the floor (at most this many samples count).
     """
 
     def __init__(self, cache_dir: str | None = None, width: int = 16, features: int = 32, steps: int = 600,
-                 lr: float = 2e-3, clips: int = 1024, batch: int = 32, floor_clips: int = 128) -> None:
+                 lr: float = 2e-3, clips: int = 1024, batch: int = 32, floor_clips: int = 128,
+                 seed: int = 0) -> None:
         self.cache_dir = cache_dir
-        self.config = ProbeConfig(width=width, features=features, steps=steps, lr=lr, clips=clips, batch=batch)
+        self.config = ProbeConfig(width=width, features=features, steps=steps, lr=lr, seed=seed, clips=clips,
+                                  batch=batch)
         self.floor_clips = floor_clips
         self.probe: VideoProbe | None = None
         self.frechet: FrechetWithFloor | None = None

@@ -474,6 +474,23 @@ def test_probe_scores_real_held_out_clips_and_fd_floor(world: Path, probe_evalua
     print({"noise": noise, "real": real})
 
 
+def test_probe_seed_trains_and_caches_another_probe(world: Path, tmp_path: Path) -> None:
+    """`seed` draws another probe (other clips in another order, another init) and caches it beside the first;
+    the same seed loads its own probe back."""
+    trainer = SimpleNamespace(datamodule=datamodule(world, 16), fast_dev_run=False)
+    model = SimpleNamespace(device=torch.device("cpu"))
+    weights = {}
+    for seed in (0, 1, 0):
+        evaluator = ProbeEvaluator(cache_dir=str(tmp_path), steps=40, clips=32, batch=8, seed=seed)
+        evaluator.start(model, trainer)
+        state = {k: v.clone() for k, v in evaluator.probe.state_dict().items()}
+        if seed in weights:
+            assert all(torch.equal(state[k], weights[seed][k]) for k in state)  # loaded from the cache
+        weights[seed] = state
+    assert len(list(tmp_path.glob("probe-*.pt"))) == 2
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [16, 32])
 def test_probe_scores_real_held_out_clips_full(world: Path, size: int) -> None:
