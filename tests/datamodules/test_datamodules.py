@@ -63,16 +63,26 @@ def test_datamodules_yield_the_convention_keys(world_dir):
     assert stickers["text"][0].startswith("A sticker of")
 
 
+def _fit_module(**kwargs) -> VideoDataModule:
+    dm = VideoDataModule(**kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _cached_and_plain(world_dir, **options) -> tuple[VideoDataModule, VideoDataModule, dict]:
+    """(a module with an 8 MB decode cache, the same without, their common arguments): the tiny world, 3
+    batches of 4 an epoch."""
+    data_dir, world, _ = world_dir
+    common = dict(data_dir=data_dir, world=world, frames=[8], batch_size=4, num_workers=0, epoch_batches=3, seed=5,
+                  **options)
+    return _fit_module(decode_cache_mb=8, **common), _fit_module(**common), common
+
+
 def test_decode_cache_gives_the_same_batches_and_decodes_each_clip_once(world_dir):
     """`decode_cache_mb`: two epochs equal an uncached module's, batch for batch, and every clip of the second
     epoch comes from the cache (the world's 1 s clips always start at 0); a budget under one clip keeps none."""
-    data_dir, world, _ = world_dir
-    common = dict(data_dir=data_dir, world=world, sizes=[[32, 32]], frames=[8], batch_size=4, num_workers=0,
-                  epoch_batches=3, seed=5, random_crop=False)
-    cached, plain = VideoDataModule(decode_cache_mb=8, **common), VideoDataModule(**common)
-    for dm in (cached, plain):
-        dm.prepare_data()
-        dm.setup("fit")
+    cached, plain, common = _cached_and_plain(world_dir, sizes=[[32, 32]], random_crop=False)
     one_s = {k for b in plain.train_dataloader() for k, m in zip(b["key"], b["meta"]) if m["duration"] <= 1.0}
     plain._train_loader = None
     cache = cached.train_dataloader().dataset.sources[0].handler.cache
@@ -83,9 +93,7 @@ def test_decode_cache_gives_the_same_batches_and_decodes_each_clip_once(world_di
         if epoch == 1:
             # a sample looks up its decoded clip and its resized crop: a 1 s clip hits both
             assert cache.misses - misses <= 2 * (12 - len(one_s)) and cache.hits >= 2 * len(one_s) > 0
-    tiny = VideoDataModule(decode_cache_mb=1e-6, **common)
-    tiny.prepare_data()
-    tiny.setup("fit")
+    tiny = _fit_module(decode_cache_mb=1e-6, **common)
     next(iter(tiny.train_dataloader()))
     assert not tiny.train_dataloader().dataset.sources[0].handler.cache.entries
 
@@ -94,13 +102,7 @@ def test_decode_cache_keeps_the_resized_crops(world_dir):
     """The cache also keeps each clip's crop resized to the training size, keyed by the crop box: with random
     crops of clips that already have the target's aspect (every offset selects the whole frame) the batches equal
     an uncached module's, and the second epoch decodes and resizes nothing for the 1 s clips."""
-    data_dir, world, _ = world_dir
-    common = dict(data_dir=data_dir, world=world, sizes=[[16, 16]], frames=[8], batch_size=4, num_workers=0,
-                  epoch_batches=3, seed=5, random_crop=True)
-    cached, plain = VideoDataModule(decode_cache_mb=8, **common), VideoDataModule(**common)
-    for dm in (cached, plain):
-        dm.prepare_data()
-        dm.setup("fit")
+    cached, plain, _ = _cached_and_plain(world_dir, sizes=[[16, 16]], random_crop=True)
     cache = cached.train_dataloader().dataset.sources[0].handler.cache
     for epoch in range(2):
         misses = cache.misses
