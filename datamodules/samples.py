@@ -202,7 +202,7 @@ class ClipCache(MemoryLRU):
     so a hit returns exactly what `decode_video` would. A resized crop's key adds the size and the crop box
     (`media.crop_box`), so a hit returns exactly what `crop_resize_frames` would: a random crop offset that
     selects the same box (any offset, when the clip already has the target's aspect) hits too. The resize is
-    most of a cached batch's loading time (the quickstart: 26 -> 9 ms a batch). A clip as long as the training
+    most of a cached batch's loading time (the quickstart: 26 -> 8 ms a batch). A clip as long as the training
     clips always starts at 0 (the quickstart's 1 s clips), so from its second pass on nothing is decoded or
     resized; longer clips hit only in validation, where the start is fixed.
     """
