@@ -201,10 +201,11 @@ class ClipCache(MemoryLRU):
     A decoded clip's key is the sample (shard URL, key, media member) and the times decoded (frames, fps, start),
     so a hit returns exactly what `decode_video` would. A resized crop's key adds the size and the crop box
     (`media.crop_box`), so a hit returns exactly what `crop_resize_frames` would: a random crop offset that
-    selects the same box (any offset, when the clip already has the target's aspect) hits too. The resize is
-    most of a cached batch's loading time (the quickstart: 26 -> 8 ms a batch). A clip as long as the training
-    clips always starts at 0 (the quickstart's 1 s clips), so from its second pass on nothing is decoded or
-    resized; longer clips hit only in validation, where the start is fixed.
+    selects the same box (any offset, when the clip already has the target's aspect) hits too. A crop that
+    needs no resize is a view of the clip and is not kept twice. The resize is most of a cached batch's loading
+    time (the quickstart: 26 -> 8 ms a batch). A clip as long as the training clips always starts at 0 (the
+    quickstart's 1 s clips), so from its second pass on nothing is decoded or resized; longer clips hit only in
+    validation, where the start is fixed.
     """
 
     def decode(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float) -> DecodedVideo:
@@ -217,9 +218,12 @@ class ClipCache(MemoryLRU):
 
     def frames(self, sample: dict[str, Any], member: str, num_frames: int, fps: float, start: float,
                size: tuple[int, int], offset: tuple[float, float]) -> tuple[DecodedVideo, torch.Tensor]:
-        """(the decoded clip, its frames through `crop_resize_frames(frames, size, offset)`)."""
+        """(the decoded clip, its frames through `crop_resize_frames(frames, size, offset)`). A crop that already
+        has the target size needs no resize: it is a view of the cached clip, and is not kept twice."""
         clip = self.decode(sample, member, num_frames, fps, start)
         box = crop_box(clip.frames.shape[1], clip.frames.shape[2], size, offset)
+        if box[2:] == tuple(size):
+            return clip, crop_resize_frames(clip.frames, size, offset)
         key = (sample.get("__url__"), sample.get("__key__"), member, num_frames, fps, start, tuple(size), box)
         frames = self.get(key)
         if frames is None:
