@@ -18,6 +18,7 @@ from datamodules.video import VideoDataModule
 from datamodules.write_shards import write_world
 from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.nn.tae import TAE
+from lightning_modules.schedules import OneCycle
 from lightning_modules.tae_losses import TAELoss
 from tests.helpers import ROOT, run_cli
 
@@ -37,11 +38,14 @@ def datamodule(world: Path, batch_size: int = 4) -> VideoDataModule:
                            sizes=[[32, 32]], frames=[8], fps=8.0, batch_size=batch_size, num_workers=0, seed=0)
 
 
-def module(image_every: int = 4, lr: float = 3e-3, **loss) -> AutoencoderModule:
+def module(image_every: int = 4, lr: float = 3e-3, steps: int | None = None, **loss) -> AutoencoderModule:
+    """The tiny TAE; with `steps`, a one-cycle learning rate over that many steps (peak `lr`)."""
     torch.manual_seed(0)
     net = TAE(latent_channels=4, base_channels=8, channel_mults=(1, 2, 2), temporal_down=(True, True),
               num_res_blocks=1, norm_groups=4)
-    return AutoencoderModule(net, TAELoss(**loss), optimizer=partial(torch.optim.AdamW, lr=lr), image_every=image_every)
+    scheduler = partial(OneCycle, max_lr=lr, total_steps=steps, pct_start=0.1) if steps else None
+    return AutoencoderModule(net, TAELoss(**loss), optimizer=partial(torch.optim.AdamW, lr=lr), scheduler=scheduler,
+                             image_every=image_every)
 
 
 def trainer(max_steps: int, **kwargs) -> L.Trainer:
@@ -58,7 +62,9 @@ def held_out(world: Path) -> torch.Tensor:
 
 def test_short_training_lowers_reconstruction_loss_with_image_steps(world: Path) -> None:
     L.seed_everything(0)  # the image steps' frames and the batches' order, whatever ran before in the process
-    model = module(image_every=3, lr=1e-2)
+    # A one-cycle rate that ends near 0: at a constant 1e-2 the loss after 60 steps depended on the batches' order
+    # (ratio 0.55-0.82 over seeds, one failure in a full suite); annealed at peak 5e-3, 0.53-0.66 over 12 seeds.
+    model = module(image_every=3, lr=5e-3, steps=60)
     x = held_out(world)
     before = (model.reconstruct(x) - x).abs().mean().item()
     lengths: list[int] = []
