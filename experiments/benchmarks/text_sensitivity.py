@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=0, help="train a model here for this many steps (no run=)")
     parser.add_argument("--name", default="default", help="the row of results/text_sensitivity_trained.json")
     parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options and key=value overrides in any order
     times = tuple(args.times)
     if args.train:
         overrides = [o for o in args.overrides if not o.startswith("run=")]
