@@ -17,8 +17,8 @@ worth. A gap near 0 means the model ignores the attribute: sampling cannot follo
 Prints a table and writes experiments/benchmarks/results/text_sensitivity.json.
 
 `--train STEPS` measures a model trained here instead of a run: `experiment=quickstart` with the overrides, its
-codec fitted, trained for STEPS steps in this process (its loss, time sampler, optimizer and a one-cycle rate, no
-EMA, no sampling), then the gaps (results/text_sensitivity_trained.json, one row per `--name`). A quick way to
+codec fitted, trained for STEPS steps in this process by Lightning's loop (its loss, time sampler, optimizer and
+schedule; no EMA, no validation, no sampling), then the gaps (results/text_sensitivity_trained.json, one row per `--name`). A quick way to
 compare how fast backbones learn what a word means: with `model.time_sampler.mean=-8 model.time_sampler.std=0.1`
 and `--times 0` the model is trained and measured at t ~ 0 only, where it regresses the caption's mean clip and
 the shape gap is the mean outline the shape word buys (~100 s for 800 steps).
@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules.synthetic.captions import scene_caption  # noqa: E402
@@ -53,7 +54,6 @@ from datamodules.synthetic.world import (  # noqa: E402
 from experiments.compose import compose_config  # noqa: E402
 from experiments.quickstart_grid import load_run, run_checkpoint  # noqa: E402
 from lightning_modules.evaluation.probe import SHAPE_CLASS  # noqa: E402
-from lightning_modules.schedules import OneCycle  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results" / "text_sensitivity.json"
 TRAINED = RESULTS.with_name("text_sensitivity_trained.json")
@@ -81,27 +81,17 @@ def swapped_caption(scene: SceneSpec, attribute: str, rng: random.Random) -> str
 
 def train_module(overrides: list[str], steps: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(`experiment=quickstart` with `overrides`, trained `steps` steps in this process; its first validation
-    batch). A codec fitted on data (`nn.codecs.PCACodec`) is fitted on the first `fit_clips` training clips of the
-    epoch; every step is the module's own training loss, its gradient clipped at norm 1 as in `conf/loop/tiny.yaml`."""
-    cfg = compose_config(["experiment=quickstart", *overrides], Path("/tmp") / "text_sensitivity")
-    torch.manual_seed(0)
+    batch). Lightning's own loop on the experiment's datamodule: the module's setup (a codec fitted on data is
+    fitted there), optimizer, schedule and gradient clipping; no validation, callbacks, logger or checkpoints."""
+    cfg = compose_config(["experiment=quickstart", *overrides, f"trainer.max_steps={steps}"],
+                         Path("/tmp") / "text_sensitivity")
+    L.seed_everything(cfg.seed)
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batches = list(datamodule.train_dataloader())
-    if hasattr(module.codec, "fit"):
-        module.codec.fit([b["video"] for b in batches][:max(1, module.codec.fit_clips // len(batches[0]["text"]))])
-    optimizer = hydra.utils.instantiate(cfg.model.optimizer)(module.parameters())
-    schedule = OneCycle(optimizer, max_lr=float(cfg.model.optimizer.lr), total_steps=steps, pct_start=0.05)
-    module.train()
-    for step in range(steps):
-        loss = module.loss(batches[step % len(batches)], train=True)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, gradient_clip_val=cfg.trainer.gradient_clip_val,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule)
     module.eval()
     return module, next(iter(datamodule.val_dataloader()))
 
