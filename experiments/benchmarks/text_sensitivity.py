@@ -141,18 +141,19 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_intermixed_args()  # options and key=value overrides in any order
     times = tuple(args.times)
+    run = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run=")), None)
+    overrides = [o for o in args.overrides if not o.startswith("run=")]
+    if args.train and run:
+        parser.error(f"--train trains its own model: drop run={run}")
     if args.train:
-        overrides = [o for o in args.overrides if not o.startswith("run=")]
         start = time.perf_counter()
         module, batch = train_module(overrides, args.train)
         result = {"name": args.name, "steps": args.train, "overrides": overrides,
                   "train_s": round(time.perf_counter() - start, 1), **sensitivity(module, batch, args.seeds, times)}
         source = f"{args.train} steps trained here ({result['train_s']} s)"
     else:
-        run = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run=")), None)
-        ckpt, overrides = run_checkpoint(run)
-        module, _, batch, _ = load_run(ckpt, overrides + [o for o in args.overrides if not o.startswith("run=")],
-                                    "text_sensitivity")
+        ckpt, run_overrides = run_checkpoint(run)
+        module, _, batch, _ = load_run(ckpt, run_overrides + overrides, "text_sensitivity")
         result = {"checkpoint": str(ckpt), **sensitivity(module, batch, args.seeds, times)}
         source = str(ckpt)
     print(f"[text_sensitivity] {source}: {result['clips']} held-out clips, {args.seeds} noise draws per time")
