@@ -15,6 +15,9 @@ maps "labels" / "target_labels") are held out: validation and test batches are t
     backtranslate stage III: a real clip with a made-up instruction and its inverse ("Make the red circle blue." /
                   "Make the blue circle red."); the editor's output becomes the source, the inverse the prompt and
                   the real clip the target (`lightning_modules.editing.EditingModule.backtranslate`)
+    video_edit    not a stage of the paper: the training split's supervised video edit pairs as they are
+                  (`experiment=edit_supervised`, a diagnostic: what the same editor and budget reach when it is
+                  given the supervision the stages do without)
 
 Editor layout: "video" = the target (what is generated), "source" = the video to edit (absent for t2v), "text",
 "task" (one name per sample: edit | t2v), "fps", "meta", and for evaluation "labels" / "target_labels".
@@ -34,7 +37,7 @@ from einops import rearrange
 from datamodules.synthetic.world import OBJECT_COLOURS, SHAPES
 from datamodules.video import VideoDataModule
 
-PAIR_KINDS = ("image_edit", "t2v", "animated", "segmentation", "backtranslate")
+PAIR_KINDS = ("image_edit", "t2v", "animated", "segmentation", "backtranslate", "video_edit")
 
 
 def video_edit_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +174,7 @@ class EditDataModule(VideoDataModule):
 
     Args:
         pairs: kind → weight of the training batches (kinds: image_edit, t2v, animated, segmentation,
-            backtranslate), e.g. stage I {image_edit: 5, t2v: 1} (the paper's image edits ~5× more often).
+            backtranslate, video_edit), e.g. stage I {image_edit: 5, t2v: 1} (the paper's image edits ~5× more often).
         max_frames: temporal positions an image edit may take (the backbone's latent frames, model.net.max_t).
         **kwargs: the options of `VideoDataModule` (world_kind edits, with_target and with_masks are forced).
     """
@@ -203,6 +206,8 @@ class EditDataModule(VideoDataModule):
             return segmentation_batch(batch, self.generator)
         if kind == "backtranslate":
             return backtranslation_batch(batch, self.rng)
+        if kind == "video_edit":
+            return video_edit_batch(batch)
         raise ValueError(f"unknown pair kind {kind!r}; one of {PAIR_KINDS}")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -28,7 +28,7 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # upsampler trains and samples in fused windows in test_generation.py. The editing stages (~35 CPU s each) train
 # a step of each pair kind in tests/lightning_modules/test_editing.py.
 HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion",
-         "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3",
+         "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3", "edit_supervised",
          "audio_ae", "audio_v2a"}  # audio: test_audio.py samples, windows and muxes by default
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
             for e in EXPERIMENTS]

@@ -15,6 +15,7 @@ import torch
 
 import lightning_modules.evaluation.editing as editing_metrics
 from datamodules.edits import (
+    PAIR_KINDS,
     EditDataModule,
     affine_motion,
     animate,
@@ -299,7 +300,7 @@ def test_one_training_step_of_every_pair_kind() -> None:
     editor.backtranslation_steps = 1
     data = EditDataModule(pairs={"image_edit": 1.0}, sizes=[[16, 16]], frames=[8], max_frames=8, seed=0)
     optimizer = torch.optim.SGD(editor.parameters(), lr=1e-3)
-    for kind in ("image_edit", "t2v", "animated", "segmentation", "backtranslate"):
+    for kind in PAIR_KINDS:
         batch = data.training_batch(pairs(), kind)
         batch = editor.backtranslate(batch) if kind == "backtranslate" else batch
         loss = editor.loss(batch, train=True)
@@ -309,6 +310,9 @@ def test_one_training_step_of_every_pair_kind() -> None:
         assert torch.isfinite(loss), kind
     held_out = video_edit_batch(pairs())
     assert torch.equal(held_out["source"], world_pairs()["video"]) and held_out["task"][0] == "edit"
+    assert torch.equal(held_out["video"], world_pairs()["target_video"])
+    supervised = data.training_batch(pairs(), "video_edit")  # edit_supervised's diagnostic: the pair as it is
+    assert torch.equal(supervised["source"], held_out["source"]) and torch.equal(supervised["video"], held_out["video"])
     assert torch.isfinite(editor.loss(held_out))
     with pytest.raises(ValueError, match="data.pairs"):
         EditDataModule(pairs={"paint": 1.0})
