@@ -8,6 +8,7 @@ and the hook for custom tasks (`task=sample`, `task=encode`, ...).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -128,7 +129,9 @@ class BaseModule(L.LightningModule):
         return int(steps)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        # an optimizer that tells the network's matrices from its tables (optimizers.MuonAdamW) is given the network
+        takes_module = "module" in inspect.signature(self.optimizer_factory).parameters
+        optimizer = self.optimizer_factory(self.trainable_parameters(), **({"module": self} if takes_module else {}))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = fill_length(self.scheduler_factory, self.schedule_length)(optimizer)

@@ -1,0 +1,161 @@
+"""Muon for a network's hidden matrices and AdamW for the rest, as one optimizer.
+
+Muon (Jordan et al. 2024; `torch.optim.Muon`) steps a weight matrix W [m, n] with gradient G by
+
+    B ← μ·B + (1 − μ)·G                  momentum
+    U = (1 − μ)·G + μ·B                  Nesterov
+    O = NS₅(U)                           five Newton-Schulz iterations: ≈ the orthogonal polar factor of U
+                                         (singular values pushed to ~[0.5, 1.5]), so every direction moves alike
+    W ← (1 − lr·λ)·W − lr·r·0.2·√max(m, n)·O
+
+The factor 0.2·√max(m, n) ("match_rms_adamw") gives the update the RMS of an AdamW step, so one learning rate (and
+one schedule) serves both halves; r (`muon_lr_ratio`) scales Muon's side. Muon is only for the weights of linear
+layers; embeddings, position and modulation tables, norms, biases and convolutions keep AdamW (they are looked up or
+added, not multiplied by an input, and have no matrix geometry to orthogonalise).
+
+`Muon` is `torch.optim.Muon` with the Newton-Schulz iterations in float32: torch's run in bfloat16, whose matmuls
+are ~30x slower than float32 on these CPUs (a quickstart step took 5x as long); on a GPU the difference is rounding.
+Lightning drives one optimizer per module, so `MuonAdamW` holds a `Muon` and a `torch.optim.AdamW` and shows their
+parameter groups as its own: a schedule (`schedules.OneCycle`, which also cycles AdamW's β₁) sets the
+learning rate of both, and `state_dict` holds both states. Use it with
+`model.optimizer._target_=lightning_modules.optimizers.MuonAdamW` (the module passes itself as `module`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Jordan et al.; torch.optim.Muon's)
+
+
+def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """≈ the orthogonal polar factor U·Vᵀ of each matrix U·S·Vᵀ in `update` [..., m, n], in float32:
+    X ← a·X + (b·XXᵀ + c·(XXᵀ)²)·X from X = update / ‖update‖_F (spectral norm ≤ 1), on the wide orientation (XXᵀ
+    the smaller Gram matrix). Matrices of one shape go as one batch: on these small layers the per-op overhead,
+    not the arithmetic, is what a step costs."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.float().reshape(-1, *update.shape[-2:])
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).reshape(update.shape).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in float32."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0,
+                 momentum: float = 0.95) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.ndim != 2:
+                    raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mu)
+                by_shape.setdefault(tuple(p.shape), []).append((p, p.grad.lerp(buf, mu)))
+            for shape, items in by_shape.items():
+                updates = newton_schulz(torch.stack([u for _, u in items]))
+                for (p, _), update in zip(items, updates, strict=True):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+        return loss
+
+
+def linear_weights(module: nn.Module) -> set[int]:
+    """ids of the weights of every `nn.Linear` in `module`: the matrices Muon steps."""
+    return {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on `module`'s linear weights among `params`, AdamW on the other `params` (see the module docstring).
+
+    Args:
+        params: the parameters to train (tensors, or param groups whose options are kept).
+        module: the network they belong to (passed by `BaseModule.configure_optimizers`).
+        lr, betas, weight_decay, eps, fused: AdamW's (`lr` and `weight_decay` also Muon's).
+        momentum: Muon's μ. muon_lr_ratio: r, Muon's learning rate over AdamW's.
+    """
+
+    def __init__(self, params: Iterable[Any], module: nn.Module, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, eps: float = 1e-8,
+                 momentum: float = 0.95, muon_lr_ratio: float = 1.0, fused: bool | None = None) -> None:
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        matrices = linear_weights(module)
+        muon_groups, adamw_groups = [], []
+        for group in groups:
+            ps = list(group["params"])
+            if any(type(p).__name__ == "DTensor" for p in ps):
+                raise ValueError("MuonAdamW: sharded (FSDP) parameters are not supported: Newton-Schulz needs the "
+                                 "whole matrix; use torch.optim.AdamW with FSDP")
+            options = {k: v for k, v in group.items() if k != "params"}
+            muon_groups.append({**options, "params": [p for p in ps if id(p) in matrices]})
+            adamw_groups.append({**options, "params": [p for p in ps if id(p) not in matrices]})
+        muon_groups = [g for g in muon_groups if g["params"]]
+        adamw_groups = [g for g in adamw_groups if g["params"]]
+        if not muon_groups:
+            raise ValueError(f"MuonAdamW: none of the {sum(len(g['params']) for g in adamw_groups)} parameters is a "
+                             "linear layer's weight; use torch.optim.AdamW")
+        self.muon_lr_ratio = float(muon_lr_ratio)
+        self.muon = Muon(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
+                                       fused=fused) if adamw_groups else None
+        # The children's group dicts themselves: a schedule that sets group["lr"] here sets it there.
+        children = self.muon.param_groups + (self.adamw.param_groups if self.adamw else [])
+        super().__init__(children, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    def _children(self) -> list[torch.optim.Optimizer]:
+        return [self.muon] + ([self.adamw] if self.adamw else [])
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rates = [group["lr"] for group in self.muon.param_groups]
+        for group, lr in zip(self.muon.param_groups, rates, strict=True):
+            group["lr"] = lr * self.muon_lr_ratio
+        try:
+            self.muon.step()
+        finally:  # the schedule's rate, untouched, for the next step
+            for group, lr in zip(self.muon.param_groups, rates, strict=True):
+                group["lr"] = lr
+        if self.adamw is not None:
+            self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict() if self.adamw else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError(f"MuonAdamW: a state with keys {sorted(state_dict)} is not this optimizer's (muon, "
+                             "adamw); was the checkpoint trained with another optimizer?")
+        self.muon.load_state_dict(state_dict["muon"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state_dict["adamw"])
+        # loading gives the children new group dicts: show those, so the schedule sets the rates they use
+        self.param_groups = [group for child in self._children() for group in child.param_groups]
