@@ -50,6 +50,14 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return (x.mT if tall else x).reshape(update.shape).to(update.dtype)
 
 
+def closure_loss(closure: Any) -> Any:
+    """The loss of an optimizer step's closure (evaluated with gradients on), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in float32."""
 
@@ -59,10 +67,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
             by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -131,10 +136,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         rates = [group["lr"] for group in self.muon.param_groups]
         for group, lr in zip(self.muon.param_groups, rates, strict=True):
             group["lr"] = lr * self.muon_lr_ratio

@@ -162,3 +162,22 @@ def test_newton_schulz_batches_matrices_of_one_shape_independently() -> None:
         batch = torch.randn(*shape) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)
         one_by_one = torch.stack([newton_schulz(m) for m in batch])
         torch.testing.assert_close(newton_schulz(batch), one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_step_runs_the_closure_with_gradients_on() -> None:
+    """Lightning steps with a closure that computes the loss and its gradients; step returns that loss."""
+    net = Net()
+    opt = MuonAdamW(net.parameters(), module=net, lr=1e-2)
+    ids = torch.randint(0, 10, (5, 4), generator=torch.Generator().manual_seed(0))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = net(ids).square().mean()
+        loss.backward()
+        return loss
+
+    before = net.hidden.weight.detach().clone()
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert loss is not None and loss.requires_grad
+    assert not torch.equal(before, net.hidden.weight)
