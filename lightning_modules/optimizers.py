@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Jordan et al.; torch.optim.Muon's)
 
@@ -62,21 +63,26 @@ class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in float32."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0,
-                 momentum: float = 0.95) -> None:
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+                 momentum: float = 0.95, lr_ratio: float = 1.0) -> None:
+        # lr_ratio scales the rate a schedule sets in group["lr"] (MuonAdamW's muon_lr_ratio)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                  "lr_ratio": lr_ratio})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = closure_loss(closure)
         for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]
+            lr, mu = group["lr"] * group["lr_ratio"], group["momentum"]
             by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.ndim != 2:
                     raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
                 by_shape.setdefault(tuple(p.shape), []).append((p, p.grad.lerp(buf, mu)))
             for shape, items in by_shape.items():
@@ -112,7 +118,7 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_groups, adamw_groups = [], []
         for group in groups:
             ps = list(group["params"])
-            if any(type(p).__name__ == "DTensor" for p in ps):
+            if any(isinstance(p, DTensor) for p in ps):
                 raise ValueError("MuonAdamW: sharded (FSDP) parameters are not supported: Newton-Schulz needs the "
                                  "whole matrix; use torch.optim.AdamW with FSDP")
             options = {k: v for k, v in group.items() if k != "params"}
@@ -123,12 +129,11 @@ class MuonAdamW(torch.optim.Optimizer):
         if not muon_groups:
             raise ValueError(f"MuonAdamW: none of the {sum(len(g['params']) for g in adamw_groups)} parameters is a "
                              "linear layer's weight; use torch.optim.AdamW")
-        self.muon_lr_ratio = float(muon_lr_ratio)
-        self.muon = Muon(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        self.muon = Muon(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, lr_ratio=muon_lr_ratio)
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
                                        fused=fused) if adamw_groups else None
         # The children's group dicts themselves: a schedule that sets group["lr"] here sets it there.
-        children = self.muon.param_groups + (self.adamw.param_groups if self.adamw else [])
+        children = [group for child in self._children() for group in child.param_groups]
         super().__init__(children, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
     def _children(self) -> list[torch.optim.Optimizer]:
@@ -137,16 +142,8 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = closure_loss(closure)
-        rates = [group["lr"] for group in self.muon.param_groups]
-        for group, lr in zip(self.muon.param_groups, rates, strict=True):
-            group["lr"] = lr * self.muon_lr_ratio
-        try:
-            self.muon.step()
-        finally:  # the schedule's rate, untouched, for the next step
-            for group, lr in zip(self.muon.param_groups, rates, strict=True):
-                group["lr"] = lr
-        if self.adamw is not None:
-            self.adamw.step()
+        for child in self._children():
+            child.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:

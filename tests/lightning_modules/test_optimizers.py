@@ -82,7 +82,7 @@ def test_steps_equal_muon_and_torch_adamw_side_by_side() -> None:
         adamw.step()
     for p, q in zip(net.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert opt.muon.param_groups[0]["lr"] == lr  # the ratio is applied for the step only
+    assert opt.muon.param_groups[0]["lr"] == lr  # the schedule's rate; the ratio scales it inside the step
 
 
 def test_muon_update_is_the_polar_factor_at_adamw_rms() -> None:
