@@ -213,7 +213,7 @@ def _split_hooks(net: nn.Module, blocks: list[nn.Module], parallel: ModelParalle
     first = blocks[0]
 
     def enter_block(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x, pe, modulation, context, *rest = args
+        x, pe, modulation, context, *rest = args  # rest: Block's context_mask, context_segments, rotary
         if module is first:
             if x.shape[1] % dist.get_world_size(group):
                 raise ValueError(f"{x.shape[1]} tokens do not split over {dist.get_world_size(group)} "
@@ -223,6 +223,11 @@ def _split_hooks(net: nn.Module, blocks: list[nn.Module], parallel: ModelParalle
         modulation = _SumGradients.apply(modulation, group)
         if cp_group is not None:  # without tp, cross-attention's keys see the text on every cp rank alike
             context = _SumGradients.apply(context, cp_group)
+            if len(rest) > 2 and rest[2] is not None:
+                # RoPE turns q and k in attention, where a cp rank holds its cp chunk of the tokens (tp's gather
+                # undoes the tp split): the angles of that chunk, so that the gathered keys keep their positions
+                rotary = rest[2]
+                rest[2] = rotary.chunk(dist.get_world_size(cp_group), dim=-2)[dist.get_rank(cp_group)]
         return (x, pe, modulation, context, *rest), kwargs
 
     def leave_blocks(module: nn.Module, args: tuple) -> tuple:

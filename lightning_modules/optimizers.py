@@ -15,10 +15,15 @@ added, not multiplied by an input, and have no matrix geometry to orthogonalise)
 
 `Muon` is `torch.optim.Muon` with the Newton-Schulz iterations in float32: torch's run in bfloat16, whose matmuls
 are ~30x slower than float32 on these CPUs (a quickstart step took 5x as long); on a GPU the difference is rounding.
-Lightning drives one optimizer per module, so `MuonAdamW` holds a `Muon` and a `torch.optim.AdamW` and shows their
-parameter groups as its own: a schedule (`schedules.OneCycle`, which also cycles AdamW's β₁) sets the
-learning rate of both, and `state_dict` holds both states. Use it with
+`MuonAdamW` is one optimizer whose parameter groups say which rule steps them (`group["muon"]`); the AdamW groups go
+through torch's own AdamW function (fused or foreach). One optimizer with one state keyed by parameter is what
+Lightning drives, a schedule sets (`schedules.OneCycle` sets every group's rate and cycles β₁), and torch's
+distributed checkpoint maps to parameter names. Use it with
 `model.optimizer._target_=lightning_modules.optimizers.MuonAdamW` (the module passes itself as `module`).
+
+Sharded parameters (FSDP2, tensor parallel: DTensors) work: each rank gathers a matrix's update, orthogonalises the
+whole matrix and keeps its own shard of the result. Every rank repeats every matrix's Newton-Schulz, which is cheap
+at the sizes this repository trains; at scale one would give each rank its share of the matrices instead.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim.adamw import adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Jordan et al.; torch.optim.Muon's)
 
@@ -59,6 +65,47 @@ def closure_loss(closure: Any) -> Any:
         return closure()
 
 
+def muon_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any]) -> None:
+    """One Muon step of `group`'s matrices (the module docstring), keeping the momentum in `state[p]`."""
+    lr, mu = group["lr"] * group["lr_ratio"], group["momentum"]
+    by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.ndim != 2:
+            raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buf = state[p]["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - mu)
+        update = p.grad.lerp(buf, mu)
+        by_shape.setdefault(tuple(p.shape), []).append(
+            (p, update.full_tensor() if isinstance(update, DTensor) else update))
+    for shape, items in by_shape.items():
+        updates = newton_schulz(torch.stack([u for _, u in items]))
+        for (p, _), update in zip(items, updates, strict=True):
+            if isinstance(p, DTensor):  # this rank's shard of the whole matrix's update, without communication
+                update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+
+
+def adamw_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any]) -> None:
+    """One AdamW step of `group` through torch's AdamW function, with torch.optim.AdamW's state keys."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if not state[p]:
+            # as torch.optim.AdamW keeps it: a float32 count, on the parameter's device only for the fused kernel
+            step = torch.zeros((), dtype=torch.float32, device=p.device if group["fused"] else "cpu")
+            state[p].update(step=step, exp_avg=torch.zeros_like(p),
+                            exp_avg_sq=torch.zeros_like(p))
+    beta1, beta2 = group["betas"]
+    adamw(params, [p.grad for p in params], [state[p]["exp_avg"] for p in params],
+          [state[p]["exp_avg_sq"] for p in params], [], [state[p]["step"] for p in params],
+          fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in float32."""
 
@@ -72,24 +119,7 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         loss = closure_loss(closure)
         for group in self.param_groups:
-            lr, mu = group["lr"] * group["lr_ratio"], group["momentum"]
-            by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.ndim != 2:
-                    raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                by_shape.setdefault(tuple(p.shape), []).append((p, p.grad.lerp(buf, mu)))
-            for shape, items in by_shape.items():
-                updates = newton_schulz(torch.stack([u for _, u in items]))
-                for (p, _), update in zip(items, updates, strict=True):
-                    p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+            muon_update(self.state, group)
         return loss
 
 
@@ -100,6 +130,8 @@ def linear_weights(module: nn.Module) -> set[int]:
 
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on `module`'s linear weights among `params`, AdamW on the other `params` (see the module docstring).
+
+    Each given group becomes a Muon group (`muon: True`) and an AdamW group, keeping its options.
 
     Args:
         params: the parameters to train (tensors, or param groups whose options are kept).
@@ -115,46 +147,21 @@ class MuonAdamW(torch.optim.Optimizer):
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         matrices = linear_weights(module)
-        muon_groups, adamw_groups = [], []
+        split = []
         for group in groups:
-            ps = list(group["params"])
-            if any(isinstance(p, DTensor) for p in ps):
-                raise ValueError("MuonAdamW: sharded (FSDP) parameters are not supported: Newton-Schulz needs the "
-                                 "whole matrix; use torch.optim.AdamW with FSDP")
-            options = {k: v for k, v in group.items() if k != "params"}
-            muon_groups.append({**options, "params": [p for p in ps if id(p) in matrices]})
-            adamw_groups.append({**options, "params": [p for p in ps if id(p) not in matrices]})
-        muon_groups = [g for g in muon_groups if g["params"]]
-        adamw_groups = [g for g in adamw_groups if g["params"]]
-        if not muon_groups:
-            raise ValueError(f"MuonAdamW: none of the {sum(len(g['params']) for g in adamw_groups)} parameters is a "
+            ps, options = list(group["params"]), {k: v for k, v in group.items() if k != "params"}
+            split.append({**options, "muon": True, "params": [p for p in ps if id(p) in matrices]})
+            split.append({**options, "muon": False, "params": [p for p in ps if id(p) not in matrices]})
+        split = [g for g in split if g["params"]]
+        if not any(g["muon"] for g in split):
+            raise ValueError(f"MuonAdamW: none of the {sum(len(g['params']) for g in split)} parameters is a "
                              "linear layer's weight; use torch.optim.AdamW")
-        self.muon = Muon(muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, lr_ratio=muon_lr_ratio)
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
-                                       fused=fused) if adamw_groups else None
-        # The children's group dicts themselves: a schedule that sets group["lr"] here sets it there.
-        children = [group for child in self._children() for group in child.param_groups]
-        super().__init__(children, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
-
-    def _children(self) -> list[torch.optim.Optimizer]:
-        return [self.muon] + ([self.adamw] if self.adamw else [])
+        super().__init__(split, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps,
+                                 "momentum": momentum, "lr_ratio": muon_lr_ratio, "fused": fused})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = closure_loss(closure)
-        for child in self._children():
-            child.step()
+        for group in self.param_groups:
+            (muon_update if group["muon"] else adamw_update)(self.state, group)
         return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict() if self.adamw else None}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if set(state_dict) != {"muon", "adamw"}:
-            raise ValueError(f"MuonAdamW: a state with keys {sorted(state_dict)} is not this optimizer's (muon, "
-                             "adamw); was the checkpoint trained with another optimizer?")
-        self.muon.load_state_dict(state_dict["muon"])
-        if self.adamw is not None:
-            self.adamw.load_state_dict(state_dict["adamw"])
-        # loading gives the children new group dicts: show those, so the schedule sets the rates they use
-        self.param_groups = [group for child in self._children() for group in child.param_groups]

@@ -193,8 +193,8 @@ class Attention(nn.Module):
 
         rotary: self-attention only, angles [L, D/2] or [B, L, D/2] (`rotary_angles`) that turn q and k."""
         source = x if context is None else context
-        if rotary is not None and (context is not None or cu_seqlens is not None or self.kv_hook is not None):
-            raise ValueError("Attention: rotary embeddings are for dense self-attention (no context, packing or kv_hook)")
+        if rotary is not None and (context is not None or cu_seqlens is not None):
+            raise ValueError("Attention: rotary embeddings are for dense self-attention (no context or packing)")
         if context_segments is not None and context is not None and len(context_segments) > 1:
             if cu_seqlens is not None or guidance is not None:
                 raise ValueError("Attention: context_segments take neither packed inputs nor guidance")

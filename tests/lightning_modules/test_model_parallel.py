@@ -40,9 +40,9 @@ def global_batch(dp: int) -> dict[str, torch.Tensor]:
             "target": torch.randn(n, 3, 2, 8, 8, generator=g)}
 
 
-def build() -> DiT:
+def build(rope: bool = False) -> DiT:
     torch.manual_seed(0)
-    net = DiT(**DIT)
+    net = DiT(**DIT, rope_theta=100.0 if rope else None)
     with torch.no_grad():  # leave adaLN-Zero's zeros, so that every path carries a gradient
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -54,14 +54,14 @@ def loss_of(net: DiT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (out - batch["target"]).pow(2).mean()
 
 
-def _worker(rank: int, world: int, port: int, tp: int, cp: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, tp: int, cp: int, rope: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         parallel = ModelParallel.build("cpu", world, tp=tp, cp=cp)
         dp = world // (tp * cp)
-        net = build()
+        net = build(rope)
         apply_model_parallel(net, parallel)
         if dp > 1:
             apply_parallelism(net, list(net.blocks), parallel.dp_mesh, ParallelConfig())
@@ -85,18 +85,20 @@ def _worker(rank: int, world: int, port: int, tp: int, cp: int, out: str) -> Non
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("world", "tp", "cp"), [
-    (2, 2, 1),   # tensor (and sequence) parallel
-    (2, 1, 2),   # context parallel
-    pytest.param(4, 2, 1, marks=pytest.mark.slow, id="4-fsdp2xtp2"),
-    pytest.param(4, 2, 2, marks=pytest.mark.slow, id="4-cp2xtp2"),
-    pytest.param(4, 1, 2, marks=pytest.mark.slow, id="4-fsdp2xcp2"),
+@pytest.mark.parametrize(("world", "tp", "cp", "rope"), [
+    (2, 2, 1, False),   # tensor (and sequence) parallel
+    (2, 1, 2, False),   # context parallel
+    (2, 1, 2, True),    # context parallel with RoPE: each rank turns its chunk's queries and keys
+    pytest.param(4, 2, 1, False, marks=pytest.mark.slow, id="4-fsdp2xtp2"),
+    pytest.param(4, 2, 2, True, marks=pytest.mark.slow, id="4-cp2xtp2-rope"),
+    pytest.param(4, 1, 2, False, marks=pytest.mark.slow, id="4-fsdp2xcp2"),
 ])
-def test_parallel_loss_and_gradients_equal_one_process(tmp_path: Path, world: int, tp: int, cp: int) -> None:
-    mp.spawn(_worker, args=(world, free_port(), tp, cp, str(tmp_path)), nprocs=world, join=True)
+def test_parallel_loss_and_gradients_equal_one_process(tmp_path: Path, world: int, tp: int, cp: int,
+                                                       rope: bool) -> None:
+    mp.spawn(_worker, args=(world, free_port(), tp, cp, rope, str(tmp_path)), nprocs=world, join=True)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     dp = world // (tp * cp)
-    net = build()
+    net = build(rope)
     whole = global_batch(dp)
     # FSDP averages the data-parallel ranks' gradients: the mean of their mean losses
     loss = sum(loss_of(net, {k: v[i * BATCH:(i + 1) * BATCH] for k, v in whole.items()}) for i in range(dp)) / dp

@@ -1,19 +1,27 @@
 """MuonAdamW: which parameters Muon steps, its update against torch's optimizers and against the polar factor,
-resume, and the schedule driving both halves through `BaseModule.configure_optimizers`."""
+resume, the schedule driving both halves through `BaseModule.configure_optimizers`, and FSDP2-sharded parameters
+on 2 gloo processes against one process."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from lightning_modules.base import BaseModule
 from lightning_modules.optimizers import Muon, MuonAdamW, newton_schulz
 from lightning_modules.schedules import OneCycle
+from tests.helpers import free_port
 
 
 class Net(nn.Module):
@@ -36,13 +44,15 @@ def backward(net: nn.Module, seed: int) -> None:
     (net(ids) - torch.randn(5, 4, 3, generator=g)).square().mean().backward()
 
 
+def ids(opt: torch.optim.Optimizer, muon: bool) -> set[int]:
+    return {id(p) for g in opt.param_groups if g["muon"] == muon for p in g["params"]}
+
+
 def test_muon_steps_the_linear_weights_only() -> None:
     net = Net()
     opt = MuonAdamW(net.parameters(), module=net, lr=1e-3)
-    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
-    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
-    assert muon == {id(net.hidden.weight), id(net.out.weight)}
-    assert adamw == {id(p) for p in net.parameters()} - muon  # embedding, table, norm, biases
+    assert ids(opt, muon=True) == {id(net.hidden.weight), id(net.out.weight)}
+    assert ids(opt, muon=False) == {id(p) for p in net.parameters()} - ids(opt, muon=True)  # tables, norm, biases
     assert len(opt.param_groups) == 2
 
 
@@ -64,16 +74,18 @@ def test_muon_follows_torch_muon() -> None:
     assert (ours.weight - ref.weight).abs().max() < 0.05 * change
 
 
-def test_steps_equal_muon_and_torch_adamw_side_by_side() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_steps_equal_muon_and_torch_adamw_side_by_side(fused: bool) -> None:
     """Three steps of MuonAdamW equal Muon (at muon_lr_ratio × lr) on the linear weights beside torch's AdamW."""
     net = Net()
     ref = copy.deepcopy(net)
     lr, ratio, wd = 1e-2, 2.0, 0.01
-    opt = MuonAdamW(net.parameters(), module=net, lr=lr, betas=(0.9, 0.99), weight_decay=wd, muon_lr_ratio=ratio)
+    opt = MuonAdamW(net.parameters(), module=net, lr=lr, betas=(0.9, 0.99), weight_decay=wd, muon_lr_ratio=ratio,
+                    fused=fused)
     mats = [ref.hidden.weight, ref.out.weight]
     rest = [p for p in ref.parameters() if all(p is not m for m in mats)]
     muon = Muon(mats, lr=lr * ratio, weight_decay=wd, momentum=0.95)
-    adamw = torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.99), weight_decay=wd)
+    adamw = torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.99), weight_decay=wd, fused=fused)
     for step in range(3):
         backward(net, step)
         backward(ref, step)
@@ -82,7 +94,9 @@ def test_steps_equal_muon_and_torch_adamw_side_by_side() -> None:
         adamw.step()
     for p, q in zip(net.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert opt.muon.param_groups[0]["lr"] == lr  # the schedule's rate; the ratio scales it inside the step
+    assert opt.param_groups[0]["lr"] == lr  # the schedule's rate; the ratio scales it inside the step
+    # torch.optim.AdamW's state keys: its moments are ours
+    torch.testing.assert_close(opt.state[net.norm.weight]["exp_avg_sq"], adamw.state[ref.norm.weight]["exp_avg_sq"])
 
 
 def test_muon_update_is_the_polar_factor_at_adamw_rms() -> None:
@@ -91,7 +105,7 @@ def test_muon_update_is_the_polar_factor_at_adamw_rms() -> None:
     layer = nn.Linear(12, 20, bias=False)
     lr, ratio = 1e-2, 3.0
     opt = MuonAdamW(layer.parameters(), module=layer, lr=lr, muon_lr_ratio=ratio)
-    assert opt.adamw is None
+    assert [g["muon"] for g in opt.param_groups] == [True]
     grad = torch.randn(20, 12)
     before = layer.weight.detach().clone()
     layer.weight.grad = grad.clone()
@@ -120,9 +134,7 @@ def test_resume_from_state_dict_continues_exactly() -> None:
     opt2.step()
     for p, q in zip(net.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    opt2.param_groups[0]["lr"] = 0.123  # after loading, the shown groups are still the children's
-    assert opt2.muon.param_groups[0]["lr"] == 0.123
-    with pytest.raises(ValueError, match="another optimizer"):
+    with pytest.raises(ValueError, match="parameter groups"):  # torch's check: AdamW's one group is not our two
         opt2.load_state_dict(torch.optim.AdamW(resumed.parameters()).state_dict())
 
 
@@ -138,15 +150,14 @@ def test_configure_optimizers_passes_the_module_and_the_schedule_drives_both() -
     configured = module.configure_optimizers()
     opt, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     assert isinstance(opt, MuonAdamW)
-    assert {id(p) for p in opt.muon.param_groups[0]["params"]} == {id(module.net.hidden.weight),
-                                                                    id(module.net.out.weight)}
+    assert ids(opt, muon=True) == {id(module.net.hidden.weight), id(module.net.out.weight)}
     for _ in range(3):
         backward(module.net, 0)
         opt.step()
         scheduler.step()
-    rates = {g["lr"] for child in (opt.muon, opt.adamw) for g in child.param_groups}
+    rates = {g["lr"] for g in opt.param_groups}
     assert len(rates) == 1 and 0 < rates.pop() < 1e-2  # one-cycle's warm-up/anneal reached both halves
-    assert opt.adamw.param_groups[0]["betas"][0] < 0.95  # and cycled AdamW's beta1
+    assert all(g["betas"][0] < 0.95 for g in opt.param_groups)  # and cycled AdamW's beta1
 
 
 def test_no_linear_layer_is_a_clear_error() -> None:
@@ -181,3 +192,42 @@ def test_step_runs_the_closure_with_gradients_on() -> None:
         loss = opt.step(closure)
     assert loss is not None and loss.requires_grad
     assert not torch.equal(before, net.hidden.weight)
+
+
+def sharded_steps(rank: int, port: int, out: str) -> None:
+    """Three MuonAdamW steps of a `fully_shard`ed Net, both ranks on the same batches; rank 0 saves the whole
+    parameters."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = Net()
+        fully_shard(net)
+        assert isinstance(net.out.weight, DTensor) and net.out.weight.to_local().shape[0] in (1, 2)  # 3 rows on 2
+        opt = MuonAdamW(net.parameters(), module=net, lr=1e-2, weight_decay=0.01, muon_lr_ratio=2.0)
+        for step in range(3):
+            backward(net, step)
+            opt.step()
+        whole = {n: p.full_tensor() for n, p in net.named_parameters()}
+        if rank == 0:
+            torch.save(whole, Path(out) / "sharded.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_sharded_parameters_step_as_one_process(tmp_path: Path) -> None:
+    """FSDP2 on 2 gloo processes: Newton-Schulz runs on each gathered matrix and each rank keeps its shard, so the
+    parameters after three steps equal one unsharded process's."""
+    mp.spawn(sharded_steps, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    torch.manual_seed(0)
+    net = Net()
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = MuonAdamW(net.parameters(), module=net, lr=1e-2, weight_decay=0.01, muon_lr_ratio=2.0)
+    for step in range(3):
+        backward(net, step)
+        opt.step()
+    for name, p in net.named_parameters():
+        assert not torch.equal(p, start[name])
+        torch.testing.assert_close(sharded[name], p.detach(), rtol=1e-5, atol=1e-6)
