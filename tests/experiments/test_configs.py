@@ -46,6 +46,9 @@ CPU_CLIP["audio_v2a"] = ["model.codec.checkpoint=null", "model.sampler.steps=2",
 CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
                  "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}
 
+# The quickstart with whole-clip tokens, RoPE and Muon, on a world of 16 + 8 scenes (its one step builds the world).
+CPU_CLIP["quickstart_motion"] = ["data.world.scenes=[16,8]", "data.world.images=[16,8]"]
+
 # Editing's world, shrunk: 16 training and 8 held-out edit pairs.
 CPU_CLIP |= {e: ["data.world.edits=[16,8]", "model.sampler.steps=5", "model.backtranslation_steps=2"]
              for e in EXPERIMENTS if e.startswith("edit_")}

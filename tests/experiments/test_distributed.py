@@ -85,28 +85,31 @@ def test_ddp_multirun_runs_each_job_once(outputs: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["quickstart", "quickstart_motion"])
 @pytest.mark.parametrize("split", ["strategy.tensor_parallel_size=2", "strategy.context_parallel_size=2"])
 def test_tensor_or_context_parallel_quickstart_trains_resumes_and_samples_in_one_process(
-        outputs: Path, tmp_path: Path, split: str) -> None:
+        outputs: Path, tmp_path: Path, split: str, experiment: str) -> None:
     """The reduced quickstart with its DiT split over 2 gloo processes (FSDP x TP, or CP): it trains, resumes
-    from its sharded checkpoint into the same MLflow run, and a plain process samples from that checkpoint."""
+    from its sharded checkpoint into the same MLflow run, and a plain process samples from that checkpoint.
+    quickstart_motion: Muon's state in the sharded checkpoint, RoPE on each context-parallel chunk."""
     from tests.lightning_modules.test_generation import QUICK
 
-    args = [*QUICK, "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp",
+    quick = [f"experiment={experiment}", *QUICK[1:]]
+    args = [*quick, "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp",
             "trainer.devices=2", "strategy.parallel.meta_init=false", split]
     run_cli(*args, timeout=900)
-    (run,) = finished_runs(outputs, "quickstart")
+    (run,) = finished_runs(outputs, experiment)
     client = MlflowClient(sqlite_uri(outputs))
     first = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     run_cli(*[a for a in args if not a.startswith("trainer.max_steps")], "trainer.max_steps=10", "ckpt_path=last",
             timeout=900)
-    (run,) = finished_runs(outputs, "quickstart")
+    (run,) = finished_runs(outputs, experiment)
     resumed = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert resumed > first, "the resumed run logged its further steps into the same MLflow run"
-    (ckpt,) = outputs.glob("quickstart/runs/*/checkpoints/last.ckpt")
+    (ckpt,) = outputs.glob(f"{experiment}/runs/*/checkpoints/last.ckpt")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A red circle moves right, on a plain navy background.\n")
-    run_cli(*QUICK, f"data.data_dir={tmp_path / 'data'}", "task=sample", f"ckpt_path={ckpt}",
+    run_cli(*quick, f"data.data_dir={tmp_path / 'data'}", "task=sample", f"ckpt_path={ckpt}",
             f"model.sample.prompts={prompts}", f"model.sample.output_dir={tmp_path / 'samples'}", timeout=600)
     assert list((tmp_path / "samples").glob("*.mp4"))
 

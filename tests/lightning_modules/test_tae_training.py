@@ -175,9 +175,7 @@ def test_encode_task_writes_every_split(world: Path, tmp_path: Path) -> None:
 
 
 def test_tae_tiny_fast_dev_run(outputs: Path) -> None:
-    # a world of 16 + 8 scenes: one batch needs no more, and the whole tiny world cost ~35 s of CI's 20 minutes
     proc = run_cli("experiment=tae_tiny", "trainer.fast_dev_run=true", "trainer.enable_progress_bar=false",
-                   "data.world.scenes=[16,8]", "data.world.images=[16,8]",
                    env={"OUTPUT_DIR": str(outputs), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert "== run FINISHED ==" in proc.stdout
 
