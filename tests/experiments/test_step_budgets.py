@@ -7,6 +7,7 @@ Poisson-sampled"."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def test_every_schedule_takes_any_step_budget(experiment: str, steps: int, outpu
     cfg = compose_config([f"experiment={experiment}", f"trainer.max_steps={steps}"], outputs / "job")
     if cfg.model.get("scheduler") is None:
         pytest.skip(f"{experiment} has no schedule")
-    optimizer = hydra.utils.instantiate(cfg.model.optimizer)([torch.nn.Parameter(torch.zeros(3))])
+    net = torch.nn.Linear(3, 3)  # a matrix and a vector: what Muon and AdamW each step (optimizers.MuonAdamW)
+    factory = hydra.utils.instantiate(cfg.model.optimizer)
+    takes_module = "module" in inspect.signature(factory).parameters  # as BaseModule.configure_optimizers does
+    optimizer = factory(list(net.parameters()), **({"module": net} if takes_module else {}))
     scheduler = fill_length(hydra.utils.instantiate(cfg.model.scheduler), lambda: steps)(optimizer)
     for _ in range(steps):
         lr = optimizer.param_groups[0]["lr"]
