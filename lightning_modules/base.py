@@ -8,7 +8,6 @@ and the hook for custom tasks (`task=sample`, `task=encode`, ...).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_modules.model_parallel import ModelParallel, broadcast_batch, clip_grad_norm, sync_gradients
+from lightning_modules.optimizers import build_optimizer
 from lightning_modules.parallel import ParallelConfig, has_meta_tensors, materialise, parallelize
 from lightning_modules.schedules import fill_length
 
@@ -129,9 +129,7 @@ class BaseModule(L.LightningModule):
         return int(steps)
 
     def configure_optimizers(self) -> Any:
-        # an optimizer that tells the network's matrices from its tables (optimizers.MuonAdamW) is given the network
-        takes_module = "module" in inspect.signature(self.optimizer_factory).parameters
-        optimizer = self.optimizer_factory(self.trainable_parameters(), **({"module": self} if takes_module else {}))
+        optimizer = build_optimizer(self.optimizer_factory, self.trainable_parameters(), self)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = fill_length(self.scheduler_factory, self.schedule_length)(optimizer)

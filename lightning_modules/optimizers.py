@@ -28,8 +28,9 @@ at the sizes this repository trains; at scale one would give each rank its share
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -121,6 +122,14 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             muon_update(self.state, group)
         return loss
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Iterable[Any],
+                    module: nn.Module) -> torch.optim.Optimizer:
+    """factory(params), with `module=module` for an optimizer that asks for the network (`MuonAdamW` tells its
+    matrices from its tables by it)."""
+    takes_module = "module" in inspect.signature(factory).parameters
+    return factory(params, **({"module": module} if takes_module else {}))
 
 
 def linear_weights(module: nn.Module) -> set[int]:

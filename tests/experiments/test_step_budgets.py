@@ -7,7 +7,6 @@ Poisson-sampled"."""
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.compose import EXPERIMENTS, compose_config
 from experiments.runner import run
+from lightning_modules.optimizers import build_optimizer
 from lightning_modules.schedules import fill_length
 from tests.helpers import sqlite_uri
 
@@ -31,9 +31,7 @@ def test_every_schedule_takes_any_step_budget(experiment: str, steps: int, outpu
     if cfg.model.get("scheduler") is None:
         pytest.skip(f"{experiment} has no schedule")
     net = torch.nn.Linear(3, 3)  # a matrix and a vector: what Muon and AdamW each step (optimizers.MuonAdamW)
-    factory = hydra.utils.instantiate(cfg.model.optimizer)
-    takes_module = "module" in inspect.signature(factory).parameters  # as BaseModule.configure_optimizers does
-    optimizer = factory(list(net.parameters()), **({"module": net} if takes_module else {}))
+    optimizer = build_optimizer(hydra.utils.instantiate(cfg.model.optimizer), list(net.parameters()), net)
     scheduler = fill_length(hydra.utils.instantiate(cfg.model.scheduler), lambda: steps)(optimizer)
     for _ in range(steps):
         lr = optimizer.param_groups[0]["lr"]
