@@ -35,7 +35,7 @@ class AudioDataModule(ShardDataModule):
         self.caption_key, self.from_video = caption_key, from_video
 
     def sources(self, train: bool) -> list[Source]:
-        handler = AudioHandler(self.durations, self.sample_rate, self.channels, self.batch_size, self.batch_sizes,
+        handler = AudioHandler(self.durations, self.sample_rate, self.channels, *self.batching(train),
                                self.scale_batch_size, self.max_batch_size, train=train,
                                require_text=self.require_text, caption_key=self.caption_key,
                                from_video=self.from_video)

@@ -25,8 +25,7 @@ class ImageDataModule(ShardDataModule):
         self.with_masks, self.random_crop = with_masks, random_crop
 
     def sources(self, train: bool) -> list[Source]:
-        table = BucketTable(self.sizes, [1], self.batch_size, self.batch_sizes, self.scale_batch_size,
-                            self.max_batch_size)
+        table = BucketTable(self.sizes, [1], *self.batching(train), self.scale_batch_size, self.max_batch_size)
         handler = ImageHandler(table, train=train, random_crop=self.random_crop, require_text=self.require_text,
                                with_masks=self.with_masks)
         return [Source(self.urls["train" if train else "val"], handler, 1.0, "image")]

@@ -351,7 +351,11 @@ class LatentDataModule(ShardDataModule):
         if self.table is None:
             self.setup("fit" if train else "validate")
         split = "train" if train else "val"
-        handler = LatentHandler(self.table, train=train, require_text=self.require_text,
+        table = self.table
+        if not train and self.val_batch_size is not None:
+            table = LatentBuckets(table.buckets.keys(), *self.batching(False), self.scale_batch_size,
+                                  self.max_batch_size)
+        handler = LatentHandler(table, train=train, require_text=self.require_text,
                                 caption_dropout=self.caption_dropout, sample_posterior=self.sample_posterior,
                                 factors=self.factors())
         return [Source(self.urls[split], handler, 1.0, "latent")]

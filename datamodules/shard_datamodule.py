@@ -47,6 +47,9 @@ class ShardDataModule(L.LightningDataModule):
             the world's val set whatever `shards` is).
         batch_size: batch size of the largest bucket (smaller buckets get more, see `scale_batch_size`).
         batch_sizes: explicit batch size per bucket name, e.g. {"64x64x8": 12}.
+        val_batch_size: batch size of the validation and test stream's largest bucket (None: `batch_size`); when
+            set, `batch_sizes` applies to training only. A held-out set scored in whole batches can then keep its
+            size whatever the training batch is.
         num_workers: decoding processes per rank (0 decodes in the main process).
         seed: stream seed (None: PL_GLOBAL_SEED, set by `seed_everything`, else 0).
         epoch_batches / val_batches: batches per rank per epoch (None: one pass, see module doc).
@@ -69,6 +72,7 @@ class ShardDataModule(L.LightningDataModule):
         val_shards: Any = None,
         batch_size: int = 8,
         batch_sizes: dict[str, int] | None = None,
+        val_batch_size: int | None = None,
         scale_batch_size: bool = True,
         max_batch_size: int | None = None,
         num_workers: int = 2,
@@ -93,6 +97,7 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} is required: set data.{name}=<folder, brace list or URL>")
         self.shards, self.val_shards = plain(shards), plain(val_shards)
         self.batch_size, self.batch_sizes = int(batch_size), plain(batch_sizes) or {}
+        self.val_batch_size = None if val_batch_size is None else int(val_batch_size)
         self.scale_batch_size, self.max_batch_size = scale_batch_size, max_batch_size
         self.num_workers, self.seed = int(num_workers), seed
         self.epoch_batches, self.val_batches = epoch_batches, val_batches
@@ -143,6 +148,12 @@ class ShardDataModule(L.LightningDataModule):
         return {}
 
     # ----------------------------------------------------------------------------------------------- loaders
+
+    def batching(self, train: bool) -> tuple[int, dict[str, int]]:
+        """(batch size of the largest bucket, explicit sizes per bucket) of the training or validation stream."""
+        if train or self.val_batch_size is None:
+            return self.batch_size, self.batch_sizes
+        return self.val_batch_size, {}
 
     def sources(self, train: bool) -> list[Source]:
         """The sources (shards + handler + weight) of the training or validation stream (subclasses)."""

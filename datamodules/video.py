@@ -86,12 +86,11 @@ class VideoDataModule(ShardDataModule):
         return {"image_train": self.resolve(self.image_shards, "images", "train"),
                 "image_val": self.resolve(self.val_image_shards, "images", "val")}
 
-    def table(self, frames: list[int]) -> BucketTable:
-        return BucketTable(self.sizes, frames, self.batch_size, self.batch_sizes, self.scale_batch_size,
-                           self.max_batch_size)
+    def table(self, frames: list[int], train: bool = True) -> BucketTable:
+        return BucketTable(self.sizes, frames, *self.batching(train), self.scale_batch_size, self.max_batch_size)
 
     def video_handler(self, train: bool) -> VideoHandler:
-        return VideoHandler(self.table(self.frames), fps=self.fps, train=train, random_crop=self.random_crop,
+        return VideoHandler(self.table(self.frames, train), fps=self.fps, train=train, random_crop=self.random_crop,
                             require_text=self.require_text, fps_in_caption=self.fps_in_caption,
                             with_masks=self.with_masks, with_target=self.with_target,
                             min_motion_bucket=self.min_motion_bucket, reference=self.reference,
@@ -105,7 +104,8 @@ class VideoDataModule(ShardDataModule):
         if self.image_ratio > 0:
             if not images:
                 raise ValueError("image_ratio > 0 needs image_shards (and val_image_shards for validation)")
-            table = BucketTable(self.sizes, [1], self.batch_size, {}, self.scale_batch_size, self.max_batch_size)
+            table = BucketTable(self.sizes, [1], self.batching(train)[0], {}, self.scale_batch_size,
+                                self.max_batch_size)
             handler = ImageHandler(table, train=train, random_crop=self.random_crop,
                                    require_text=self.require_text, with_masks=self.with_masks)
             sources.append(Source(images, handler, self.image_ratio, "image"))
@@ -130,7 +130,7 @@ class AudioVideoDataModule(VideoDataModule):
         self.sample_rate, self.audio_channels = int(sample_rate), int(audio_channels)
 
     def video_handler(self, train: bool) -> VideoHandler:
-        return VideoHandler(self.table(self.frames), fps=self.fps, train=train, random_crop=self.random_crop,
+        return VideoHandler(self.table(self.frames, train), fps=self.fps, train=train, random_crop=self.random_crop,
                             require_text=self.require_text, fps_in_caption=self.fps_in_caption,
                             with_masks=self.with_masks, with_target=self.with_target,
                             audio_rate=self.sample_rate, audio_channels=self.audio_channels,

@@ -107,6 +107,15 @@ def test_batches_are_bucketed_by_latent_shape(cache: Path) -> None:
     val = next(iter(dm.val_dataloader()))
     assert tuple(val["latent"].shape[1:]) in SHAPES and val["text"][0]
 
+    # a validation batch size of its own scales its buckets the same way, from 4 instead of 2
+    dm = latents(cache, epoch_batches=12, val_batch_size=4)
+    full = 0
+    for batch in dm.val_dataloader():  # every bucket's batches are full but for the pass's last ones
+        wanted = 2 * sizes["x".join(map(str, batch["latent"].shape[1:]))]
+        assert len(batch["key"]) <= wanted
+        full += len(batch["key"]) == wanted
+    assert full >= 1
+
 
 def test_resume_is_exact_and_caption_dropout_is_seeded(cache: Path) -> None:
     first = latents(cache, epoch_batches=6, caption_dropout=0.5)

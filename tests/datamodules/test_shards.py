@@ -213,6 +213,19 @@ def test_buckets_never_mix_shapes_and_have_their_batch_sizes(tmp_path):
     assert {b.batch_size for b in table.buckets.values()} == {1, 2}  # 16-frame buckets 1, 8-frame buckets 2
 
 
+def test_validation_keeps_its_own_batch_size(tmp_path):
+    samples = [video_sample(f"v{i}", i, height=32, width=32, frames=8) for i in range(24)]
+    shard = str(write_tar(tmp_path / "a.tar", samples))
+    dm = VideoDataModule(shards=shard, val_shards=shard, sizes=[[32, 32]], frames=[8], batch_size=5,
+                         batch_sizes={"32x32x8": 3}, val_batch_size=8, num_workers=0, epoch_batches=4)
+    dm.setup()
+    assert {b["video"].shape[0] for b in dm.train_dataloader()} == {3}  # batch_sizes still rule training
+    val = list(dm.val_dataloader())
+    assert [b["video"].shape[0] for b in val] == [8, 8, 8]  # one pass over the 24 clips in batches of 8
+    assert sorted(k for b in val for k in b["key"]) == sorted(s["__key__"] for s in samples)
+    assert dm.test_dataloader() is dm.val_dataloader()
+
+
 def test_images_mix_in_at_the_configured_ratio(world_dir):
     data_dir, world, _ = world_dir
     dm = VideoDataModule(data_dir=data_dir, world=world, sizes=[[32, 32], [32, 48]], frames=[8], batch_size=2,

@@ -27,7 +27,7 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # from the command line in test_tae_training.py (fast_dev_run, and a killed run resumed with -m slow); the
 # upsampler trains and samples in fused windows in test_generation.py. The editing stages (~35 CPU s each) train
 # a step of each pair kind in tests/lightning_modules/test_editing.py.
-HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "quickstart", "avid_motion",
+HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "avid_motion",
          "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3", "edit_supervised",
          "audio_ae", "audio_v2a"}  # audio: test_audio.py samples, windows and muxes by default
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
@@ -46,8 +46,8 @@ CPU_CLIP["audio_v2a"] = ["model.codec.checkpoint=null", "model.sampler.steps=2",
 CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
                  "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}
 
-# The quickstart with whole-clip tokens, RoPE and Muon, on a world of 16 + 8 scenes (its one step builds the world).
-CPU_CLIP["quickstart_motion"] = ["data.world.scenes=[16,8]", "data.world.images=[16,8]"]
+# The quickstart on a world of 16 + 8 scenes (its one step builds the world).
+CPU_CLIP["quickstart"] = ["data.world.scenes=[16,8]", "data.world.images=[16,8]"]
 
 # Editing's world, shrunk: 16 training and 8 held-out edit pairs.
 CPU_CLIP |= {e: ["data.world.edits=[16,8]", "model.sampler.steps=5", "model.backtranslation_steps=2"]

@@ -85,16 +85,15 @@ def test_ddp_multirun_runs_each_job_once(outputs: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["quickstart", "quickstart_motion"])
 @pytest.mark.parametrize("split", ["strategy.tensor_parallel_size=2", "strategy.context_parallel_size=2"])
 def test_tensor_or_context_parallel_quickstart_trains_resumes_and_samples_in_one_process(
-        outputs: Path, tmp_path: Path, split: str, experiment: str) -> None:
+        outputs: Path, tmp_path: Path, split: str) -> None:
     """The reduced quickstart with its DiT split over 2 gloo processes (FSDP x TP, or CP): it trains, resumes
     from its sharded checkpoint into the same MLflow run, and a plain process samples from that checkpoint.
-    quickstart_motion: Muon's state in the sharded checkpoint, RoPE on each context-parallel chunk."""
+    Muon's state goes through the sharded checkpoint, and RoPE turns each context-parallel chunk."""
     from tests.lightning_modules.test_generation import QUICK
 
-    quick = [f"experiment={experiment}", *QUICK[1:]]
+    quick, experiment = list(QUICK), "quickstart"
     args = [*quick, "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp",
             "trainer.devices=2", "strategy.parallel.meta_init=false", split]
     run_cli(*args, timeout=900)

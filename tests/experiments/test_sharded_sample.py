@@ -25,6 +25,7 @@ from tests.helpers import run_cli, sqlite_uri
 # EMA decay 0.5 so that the EMA is clearly not the training weights after 2 steps.
 SMALL = ["experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
          "data.world.scenes=[8,4]", "data.world.images=[2,1]", "+data.world.seed=9", "data.batch_size=2",
+         "data.val_batch_size=null",
          "data.epoch_batches=2", "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0",
          "test_after_fit=false", "callbacks.media=null", "callbacks.ema.decay=0.5",
          "model.net.dim=32", "model.net.depth=2", "model.net.heads=2", "model.net.ffn_dim=64",

@@ -303,7 +303,8 @@ def test_probe_alignment_by_hand_and_a_probe_that_learns_colour(world: Path) -> 
 
 
 QUICK = ["experiment=quickstart", "trainer.max_steps=6", "data.epoch_batches=3", "trainer.check_val_every_n_epoch=1",
-         "data.val_batches=1", "data.batch_size=4", "data.num_workers=0", "trainer.limit_test_batches=1",
+         "data.val_batches=1", "data.batch_size=4",
+         "data.val_batch_size=null", "data.num_workers=0", "trainer.limit_test_batches=1",
          "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "model.sampler.steps=3", "model.media.steps=2",
          "model.evaluators.probe.steps=4", "model.evaluators.samples.count=2",
          "data.world.scenes=[16,8]", "+data.world.seed=9"]

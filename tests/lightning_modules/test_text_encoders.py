@@ -200,6 +200,7 @@ def test_conditioner_combines_byte_and_t5_encoders(t5_dir: Path, outputs: Path) 
 
 SMALL = ["experiment=quickstart", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
          "data.world.scenes=[8,4]", "data.world.images=[2,1]", "+data.world.seed=9", "data.batch_size=2",
+         "data.val_batch_size=null",
          "data.epoch_batches=2", "data.num_workers=0", "trainer.max_steps=2", "trainer.limit_val_batches=0",
          "test_after_fit=false", "callbacks.media=null", "model.net.dim=32", "model.net.depth=1",
          "model.net.heads=2", "model.net.ffn_dim=64", "model.conditioners.text.encoder.encoders.word.dim=32",
