@@ -117,15 +117,17 @@ def reference_clips(count: int, seed: int = 0) -> list[dict]:
 def test_short_training_lowers_the_loss_and_the_reference_helps(outputs: Path) -> None:
     """The stage-I model (the quickstart's DiT, encoder frozen), 40 steps from scratch at a constant learning rate
     (the experiment's one-cycle schedule spans its own length): the fixed-grid loss on held-out clips falls, and is
-    then lower with each clip's own reference than with another clip's."""
+    then lower with each clip's own reference than with another clip's. From scratch, the quickstart's MuonAdamW
+    needs more than the stage's fine-tuning rate of 1e-3 to move in 40 steps (1.98 -> 1.77 at 1e-3)."""
     torch.manual_seed(0)
-    overrides = ["experiment=pt2v_stage1", "model.init_from=null", "model.scheduler=null"]  # a constant rate
+    overrides = ["experiment=pt2v_stage1", "model.init_from=null", "model.scheduler=null",  # a constant rate
+                 "model.optimizer.lr=5e-3"]
     model = hydra.utils.instantiate(compose_config(overrides, outputs / "job").model, _convert_="object")
     train = reference_clips(160)
     model.codec.fit([torch.stack([clip["video"] for clip in train])])  # the quickstart's PCA codec, as setup fits it
     held_out = next(iter(DataLoader(reference_clips(12, seed=1), batch_size=12)))
     before, after = fixed_loss_before_and_after(model, held_out, train, steps=40, batch_size=8)
-    assert after < 0.8 * before, (before, after)  # 1.36 -> 0.81
+    assert after < 0.8 * before, (before, after)  # 1.98 -> 1.10
     shuffled = fixed_loss(model, {**held_out, "reference": held_out["reference"].roll(1, dims=0)}, times=8)
     assert after < shuffled, (after, shuffled)
 
