@@ -81,9 +81,9 @@ def caption_row(text: str, width: int) -> np.ndarray:
 
 
 def tagged_row(name: str, line: np.ndarray, tag_width: int = 110) -> np.ndarray:
-    """`line` [H, W, 3] with `name` written in a white column of `tag_width` at its left."""
+    """`line` [H, W, 3] with `name` written in a white column of `tag_width` at its left (wrapped to fit)."""
     tag = Image.new("RGB", (tag_width, line.shape[0]), "white")
-    ImageDraw.Draw(tag).text((2, 2), name, fill="black")
+    ImageDraw.Draw(tag).multiline_text((2, 2), "\n".join(textwrap.wrap(name, tag_width // 6)), fill="black")
     return np.concatenate([np.asarray(tag), line], axis=1)
 
 
