@@ -93,22 +93,21 @@ def test_tensor_or_context_parallel_quickstart_trains_resumes_and_samples_in_one
     Muon's state goes through the sharded checkpoint, and RoPE turns each context-parallel chunk."""
     from tests.lightning_modules.test_generation import QUICK
 
-    quick, experiment = list(QUICK), "quickstart"
-    args = [*quick, "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp",
+    args = [*QUICK, "test_after_fit=false", f"data.data_dir={tmp_path / 'data'}", "strategy=fsdp",
             "trainer.devices=2", "strategy.parallel.meta_init=false", split]
     run_cli(*args, timeout=900)
-    (run,) = finished_runs(outputs, experiment)
+    (run,) = finished_runs(outputs, "quickstart")
     client = MlflowClient(sqlite_uri(outputs))
     first = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     run_cli(*[a for a in args if not a.startswith("trainer.max_steps")], "trainer.max_steps=10", "ckpt_path=last",
             timeout=900)
-    (run,) = finished_runs(outputs, experiment)
+    (run,) = finished_runs(outputs, "quickstart")
     resumed = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert resumed > first, "the resumed run logged its further steps into the same MLflow run"
-    (ckpt,) = outputs.glob(f"{experiment}/runs/*/checkpoints/last.ckpt")
+    (ckpt,) = outputs.glob("quickstart/runs/*/checkpoints/last.ckpt")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A red circle moves right, on a plain navy background.\n")
-    run_cli(*quick, f"data.data_dir={tmp_path / 'data'}", "task=sample", f"ckpt_path={ckpt}",
+    run_cli(*QUICK, f"data.data_dir={tmp_path / 'data'}", "task=sample", f"ckpt_path={ckpt}",
             f"model.sample.prompts={prompts}", f"model.sample.output_dir={tmp_path / 'samples'}", timeout=600)
     assert list((tmp_path / "samples").glob("*.mp4"))
 

@@ -101,8 +101,7 @@ def test_latent_cache_killed_run_resumes_to_the_same_history(outputs: Path, tmp_
     run_cli("experiment=tae_tiny", "trainer.max_steps=2", "data.epoch_batches=2", "data.val_batches=1",
             "trainer.enable_progress_bar=false")
     run = ["experiment=t2v_latents_tiny", f"data.cache_dir={tmp_path / 'latents'}", "trainer.max_steps=10",
-           "data.epoch_batches=4", "data.val_batches=1", "data.batch_size=4",
-           "data.val_batch_size=null", "trainer.check_val_every_n_epoch=1",
+           "data.epoch_batches=4", "data.val_batches=1", "data.batch_size=4", "trainer.check_val_every_n_epoch=1",
            "callbacks.checkpoint.every_n_epochs=null", "callbacks.checkpoint.every_n_train_steps=3",
            "test_after_fit=false", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
            "model.media.steps=2", "model.val_times=2"]
