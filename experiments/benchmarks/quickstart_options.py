@@ -3,6 +3,7 @@
     python experiments/benchmarks/quickstart_options.py NAME [--steps 500] [key=value ...]
 
 runs `python experiments/run.py experiment=quickstart trainer.max_steps=STEPS run_name=NAME-STEPS <overrides>`
+(`--experiment E`: experiment=E instead)
 (world, training, sampling of the 64 held-out prompts and the evaluators) in its own output folder
 (/tmp/quickstart_options/NAME-STEPS: its own MLflow store; the world and the probe come from data/), measures
 its wall time and the load average, reads the test-stage metrics from the run's MLflow store and writes
@@ -73,11 +74,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=500, help="trainer.max_steps (0: the experiment's)")
     parser.add_argument("--note", default="")
     parser.add_argument("--evaluate", default=None, help="a checkpoint: task=evaluate on it instead of training")
+    parser.add_argument("--experiment", default="quickstart", help="the experiment the overrides apply to")
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
     run_name = f"{args.name}-{args.steps}"
     output = Path("/tmp/quickstart_options") / run_name
-    command = [sys.executable, "experiments/run.py", "experiment=quickstart", f"run_name={run_name}",
+    command = [sys.executable, "experiments/run.py", f"experiment={args.experiment}", f"run_name={run_name}",
                *([f"trainer.max_steps={args.steps}"] if args.steps else []), *args.overrides]
     if args.evaluate:
         command += ["task=evaluate", f"ckpt_path={args.evaluate}"]
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        stderr=subprocess.STDOUT, check=True)
     wall = time.perf_counter() - start
     row = {"option": args.name, "note": args.note, "steps": args.steps or None,
+           **({"experiment": args.experiment} if args.experiment != "quickstart" else {}),
            "overrides": args.overrides + ([f"task=evaluate ckpt_path={args.evaluate}"] if args.evaluate else []),
            "wall_s": round(wall, 1), "load_avg_start": [round(x, 2) for x in load_before],
            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
