@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         subprocess.run(command, cwd=ROOT, env={**os.environ, "OUTPUT_DIR": str(output)}, stdout=log,
                        stderr=subprocess.STDOUT, check=True)
     wall = time.perf_counter() - start
-    row = {"option": args.name, "note": args.note, "steps": args.steps or None,
-           **({"experiment": args.experiment} if args.experiment != "quickstart" else {}),
+    row = {"option": args.name, "note": args.note, "steps": args.steps or None, "experiment": args.experiment,
            "overrides": args.overrides + ([f"task=evaluate ckpt_path={args.evaluate}"] if args.evaluate else []),
            "wall_s": round(wall, 1), "load_avg_start": [round(x, 2) for x in load_before],
            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
