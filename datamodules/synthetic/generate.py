@@ -394,7 +394,8 @@ def make_edit(config: WorldConfig, split: str, index: int) -> tuple[Rendered, Re
     before = after = None
     if kind == "add":
         after = sample_object(rng, max(o.id for o in objects) + 1, source.height, source.width, objects,
-                              radius_range=tuple(config.added_radius_range))
+                              radius_range=tuple(config.added_radius_range), textures=tuple(config.textures),
+                              upright=config.upright, start_spread=config.start_spread)
         objects.append(after)
     else:
         position = int(rng.integers(len(objects)))

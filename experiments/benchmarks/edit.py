@@ -5,14 +5,16 @@ edited clip (the ceiling) and the unedited source (the "do nothing" floor).
     python experiments/run.py experiment=edit_stage1 && python experiments/run.py experiment=edit_stage2 \
         && python experiments/run.py experiment=edit_stage3   # at the configs' lengths: 1000, 400, 200 steps
     python experiments/benchmarks/edit.py [--steps 20] [--strengths 0.5 0.75] [--stages edit_stage1 ...]
+    python experiments/benchmarks/edit.py --base t2v_upright \
+        --stages edit_upright_stage1 edit_upright_stage2 edit_upright_stage3 --name edit_upright
 
 Every model edits the same 64 held-out pairs (never trained on; recolour, replace, add, remove) with the same noise per
 pair and the same solver steps, at its config's guidance (editors: source 1.5, text 2; T2V: text 2). SDEdit
-(`lightning_modules.editing.sdedit`) noises the source latent to t_0 = 1 − strength with the quickstart's
-text-to-video model and regenerates it with the instruction as the prompt, and once more with the target clip's
+(`lightning_modules.editing.sdedit`) noises the source latent to t_0 = 1 − strength with the base text-to-video
+model (--base) and regenerates it with the instruction as the prompt, and once more with the target clip's
 caption (what the text-to-video model was trained on: with the instruction it drifts from the source, 16 pairs at
 strength 0.2 / 0.5 end 0.24 / 0.42 from it against 0.06 / 0.11 with a caption). "source via the codec" is the
-source encoded and decoded by the quickstart's codec, which the editors inherit: the most an editor that copies
+source encoded and decoded by the base's codec, which the editors inherit: the most an editor that copies
 what it should keep can preserve. Metrics
 (`lightning_modules.evaluation.editing`): edit success (the probe reads the asked attribute; per kind too),
 preservation (mean |g − x| outside the edited region, lower is better), temporal error (frame-to-frame change
@@ -77,9 +79,9 @@ def trained_steps(ckpt: Path) -> int | None:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", -1))
 
 
-def held_out_pairs(job: Path) -> tuple[Any, dict[str, Any]]:
-    """(the datamodule, one batch of every held-out edit pair in the editor layout)."""
-    cfg = compose_config(["experiment=edit_stage1"], job / "data")
+def held_out_pairs(job: Path, experiment: str) -> tuple[Any, dict[str, Any]]:
+    """(the experiment's datamodule, one batch of every held-out edit pair in the editor layout)."""
+    cfg = compose_config([f"experiment={experiment}"], job / "data")
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -153,13 +155,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75])
-    parser.add_argument("--stages", nargs="+", default=["edit_stage1", "edit_stage2", "edit_stage3"])
+    parser.add_argument("--stages", nargs="+", default=["edit_stage1", "edit_stage2", "edit_stage3"],
+                        help="editors; the first one's world gives the held-out pairs")
+    parser.add_argument("--base", default="quickstart",
+                        help="the text-to-video experiment the stages start from (SDEdit's model and codec)")
     parser.add_argument("--grid-pairs", type=int, default=4)
     parser.add_argument("--name", default="edit", help="results file stem: <name>.json, <name>_grid.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     job = Path("/tmp") / "edit_benchmark"
-    datamodule, batch = held_out_pairs(job)
+    datamodule, batch = held_out_pairs(job, args.stages[0])
     evaluator = EditEvaluator()  # the probe of the experiments' test loop (same config: the same cached probe)
     evaluator.probe = probe_from_datamodule(datamodule, evaluator.config, str(ROOT / "data" / "probes"))
     base = score(evaluator, batch["source"], batch)
@@ -168,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floors = {"preservation_other_clip": base["preservation_shuffled"],
               "temporal_error_shuffled_frames": base["temporal_error_shuffled"]}
     samples: dict[str, torch.Tensor] = {}
-    t2v, t2v_ckpt = load("quickstart", job)
-    checkpoints = {"quickstart": str(t2v_ckpt.relative_to(ROOT)) if t2v_ckpt.is_relative_to(ROOT) else str(t2v_ckpt)}
+    t2v, t2v_ckpt = load(args.base, job)
+    checkpoints = {args.base: str(t2v_ckpt.relative_to(ROOT)) if t2v_ckpt.is_relative_to(ROOT) else str(t2v_ckpt)}
     with torch.no_grad():
         through_codec = t2v.from_latent(t2v.encode(batch["source"]), batch["source"].shape[2])
     table["source via the codec (floor)"] = row(score(evaluator, through_codec, batch))

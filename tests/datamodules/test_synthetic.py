@@ -145,6 +145,19 @@ def test_added_objects_take_the_configured_size():
     assert "added_radius_range" not in WorldConfig().to_dict() and "added_radius_range" in large.to_dict()
 
 
+def test_edit_pairs_of_an_upright_world_keep_every_object_upright_and_solid():
+    """world.textures / world.upright reach every object of an edit pair, the one an "add" edit draws too."""
+    plain = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, textures=["solid"], upright=True)
+    kinds = set()
+    for index in range(24):
+        source, target, edit = make_edit(plain, "train", index)
+        kinds.add(edit["kind"])
+        for rendered in (source, target):
+            assert all((o.texture, o.angle, o.spin) == ("solid", 0.0, 0.0) for o in rendered.scene.objects), edit
+            assert (rendered.trajectory.angles == 0).all()
+    assert "add" in kinds
+
+
 def test_textures_and_upright_restrict_scene_objects_and_keep_other_draws():
     """world.textures / world.upright: the scene objects wear only the given textures and, upright, never turn;
     the rest of each scene (shape, colour, motion, path) is drawn as in the default world, whose hash stays."""
