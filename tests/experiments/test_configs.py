@@ -29,7 +29,7 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # a step of each pair kind in tests/lightning_modules/test_editing.py.
 HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "avid_motion",
          "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3", "edit_supervised",
-         "edit_upright_stage2", "edit_upright_stage3", "edit_upright_supervised",  # edit_upright_stage1's step checks the upright stages' DiT
+         "edit_upright_stage2", "edit_upright_stage3", "edit_upright_supervised",  # stage1's step: their DiT
          "audio_ae", "audio_v2a"}  # audio: test_audio.py samples, windows and muxes by default
 ONE_STEP = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_moviegen") or e in HEAVY else e
             for e in EXPERIMENTS]
