@@ -79,9 +79,15 @@ def trained_steps(ckpt: Path) -> int | None:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", -1))
 
 
-def held_out_pairs(job: Path, experiment: str) -> tuple[Any, dict[str, Any]]:
-    """(the experiment's datamodule, one batch of every held-out edit pair in the editor layout)."""
+def held_out_pairs(job: Path, experiment: str, count: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(the experiment's datamodule, one batch of every held-out edit pair in the editor layout). `count` pairs
+    instead of the world's: every sample is drawn from (seed, kind, split, index), so the training pairs stay the
+    same and the world's own held-out pairs come first."""
     cfg = compose_config([f"experiment={experiment}"], job / "data")
+    if count:
+        train, batch = int(cfg.data.world.edits[0]), int(cfg.data.val_batch_size or cfg.data.batch_size)
+        cfg = compose_config([f"experiment={experiment}", f"data.world.edits=[{train},{count}]",
+                              f"data.val_batches={-(-count // batch)}"], job / "data")
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -121,16 +127,33 @@ def sdedit_all(module: torch.nn.Module, batch: dict[str, Any], steps: int, stren
                       for start, part in chunks(batch, 16)])
 
 
-def score(evaluator: EditEvaluator, video: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+def score(evaluator: EditEvaluator, video: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every metric per pair (per kind for the edit success), in the batch's order."""
     evaluator.values = {}
     evaluator.update(video, batch, {})
-    return evaluator.compute()
+    return {name: torch.cat(parts) for name, parts in evaluator.values.items()}
 
 
-def row(metrics: dict[str, float], suffix: str = "") -> dict[str, float]:
-    out = {"edit_success": metrics[f"edit_success{suffix}"]}
-    out |= {f"success_{k}": metrics.get(f"edit_success{suffix}_{k}") for k in ASKED}
-    out |= {"preservation": metrics[f"preservation{suffix}"], "temporal_error": metrics[f"temporal_error{suffix}"]}
+def standard_error(values: torch.Tensor) -> float:
+    """s / √n of per-pair values (0 for fewer than two)."""
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
+def row(values: dict[str, torch.Tensor], suffix: str = "", floor: dict[str, torch.Tensor] | None = None
+        ) -> dict[str, float | None]:
+    """Means with their standard errors ("_se") of the clips named by `suffix` ("": the model's, "_target",
+    "_source"); with `floor` (the unedited source's values), also the success's paired gain over it,
+    mean(g_i − x_i) ± its standard error ("gain_*"): the same pairs, so their own difficulty cancels."""
+    columns = [("edit_success", "edit_success", ""), *((f"success_{k}", "edit_success", f"_{k}") for k in ASKED),
+               ("preservation", "preservation", ""), ("temporal_error", "temporal_error", "")]
+    out: dict[str, float | None] = {}
+    for name, metric, kind in columns:
+        own = values.get(f"{metric}{suffix}{kind}")
+        out[name] = None if own is None else float(own.mean())
+        out[f"{name}_se"] = None if own is None else standard_error(own)
+        if floor is not None and own is not None and metric == "edit_success":
+            gain = own - floor[f"{metric}_source{kind}"]
+            out[f"gain_{name}"], out[f"gain_{name}_se"] = float(gain.mean()), standard_error(gain)
     return out
 
 
@@ -159,31 +182,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="editors; the first one's world gives the held-out pairs")
     parser.add_argument("--base", default="quickstart",
                         help="the text-to-video experiment the stages start from (SDEdit's model and codec)")
+    parser.add_argument("--held-out", type=int, default=None,
+                        help="held-out pairs (default: the world's); more pairs, a smaller standard error")
     parser.add_argument("--grid-pairs", type=int, default=4)
     parser.add_argument("--name", default="edit", help="results file stem: <name>.json, <name>_grid.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     job = Path("/tmp") / "edit_benchmark"
-    datamodule, batch = held_out_pairs(job, args.stages[0])
+    datamodule, batch = held_out_pairs(job, args.stages[0], args.held_out)
     evaluator = EditEvaluator()  # the probe of the experiments' test loop (same config: the same cached probe)
     evaluator.probe = probe_from_datamodule(datamodule, evaluator.config, str(ROOT / "data" / "probes"))
     base = score(evaluator, batch["source"], batch)
-    table: dict[str, dict[str, Any]] = {"target (real, ceiling)": row(base, "_target"),
+    table: dict[str, dict[str, Any]] = {"target (real, ceiling)": row(base, "_target", base),
                                         "source unchanged (floor)": row(base, "_source")}
-    floors = {"preservation_other_clip": base["preservation_shuffled"],
-              "temporal_error_shuffled_frames": base["temporal_error_shuffled"]}
+    floors = {"preservation_other_clip": float(base["preservation_shuffled"].mean()),
+              "temporal_error_shuffled_frames": float(base["temporal_error_shuffled"].mean())}
     samples: dict[str, torch.Tensor] = {}
     t2v, t2v_ckpt = load(args.base, job)
     checkpoints = {args.base: str(t2v_ckpt.relative_to(ROOT)) if t2v_ckpt.is_relative_to(ROOT) else str(t2v_ckpt)}
     with torch.no_grad():
         through_codec = t2v.from_latent(t2v.encode(batch["source"]), batch["source"].shape[2])
-    table["source via the codec (floor)"] = row(score(evaluator, through_codec, batch))
+    table["source via the codec (floor)"] = row(score(evaluator, through_codec, batch), floor=base)
     for prompt in SDEDIT_PROMPTS:
         for strength in args.strengths:
             name = f"SDEdit t2v, strength {strength:g}" + (", target caption" if prompt != "instruction" else "")
             start = time.perf_counter()
             samples[name] = sdedit_all(t2v, batch, args.steps, strength, prompt=prompt)
-            table[name] = row(score(evaluator, samples[name], batch)) | {"seconds": time.perf_counter() - start}
+            table[name] = row(score(evaluator, samples[name], batch), floor=base) | {"seconds": time.perf_counter() - start}
             print(name, table[name], flush=True)
     for stage in args.stages:
         try:
@@ -194,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checkpoints[stage] = str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else str(ckpt)
         start = time.perf_counter()
         samples[stage] = edit_all(module, batch, args.steps)
-        table[stage] = row(score(evaluator, samples[stage], batch)) | {"seconds": time.perf_counter() - start}
+        table[stage] = row(score(evaluator, samples[stage], batch), floor=base) | {"seconds": time.perf_counter() - start}
         print(stage, table[stage], flush=True)
     kinds = {k: sum(m["edit"]["kind"] == k for m in batch["meta"]) for k in ASKED}
     result = {"pairs": len(batch["text"]), "kinds": kinds, "steps": args.steps, "table": table, "floors": floors,
@@ -209,6 +234,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         values = " ".join(f"{r[f'success_{k}']:9.3f}" if r[f"success_{k}"] is not None else f"{'-':>9s}" for k in ASKED)
         print(f"{name:48s} {r['edit_success']:8.3f} {values} {r['preservation']:9.4f} {r['temporal_error']:9.4f}")
     print("floors:", floors)
+    print("paired gain in success over the unedited source, ± standard error:")
+    for name, r in table.items():
+        if "gain_edit_success" in r:
+            gains = [f"{k} {r[f'gain_success_{k}']:+.3f}±{r[f'gain_success_{k}_se']:.3f}" for k in ASKED
+                     if r.get(f"gain_success_{k}") is not None]
+            print(f"{name:48s} {r['gain_edit_success']:+.3f}±{r['gain_edit_success_se']:.3f}  " + "  ".join(gains))
     return result
 
 

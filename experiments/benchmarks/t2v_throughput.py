@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = {"video": torch.rand(batch_size, 3, frames, height, width, device=device) * 2 - 1,
              "text": ["A small red striped circle bounces around, on a plain white background."] * batch_size,
              "fps": torch.full((batch_size,), float(cfg.data.fps or 8.0))}
+    if hasattr(module.codec, "fit") and not module.codec.fitted:
+        module.codec.fit([batch["video"]])  # a codec fitted on data (PCA): its basis, not its quality, sets the cost
     tokens = batch_size * module.net.num_tokens(module.codec.latent_shape(frames, height, width))
 
     def step() -> torch.Tensor:
