@@ -6,7 +6,8 @@ edited clip (the ceiling) and the unedited source (the "do nothing" floor).
         && python experiments/run.py experiment=edit_stage3   # at the configs' lengths: 1000, 400, 200 steps
     python experiments/benchmarks/edit.py [--steps 20] [--strengths 0.5 0.75] [--stages edit_stage1 ...]
     python experiments/benchmarks/edit.py --base t2v_upright \
-        --stages edit_upright_stage1 edit_upright_stage2 edit_upright_stage3 --name edit_upright
+        --stages edit_upright_stage1 edit_upright_stage2 edit_upright_stage3 edit_upright_supervised \
+        --held-out 320 --single-frame --name edit_upright_x4_320
 
 Every model edits the same 64 held-out pairs (never trained on; recolour, replace, add, remove) with the same noise per
 pair and the same solver steps, at its config's guidance (editors: source 1.5, text 2; T2V: text 2). SDEdit
@@ -18,7 +19,11 @@ source encoded and decoded by the base's codec, which the editors inherit: the m
 what it should keep can preserve. Metrics
 (`lightning_modules.evaluation.editing`): edit success (the probe reads the asked attribute; per kind too),
 preservation (mean |g − x| outside the edited region, lower is better), temporal error (frame-to-frame change
-against the real edited clip's, lower is better). Writes experiments/benchmarks/results/<name>.json and
+against the real edited clip's, lower is better), each with its standard error, and the success's paired gain
+over the unedited source ± its standard error (the same pairs, so their difficulty cancels). 64 pairs leave a
+kind 9-22 of them (a standard error of 0.1-0.17); `--held-out 320` draws more from the same world (its first 64
+are the world's own). `--single-frame` also edits each pair's first frame as an image (stage I's task) and scores it
+held still: what the editors do without motion. Writes experiments/benchmarks/results/<name>.json and
 <name>_grid.png (--name, default edit; first pairs: source, target, then each model's edit; frames left to right).
 Checkpoints are the newest of each experiment under $OUTPUT_DIR (default outputs/); the json records each one's
 trained steps beside its config's trainer.max_steps (and the run warns where they differ).
@@ -50,7 +55,7 @@ from experiments.compose import compose_config  # noqa: E402
 from experiments.quickstart_grid import caption_row, frames_row, stack_rows, tagged_row  # noqa: E402
 from lightning_modules.checkpoint_io import newest_checkpoint, read_module_state  # noqa: E402
 from lightning_modules.editing import sdedit  # noqa: E402
-from lightning_modules.evaluation.editing import ASKED, EditEvaluator  # noqa: E402
+from lightning_modules.evaluation.editing import ASKED, EditEvaluator, edit_success  # noqa: E402
 from lightning_modules.evaluation.probe import probe_from_datamodule  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results"
@@ -110,6 +115,32 @@ def edit_all(module: torch.nn.Module, batch: dict[str, Any], steps: int, seed: i
         request = {"source": part["source"], "text": part["text"], "fps": part["fps"], "task": part["task"]}
         out.append(module.generate(request, *part["source"].shape[2:], steps=steps, seed=seed + start))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def edit_first_frames(module: torch.nn.Module, batch: dict[str, Any], steps: int, seed: int = 0) -> torch.Tensor:
+    """Every pair's first frame edited as a one-frame video (stage I's task: fps 0), held still for the clip's
+    length [B, 3, T, H, W]: what the probe reads from one edited frame, without the motion."""
+    out = []
+    for start, part in chunks(batch, 16):
+        request = {"source": part["source"][:, :, :1], "text": part["text"], "fps": torch.zeros(len(part["text"])),
+                   "task": part["task"]}
+        out.append(module.generate(request, 1, *part["source"].shape[3:], steps=steps, seed=seed + start))
+    return still(torch.cat(out), batch["source"].shape[2])
+
+
+def still(video: torch.Tensor, frames: int) -> torch.Tensor:
+    """A clip's first frame repeated `frames` times."""
+    return video[:, :, :1].expand(-1, -1, frames, -1, -1)
+
+
+def success_by_kind(evaluator: EditEvaluator, video: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+    """Edit success overall and per kind (the probe's reading only; no preservation or temporal metrics)."""
+    success = edit_success(evaluator.probe, video, batch["meta"], batch["fps"])
+    kinds = [m["edit"]["kind"] for m in batch["meta"]]
+    out = {"edit_success": float(success.mean())}
+    return out | {f"success_{k}": float(success[torch.tensor([x == k for x in kinds])].mean()) for k in ASKED
+                  if k in kinds}
 
 
 SDEDIT_PROMPTS = ("instruction", "target caption")
@@ -184,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the text-to-video experiment the stages start from (SDEdit's model and codec)")
     parser.add_argument("--held-out", type=int, default=None,
                         help="held-out pairs (default: the world's); more pairs, a smaller standard error")
+    parser.add_argument("--single-frame", action="store_true",
+                        help="also edit each pair's first frame as an image (stage I's task), scored held still")
     parser.add_argument("--grid-pairs", type=int, default=4)
     parser.add_argument("--name", default="edit", help="results file stem: <name>.json, <name>_grid.png")
     args = parser.parse_args(argv)
@@ -198,6 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floors = {"preservation_other_clip": float(base["preservation_shuffled"].mean()),
               "temporal_error_shuffled_frames": float(base["temporal_error_shuffled"].mean())}
     samples: dict[str, torch.Tensor] = {}
+    first_frame: dict[str, dict[str, float]] = {}
+    if args.single_frame:
+        frames = batch["source"].shape[2]
+        first_frame["target (real, ceiling)"] = success_by_kind(evaluator, still(batch["video"], frames), batch)
+        first_frame["source unchanged (floor)"] = success_by_kind(evaluator, still(batch["source"], frames), batch)
     t2v, t2v_ckpt = load(args.base, job)
     checkpoints = {args.base: str(t2v_ckpt.relative_to(ROOT)) if t2v_ckpt.is_relative_to(ROOT) else str(t2v_ckpt)}
     with torch.no_grad():
@@ -221,8 +259,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         samples[stage] = edit_all(module, batch, args.steps)
         table[stage] = row(score(evaluator, samples[stage], batch), floor=base) | {"seconds": time.perf_counter() - start}
         print(stage, table[stage], flush=True)
+        if args.single_frame:
+            first_frame[stage] = success_by_kind(evaluator, edit_first_frames(module, batch, args.steps), batch)
+            print(stage, "first frame:", first_frame[stage], flush=True)
     kinds = {k: sum(m["edit"]["kind"] == k for m in batch["meta"]) for k in ASKED}
     result = {"pairs": len(batch["text"]), "kinds": kinds, "steps": args.steps, "table": table, "floors": floors,
+              "first_frame": first_frame or None,
               "checkpoints": checkpoints, "training_steps": STEPS, "outputs": str(OUTPUTS)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
