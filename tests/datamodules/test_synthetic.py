@@ -128,6 +128,14 @@ def test_edit_pairs_differ_only_where_the_edited_object_is():
     assert len(kinds) >= 3
 
 
+def test_a_sample_does_not_depend_on_how_many_its_split_holds():
+    """More held-out pairs (experiments/benchmarks/edit.py --held-out) keep the world's own first pairs."""
+    more = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, edits=[CONFIG.edits[0], 5 * CONFIG.edits[1]])
+    for index in range(3):
+        (source, target, edit), (source2, target2, edit2) = make_edit(CONFIG, "val", index), make_edit(more, "val", index)
+        assert edit == edit2 and (source.frames == source2.frames).all() and (target.frames == target2.frames).all()
+
+
 def test_added_objects_take_the_configured_size():
     """An "add" edit's new object has a radius in added_radius_range x the shorter side (the default world keeps its
     config hash: the field is left out of to_dict() at its default)."""
