@@ -13,8 +13,10 @@ one schedule) serves both halves; r (`muon_lr_ratio`) scales Muon's side. Muon i
 layers; embeddings, position and modulation tables, norms, biases and convolutions keep AdamW (they are looked up or
 added, not multiplied by an input, and have no matrix geometry to orthogonalise).
 
-`Muon` is `torch.optim.Muon` with the Newton-Schulz iterations in float32: torch's run in bfloat16, whose matmuls
-are ~30x slower than float32 on these CPUs (a quickstart step took 5x as long); on a GPU the difference is rounding.
+`Muon` is `torch.optim.Muon` with the Newton-Schulz iterations in float32 by default: torch's run in bfloat16, whose
+matmuls are ~30x slower than float32 on CPUs without bfloat16 units (a quickstart step took 5x as long there); on a
+GPU the difference is rounding. `ns_dtype="auto"` runs them in bfloat16 where its matmuls are fast (CUDA; CPUs with
+AMX or AVX512-BF16), which on a Xeon with AMX takes experiment=t2v_upright's optimizer step from ~90 to ~30 ms.
 `MuonAdamW` is one optimizer whose parameter groups say which rule steps them (`group["muon"]`); the AdamW groups go
 through torch's own AdamW function (fused or foreach). One optimizer with one state keyed by parameter is what
 Lightning drives, a schedule sets (`schedules.OneCycle` sets every group's rate and cycles β₁), and torch's
@@ -41,17 +43,39 @@ from torch.optim.adamw import adamw
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Jordan et al.; torch.optim.Muon's)
 
 
-def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """≈ the orthogonal polar factor U·Vᵀ of each matrix U·S·Vᵀ in `update` [..., m, n], in float32:
-    X ← a·X + (b·XXᵀ + c·(XXᵀ)²)·X from X = update / ‖update‖_F (spectral norm ≤ 1), on the wide orientation (XXᵀ
-    the smaller Gram matrix). Matrices of one shape go as one batch: on these small layers the per-op overhead,
-    not the arithmetic, is what a step costs."""
+NS_DTYPES = ("float32", "bfloat16", "auto")
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls beat float32 on `device`: on CUDA, and on CPUs with AMX tiles or AVX512-BF16
+    (elsewhere the CPU converts every element and a bfloat16 matmul is ~30x slower)."""
+    if device.type == "cuda":
+        return True
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's, private: absent means no
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def ns_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the Newton-Schulz iterations: `name` from NS_DTYPES ("auto": bfloat16 where `fast_bfloat16`)."""
+    if name not in NS_DTYPES:
+        raise ValueError(f"Muon's ns_dtype={name!r} must be one of {list(NS_DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
+    return getattr(torch, name)
+
+
+def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """≈ the orthogonal polar factor U·Vᵀ of each matrix U·S·Vᵀ in `update` [..., m, n], iterated in `dtype`:
+    X ← a·X + (b·XXᵀ + c·(XXᵀ)²)·X from X = update / ‖update‖_F (spectral norm ≤ 1, normalised in float32), on
+    the wide orientation (XXᵀ the smaller Gram matrix). Matrices of one shape go as one batch: on these small
+    layers the per-op overhead, not the arithmetic, is what a step costs."""
     a, b, c = NS_COEFFICIENTS
     x = update.float().reshape(-1, *update.shape[-2:])
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    x = (x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)).to(dtype)
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -83,7 +107,9 @@ def muon_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any]
         by_shape.setdefault(tuple(p.shape), []).append(
             (p, update.full_tensor() if isinstance(update, DTensor) else update))
     for shape, items in by_shape.items():
-        updates = newton_schulz(torch.stack([u for _, u in items]))
+        stacked = torch.stack([u for _, u in items])
+        # .get: an optimizer state saved before ns_dtype existed restores groups without it
+        updates = newton_schulz(stacked, dtype=ns_dtype_for(group.get("ns_dtype", "float32"), stacked.device))
         for (p, _), update in zip(items, updates, strict=True):
             if isinstance(p, DTensor):  # this rank's shard of the whole matrix's update, without communication
                 update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
@@ -111,10 +137,11 @@ class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in float32."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0,
-                 momentum: float = 0.95, lr_ratio: float = 1.0) -> None:
+                 momentum: float = 0.95, lr_ratio: float = 1.0, ns_dtype: str = "float32") -> None:
         # lr_ratio scales the rate a schedule sets in group["lr"] (MuonAdamW's muon_lr_ratio)
+        ns_dtype_for(ns_dtype, torch.device("cpu"))  # a wrong name fails here, not at the first step
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                                  "lr_ratio": lr_ratio})
+                                  "lr_ratio": lr_ratio, "ns_dtype": ns_dtype})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -147,11 +174,14 @@ class MuonAdamW(torch.optim.Optimizer):
         module: the network they belong to (passed by `BaseModule.configure_optimizers`).
         lr, betas, weight_decay, eps, fused: AdamW's (`lr` and `weight_decay` also Muon's).
         momentum: Muon's μ. muon_lr_ratio: r, Muon's learning rate over AdamW's.
+        ns_dtype: the Newton-Schulz iterations' dtype, "float32", "bfloat16" or "auto" (`ns_dtype_for`).
     """
 
     def __init__(self, params: Iterable[Any], module: nn.Module, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, eps: float = 1e-8,
-                 momentum: float = 0.95, muon_lr_ratio: float = 1.0, fused: bool | None = None) -> None:
+                 momentum: float = 0.95, muon_lr_ratio: float = 1.0, fused: bool | None = None,
+                 ns_dtype: str = "float32") -> None:
+        ns_dtype_for(ns_dtype, torch.device("cpu"))  # a wrong name fails here, not at the first step
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
@@ -166,7 +196,8 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"MuonAdamW: none of the {sum(len(g['params']) for g in split)} parameters is a "
                              "linear layer's weight; use torch.optim.AdamW")
         super().__init__(split, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps,
-                                 "momentum": momentum, "lr_ratio": muon_lr_ratio, "fused": fused})
+                                 "momentum": momentum, "lr_ratio": muon_lr_ratio, "fused": fused,
+                                 "ns_dtype": ns_dtype})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

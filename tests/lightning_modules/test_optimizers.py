@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lightning_modules.base import BaseModule
-from lightning_modules.optimizers import Muon, MuonAdamW, newton_schulz
+from lightning_modules.optimizers import Muon, MuonAdamW, newton_schulz, ns_dtype_for
 from lightning_modules.schedules import OneCycle
 from tests.helpers import free_port
 
@@ -173,6 +173,37 @@ def test_newton_schulz_batches_matrices_of_one_shape_independently() -> None:
         batch = torch.randn(*shape) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)
         one_by_one = torch.stack([newton_schulz(m) for m in batch])
         torch.testing.assert_close(newton_schulz(batch), one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_newton_schulz_in_bfloat16_is_the_float32_iteration_rounded() -> None:
+    """In bfloat16 the iteration lands within rounding of the float32 one (and is not it), singular values still
+    pushed into ~[0.5, 1.5], returned in the update's dtype."""
+    torch.manual_seed(2)
+    update = torch.randn(4, 24, 40)
+    full, half = newton_schulz(update), newton_schulz(update, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32
+    assert 0 < float((half - full).abs().max()) < 0.05 * float(full.abs().max())
+    singular = torch.linalg.svdvals(half)
+    assert float(singular.min()) > 0.4 and float(singular.max()) < 1.6
+
+
+def test_muon_iterates_in_its_ns_dtype() -> None:
+    """One Muon step with ns_dtype=bfloat16 is W − lr·0.2·√max(m, n)·NS₅(U) with NS₅ in bfloat16 (U = the first
+    Nesterov update, (1 − μ)·G + μ·(1 − μ)·G); a wrong name is refused at construction."""
+    torch.manual_seed(3)
+    layer = nn.Linear(16, 24, bias=False)
+    start, grad = layer.weight.detach().clone(), torch.randn(24, 16)
+    opt = Muon(layer.parameters(), lr=1e-2, momentum=0.95, ns_dtype="bfloat16")
+    layer.weight.grad = grad.clone()
+    opt.step()
+    nesterov = grad.lerp(grad * 0.05, 0.95)
+    for dtype, same in ((torch.bfloat16, True), (torch.float32, False)):
+        expected = start - 1e-2 * 0.2 * math.sqrt(24) * newton_schulz(nesterov, dtype=dtype)
+        assert torch.allclose(layer.weight.detach(), expected, rtol=0, atol=1e-7) is same
+    with pytest.raises(ValueError, match="ns_dtype='float16'"):
+        MuonAdamW(layer.parameters(), module=layer, ns_dtype="float16")
+    assert ns_dtype_for("auto", torch.device("cuda")) == torch.bfloat16
+    assert ns_dtype_for("float32", torch.device("cuda")) == torch.float32
 
 
 def test_step_runs_the_closure_with_gradients_on() -> None:
