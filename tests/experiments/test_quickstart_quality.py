@@ -10,9 +10,9 @@ world evaluators), checked on the test metrics it logs to MLflow:
 About 6 minutes on 2 quiet CPU cores (more under load): `python -m pytest -m slow tests/experiments/test_quickstart_quality.py`.
 The quickstart fails on shape, motion, the area's variation and speckle (README, Evaluation).
 
-`experiment=t2v_upright` (a 2.8M-parameter DiT on 8192 clips of solid upright objects, 4000 steps: ~20 minutes on a fast
-2-core machine, ~45 on a slow one) meets the same targets but the area's variation (1.8x and 2.1x of real in two runs), which
-its test reports and does not assert.
+`experiment=t2v_upright` (a 2.8M-parameter DiT on 8192 clips of solid upright objects, 4000 steps: ~20 minutes on a
+fast 2-core machine, ~45 on a slow one) meets the same targets but the area's variation (1.8x and 2.1x of real in
+two runs), which its test reports and does not assert.
 """
 
 from __future__ import annotations
