@@ -30,6 +30,7 @@ at the sizes this repository trains; at scale one would give each rank its share
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable
@@ -46,6 +47,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Jordan et 
 NS_DTYPES = ("float32", "bfloat16", "auto")
 
 
+@functools.cache  # asked every optimizer step; the hardware does not change
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 matmuls beat float32 on `device`: on CUDA, and on CPUs with AMX tiles or AVX512-BF16
     (elsewhere the CPU converts every element and a bfloat16 matmul is ~30x slower)."""
@@ -134,8 +136,8 @@ def adamw_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in float32
-    (`ns_dtype`: "float32", "bfloat16" or "auto", `ns_dtype_for`)."""
+    """torch.optim.Muon's update (Nesterov, match_rms_adamw; the module docstring) with `newton_schulz` in
+    `ns_dtype`: "float32" (the default), "bfloat16" or "auto" (`ns_dtype_for`)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0,
                  momentum: float = 0.95, lr_ratio: float = 1.0, ns_dtype: str = "float32") -> None:
