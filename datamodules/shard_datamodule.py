@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from datamodules.shard_schedule import dist_info, epoch_batches
 from datamodules.shards import check_shards, expand_shards, shard_sample_counts
@@ -114,8 +115,9 @@ class ShardDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ shards
 
     def world_root(self) -> Path:
-        """The synthetic world's folder (generated if absent)."""
-        return ensure_world(self.data_dir, self.world)
+        """The synthetic world's folder (generated if absent, by as many processes as the run has threads: the
+        clips are independent, and nothing else runs yet)."""
+        return ensure_world(self.data_dir, self.world, workers=torch.get_num_threads())
 
     def world_split(self, kind: str, split: str) -> list[str]:
         return expand_shards(self.world_root() / kind / split)

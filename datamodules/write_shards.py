@@ -430,6 +430,14 @@ def _world_sample(args: tuple) -> dict:
     return world_sample(*args)
 
 
+def _one_thread() -> None:
+    """A world worker's initialiser: torch ops in a forked child run single-threaded (the parent's OpenMP pool
+    does not survive the fork, and the workers already share the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def write_world(output_dir: str | Path, config: Any = None, kinds: Iterable[str] | None = None,
                 workers: int = 0, progress: bool = True, part: Part | None = None) -> Path:
     """Generate the shapes world into `<output>/<kind>/<split>/` shard sets and `<output>/world.json`.
@@ -449,7 +457,7 @@ def write_world(output_dir: str | Path, config: Any = None, kinds: Iterable[str]
     output = Path(output_dir)
     summary = {}
     extra = {"part": {"index": part.index, "count": part.count}} if part is not None else {}
-    pool = get_context("fork").Pool(workers) if workers > 1 else None
+    pool = get_context("fork").Pool(workers, initializer=_one_thread) if workers > 1 else None
     try:
         for kind in kinds or KINDS:
             for split in SPLITS:

@@ -192,15 +192,30 @@ def test_world_in_two_parts_merges_to_the_single_world(tmp_path: Path) -> None:
         assert make_shards([*options, f"part={k}", "parts=2"]) == 0
     assert not (tmp_path / "parts" / "world.json").exists()  # the world is complete only after the merge
     assert make_shards(["merge=true", "synthetic=true", f"output={tmp_path / 'parts'}"]) == 0
-    one, parts = (json.loads((tmp_path / d / "world.json").read_text()) for d in ("one", "parts"))
-    assert parts == one and one["sets"] == {"scenes/train": 5, "scenes/val": 2, "stickers/train": 1, "stickers/val": 1}
+    one = assert_same_world(tmp_path / "parts", tmp_path / "one")
+    assert one["sets"] == {"scenes/train": 5, "scenes/val": 2, "stickers/train": 1, "stickers/val": 1}
+
+
+def test_world_by_two_processes_is_the_world_by_one(tmp_path: Path) -> None:
+    """ShardDataModule generates a missing world with as many processes as the run has threads."""
+    world = {"seed": 3, "scenes": [6, 2], "sizes": [[32, 32]], "durations": [1.0], "shard_size": 2}
+    write_world(tmp_path / "one", world, kinds=["scenes"], progress=False)
+    write_world(tmp_path / "two", world, kinds=["scenes"], workers=2, progress=False)
+    assert assert_same_world(tmp_path / "two", tmp_path / "one")["sets"] == {"scenes/train": 6, "scenes/val": 2}
+
+
+def assert_same_world(made: Path, reference: Path) -> dict:
+    """Assert two generated worlds hold the same sets and samples; return the reference's world.json."""
+    one, other = (json.loads((d / "world.json").read_text()) for d in (reference, made))
+    assert other == one
     for name in one["sets"]:
-        merged = json.loads((tmp_path / "parts" / name / "index.json").read_text())
-        assert without_shards(merged) == without_shards(json.loads((tmp_path / "one" / name / "index.json").read_text()))
+        index = json.loads((made / name / "index.json").read_text())
+        assert without_shards(index) == without_shards(json.loads((reference / name / "index.json").read_text()))
         # The same samples: ground truth, captions, masks, sound byte for byte. Not the mp4 bytes: x264 at
         # threads=1 gives one of two encodings of the same frames now and then (seen in 2 of 25 world runs).
         mp4_aside = lambda samples: [(key, {m: v for m, v in members.items() if m != "mp4"}) for key, members in samples]
-        assert mp4_aside(samples_in(tmp_path / "parts" / name)) == mp4_aside(samples_in(tmp_path / "one" / name))
+        assert mp4_aside(samples_in(made / name)) == mp4_aside(samples_in(reference / name))
+    return one
 
 
 # ----------------------------------------------------------------------------------------------------------------
