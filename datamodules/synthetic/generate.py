@@ -74,6 +74,7 @@ class WorldConfig:
     # Scene objects start within this fraction of their free range around its middle (1: anywhere; 0: at the
     # centre). Small values make a caption's shape and motion visible in the clip's mean, not only in its detail.
     start_spread: float = 1.0
+    speed_range: list[float] = field(default_factory=lambda: [0.4, 1.0])  # a bounce's speed, x shorter side a second
     sample_rate: int = 16000
     scenes: list[int] = field(default_factory=lambda: [256, 32])
     images: list[int] = field(default_factory=lambda: [256, 32])
@@ -101,6 +102,9 @@ class WorldConfig:
         low, high = self.radius_range
         if not 0 < low <= high < 0.5:
             raise ValueError(f"world.radius_range={self.radius_range}: need 0 < low <= high < 0.5 (x the shorter side)")
+        low, high = self.speed_range
+        if not 0 < low <= high:
+            raise ValueError(f"world.speed_range={self.speed_range}: need 0 < low <= high (x the shorter side a second)")
 
     def to_dict(self) -> dict:
         """The fields; those added after worlds were cached (`LATER_FIELDS`) only when set, so that the hash of
@@ -123,7 +127,8 @@ class WorldConfig:
 
 
 LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25], "added_radius_range": [0.1, 0.2],
-                "textures": list(TEXTURES), "upright": False, "start_spread": 1.0}  # field -> default, left out of
+                "textures": list(TEXTURES), "upright": False, "start_spread": 1.0,
+                "speed_range": [0.4, 1.0]}  # field -> default, left out of
 # to_dict() at its default
 
 
@@ -175,10 +180,12 @@ def sample_object(
     textures: tuple[str, ...] = TEXTURES,
     upright: bool = False,
     start_spread: float = 1.0,
+    speed_range: tuple[float, float] = (0.4, 1.0),
 ) -> ObjectSpec:
     """An object whose (shape, colour) differs from `others`, placed without overlapping them at t = 0 (tried
     100 times); its texture one of `textures` (in TEXTURE_WEIGHTS' proportions), its angle and spin 0 when
-    `upright`, its start within `start_spread` of the free range around the range's middle."""
+    `upright`, its start within `start_spread` of the free range around the range's middle, a bounce's speed drawn
+    from `speed_range` (x the shorter side a second)."""
     taken = {(o.shape, o.colour) for o in others}
     while True:
         shape, colour = _pick(rng, SHAPES), _pick(rng, list(OBJECT_COLOURS))
@@ -207,7 +214,7 @@ def sample_object(
         if all(math.hypot(x - o.position[0], y - o.position[1]) > radius + o.radius + 1 for o in others):
             break
     obj.position = (float(x), float(y))
-    speed = float(rng.uniform(0.4, 1.0) * side)
+    speed = float(rng.uniform(*speed_range) * side)  # drawn for every motion, so that later draws stay the same
     heading = float(rng.uniform(0, 2 * math.pi))
     if motion == "bounce":
         obj.velocity = (speed * math.cos(heading), speed * math.sin(heading))
@@ -244,7 +251,7 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig, still: bool = Fa
     for i in range(int(rng.integers(min_objects, config.max_objects + 1))):
         objects.append(sample_object(rng, i + 1, height, width, objects, radius_range=tuple(config.radius_range),
                                      textures=tuple(config.textures), upright=config.upright,
-                                     start_spread=config.start_spread))
+                                     start_spread=config.start_spread, speed_range=tuple(config.speed_range)))
     return SceneSpec(height, width, fps, frames, background, objects, collisions=collisions)
 
 
@@ -395,7 +402,8 @@ def make_edit(config: WorldConfig, split: str, index: int) -> tuple[Rendered, Re
     if kind == "add":
         after = sample_object(rng, max(o.id for o in objects) + 1, source.height, source.width, objects,
                               radius_range=tuple(config.added_radius_range), textures=tuple(config.textures),
-                              upright=config.upright, start_spread=config.start_spread)
+                              upright=config.upright, start_spread=config.start_spread,
+                              speed_range=tuple(config.speed_range))
         objects.append(after)
     else:
         position = int(rng.integers(len(objects)))

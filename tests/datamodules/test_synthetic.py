@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -206,6 +207,28 @@ def test_start_spread_pulls_starts_to_the_middle_and_keeps_other_draws():
     assert "start_spread" not in WorldConfig().to_dict() and near.to_dict()["start_spread"] == 0.5
     with pytest.raises(ValueError, match="world.start_spread"):
         WorldConfig(start_spread=1.5)
+
+
+def test_speed_range_sets_a_bounces_speed_and_keeps_other_draws():
+    """world.speed_range bounds a bounce's speed (x the shorter side a second); the other draws, and a fall's or an
+    orbit's motion, are the default world's."""
+    wide = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, max_objects=1)
+    fixed = WorldConfig(sizes=CONFIG.sizes, durations=CONFIG.durations, max_objects=1, speed_range=[0.7, 0.7])
+    motions = set()
+    for index in range(24):
+        a, scene = make_scene(wide, "train", index)[0].scene.objects[0], make_scene(fixed, "train", index)[0].scene
+        b = scene.objects[0]
+        motions.add(a.motion)
+        assert (a.shape, a.colour, a.motion, a.radius, a.position) == (b.shape, b.colour, b.motion, b.radius, b.position)
+        if a.motion == "bounce":
+            assert math.hypot(*b.velocity) == pytest.approx(0.7 * min(scene.height, scene.width))
+            assert math.atan2(b.velocity[1], b.velocity[0]) == pytest.approx(math.atan2(a.velocity[1], a.velocity[0]))
+        else:
+            assert (a.velocity, a.orbit_speed) == (b.velocity, b.orbit_speed)
+    assert {"bounce", "fall"} <= motions
+    assert "speed_range" not in WorldConfig().to_dict() and fixed.to_dict()["speed_range"] == [0.7, 0.7]
+    with pytest.raises(ValueError, match="world.speed_range"):
+        WorldConfig(speed_range=[0.0, 1.0])
 
 
 def test_stickers_loop_and_their_still_is_the_middle_frame():
