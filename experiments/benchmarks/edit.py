@@ -1,7 +1,7 @@
 """Movie Gen Edit on the world's held-out video edit pairs: the three stages beside an SDEdit baseline, the real
 edited clip (the ceiling) and the unedited source (the "do nothing" floor).
 
-    python experiments/run.py experiment=quickstart          # the text-to-video model (also SDEdit's)
+    python experiments/run.py experiment=t2v_tiny            # the text-to-video model (also SDEdit's)
     python experiments/run.py experiment=edit_stage1 && python experiments/run.py experiment=edit_stage2 \
         && python experiments/run.py experiment=edit_stage3   # at the configs' lengths: 1000, 400, 200 steps
     python experiments/benchmarks/edit.py [--steps 20] [--strengths 0.5 0.75] [--stages edit_stage1 ...]
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--stages", nargs="+", default=["edit_stage1", "edit_stage2", "edit_stage3"],
                         help="editors; the first one's world gives the held-out pairs")
-    parser.add_argument("--base", default="quickstart",
+    parser.add_argument("--base", default="t2v_tiny",
                         help="the text-to-video experiment the stages start from (SDEdit's model and codec)")
     parser.add_argument("--held-out", type=int, default=None,
                         help="held-out pairs (default: the world's); more pairs, a smaller standard error")

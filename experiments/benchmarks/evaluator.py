@@ -3,8 +3,8 @@ model can reach), beside the floors (clips with shuffled frames, clips with nois
 
     python experiments/benchmarks/evaluator.py [--sizes 16 32] [--noise 0.3] [--extra 512] [--cache-dir DIR]
 
-1. Builds (or reuses) the quickstart's world (conf/experiment/quickstart.yaml `data.world`) under data/, as
-   `experiment=quickstart` does, and, with --extra N, N more held-out clips of the same world options under
+1. Builds (or reuses) t2v_tiny's world (conf/data/world/quickstart.yaml, turned, spinning, textured objects) under
+   data/, as `experiment=t2v_tiny` does, and, with --extra N, N more held-out clips of the same world options under
    another seed (a tighter estimate than the quickstart's 64 held-out clips).
 2. Per clip size (16x16: the quickstart's; 32x32: the other experiments'), 8 frames at 8 fps: trains the probe
    on the training clips (`probe_from_datamodule`, the quickstart's probe config; timed; --cache-dir reuses
@@ -56,11 +56,11 @@ MEASURES = ("consistency_iou", "coherence_iou", "area_cv", "direction_cosine", "
 
 
 def quickstart() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(world options, datamodule options, probe options) of `experiment=quickstart`, as run.py composes them."""
+    """(world options, datamodule options, probe options) of `experiment=t2v_tiny`, as run.py composes them."""
     from experiments.compose import compose_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(["experiment=quickstart"], Path(tmp))
+        cfg = compose_config(["experiment=t2v_tiny"], Path(tmp))
         world = OmegaConf.to_container(cfg.data.world, resolve=True)
         data = {k: OmegaConf.to_container(cfg.data, resolve=False)[k] for k in ("sizes", "frames", "fps", "batch_size")}
         probe = OmegaConf.to_container(cfg.model.evaluators.probe, resolve=False)

@@ -1,19 +1,19 @@
 """Movie Gen personalization (PT2V) on held-out identities: identity, copy-paste and text alignment of the three
 stages, beside the text-to-video model without a reference, real clips of the identity, and paired training.
 
-    python experiments/benchmarks/pt2v.py [--t2v <quickstart run folder or checkpoint>] [--t2v-steps 1000]
+    python experiments/benchmarks/pt2v.py [--t2v <t2v_tiny run folder or checkpoint>] [--t2v-steps 1000]
         [--steps 600 200 300] [--fresh] [--out <folder>] [key=value ...]
 
 Hydra overrides after the options apply to every stage and to the evaluation, e.g. `model/codec=pca_clip` for the
 chain on another codec.
 
-The defaults are the experiments' own lengths (the quickstart's 1000 steps, the stages' 600 / 200 / 300): about
+The defaults are the experiments' own lengths (t2v_tiny's 1000 steps, the stages' 600 / 200 / 300): about
 30 minutes on 2 CPU cores. `--t2v-steps 400 --steps 400 60 120` is the 10-minute version (weaker identity).
 
 The chain, each stage from the previous one's newest checkpoint (`model.init_from`), in its own output folder
 (default outputs/benchmarks/pt2v, with its own MLflow store; the worlds and the evaluators' networks come from data/):
 
-    t2v             experiment=quickstart (trained here for --t2v-steps unless --t2v names a finished run)
+    t2v             experiment=t2v_tiny (trained here for --t2v-steps unless --t2v names a finished run)
     stage1          experiment=pt2v_stage1: paired references, encoder frozen, 8 frames
     stage2          experiment=pt2v_stage2: 16 frames
     stage3_cross    experiment=pt2v_stage3: cross-paired references, encoder trainable (the paper's stage III)
@@ -184,7 +184,7 @@ def grid(batch: dict[str, Any], samples: dict[str, torch.Tensor], count: int, sc
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--t2v", default=None, help="a finished quickstart run or checkpoint (default: train one)")
+    parser.add_argument("--t2v", default=None, help="a finished t2v_tiny run or checkpoint (default: train one)")
     parser.add_argument("--t2v-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, nargs=3, default=[600, 200, 300], metavar=("I", "II", "III"))
     parser.add_argument("--sampling-steps", type=int, default=25)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings = {}
     t0 = time.time()
     ckpts = {"t2v": newest_checkpoint(args.t2v) if args.t2v else train(
-        "t2v", "quickstart", overrides, None, args.t2v_steps, out, args.fresh)}
+        "t2v", "t2v_tiny", overrides, None, args.t2v_steps, out, args.fresh)}
     timings["t2v"] = time.time() - t0
     steps = {"stage1": args.steps[0], "stage2": args.steps[1], "stage3_cross": args.steps[2],
              "stage3_paired": args.steps[2]}

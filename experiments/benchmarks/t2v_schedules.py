@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python experiments/benchmarks/t2v_schedules.py ckpt=<last.ckpt> [--prompts 16] [key=value ...]
 
-For held-out captions of the experiment's validation set (default `experiment=quickstart`; further key=value are
+For held-out captions of the experiment's validation set (default `experiment=t2v_tiny`; further key=value are
 Hydra overrides) and one noise per prompt, the trained model (EMA weights when the checkpoint has them) is
 sampled with Euler over
   - 1000 uniform steps (the reference, ≈ the ODE solution),
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ckpt is None:
         raise SystemExit("give ckpt=<a checkpoint of the experiment>")
     if not any(o.startswith("experiment=") for o in overrides):
-        overrides.insert(0, "experiment=quickstart")
+        overrides.insert(0, "experiment=t2v_tiny")
     cfg = compose_config(overrides, Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "benchmark")
     module = hydra.utils.instantiate(cfg.model, _convert_="object")
     module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python experiments/benchmarks/t2v_throughput.py [--steps 20] [--threads 1] [key=value ...]
     python experiments/benchmarks/t2v_throughput.py --device cuda --precision bf16      # a bf16 step on a GPU
 
-The model is the experiment's (default `experiment=quickstart`; further `key=value` are Hydra overrides).
+The model is the experiment's (default `experiment=t2v_tiny`; further `key=value` are Hydra overrides).
 One step = text encoding + DiT forward + backward + AdamW on a batch of random clips of the data config's first
 bucket, with the quickstart's captions. Reported:
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not any(o.startswith("experiment=") for o in overrides):
-        overrides.insert(0, "experiment=quickstart")
+        overrides.insert(0, "experiment=t2v_tiny")
     cfg = compose_config(overrides, Path(os.environ.get("OUTPUT_DIR", ROOT / "outputs")) / "benchmark")
     torch.manual_seed(0)
     device = torch.device(args.device)

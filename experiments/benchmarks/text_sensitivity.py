@@ -16,7 +16,7 @@ is what knowing attribute a is worth to the model at t; "empty" is the empty pro
 worth. A gap near 0 means the model ignores the attribute: sampling cannot follow it, whatever the guidance.
 Prints a table and writes experiments/benchmarks/results/text_sensitivity.json.
 
-`--train STEPS` measures a model trained here instead of a run: `experiment=quickstart` with the overrides, its
+`--train STEPS` measures a model trained here instead of a run: `experiment=t2v_tiny` with the overrides, its
 codec fitted, trained for STEPS steps in this process by Lightning's loop (its loss, time sampler, optimizer and
 schedule; no EMA, no validation, no sampling), then the gaps (results/text_sensitivity_trained.json, one row per `--name`). A quick way to
 compare how fast backbones learn what a word means: with `model.time_sampler.mean=-8 model.time_sampler.std=0.1`
@@ -80,10 +80,10 @@ def swapped_caption(scene: SceneSpec, attribute: str, rng: random.Random) -> str
 
 
 def train_module(overrides: list[str], steps: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(`experiment=quickstart` with `overrides`, trained `steps` steps in this process; its first validation
+    """(`experiment=t2v_tiny` with `overrides`, trained `steps` steps in this process; its first validation
     batch). Lightning's own loop on the experiment's datamodule: the module's setup (a codec fitted on data is
     fitted there), optimizer, schedule and gradient clipping; no validation, callbacks, logger or checkpoints."""
-    cfg = compose_config(["experiment=quickstart", *overrides, f"trainer.max_steps={steps}"],
+    cfg = compose_config(["experiment=t2v_tiny", *overrides, f"trainer.max_steps={steps}"],
                          Path("/tmp") / "text_sensitivity")
     L.seed_everything(cfg.seed)
     module = hydra.utils.instantiate(cfg.model, _convert_="object")

@@ -49,7 +49,7 @@ CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", 
 
 # The quickstart on a world of 16 + 8 scenes (its one step builds the world).
 CPU_CLIP["quickstart"] = ["data.world.scenes=[16,8]", "data.world.images=[16,8]"]
-CPU_CLIP["t2v_upright"] = CPU_CLIP["quickstart"]  # and its 8192 upright clips shrunk the same way
+CPU_CLIP["t2v_tiny"] = CPU_CLIP["t2v_upright"] = CPU_CLIP["quickstart"]  # their worlds shrunk the same way
 
 # Editing's world, shrunk: 16 training and 8 held-out edit pairs.
 CPU_CLIP |= {e: ["data.world.edits=[16,8]", "model.sampler.steps=5", "model.backtranslation_steps=2"]

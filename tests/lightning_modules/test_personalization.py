@@ -93,7 +93,7 @@ def test_stage_one_freezes_the_encoder(outputs: Path) -> None:
     assert all(id(p) in trainable for p in reference.projection.parameters())
     stage3 = compose_config(["experiment=pt2v_stage3"], outputs / "job3")
     assert stage3.model.conditioners.reference.train_encoder and stage3.data.reference == "cross"
-    assert stage3.model.init_from.endswith("pt2v_stage2") and stage1.init_from.endswith("quickstart")
+    assert stage3.model.init_from.endswith("pt2v_stage2") and stage1.init_from.endswith("t2v_tiny")
 
 
 def reference_clips(count: int, seed: int = 0) -> list[dict]:
