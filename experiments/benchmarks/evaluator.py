@@ -55,7 +55,7 @@ MEASURES = ("consistency_iou", "coherence_iou", "area_cv", "direction_cosine", "
             "background_flicker", "background_speckle")
 
 
-def quickstart() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def t2v_tiny_options() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(world options, datamodule options, probe options) of `experiment=t2v_tiny`, as run.py composes them."""
     from experiments.compose import compose_config
 
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    world_options, data, probe_options = quickstart()
+    world_options, data, probe_options = t2v_tiny_options()
     start = time.perf_counter()
     world = ensure_world(args.data_dir, world_options, progress=False)
     extra = None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from datamodules.synthetic import WorldConfig
+from datamodules.synthetic.generate import make_scene
 from experiments.compose import EXPERIMENTS, compose_config
 from experiments.runner import run, threads_per_process
 
@@ -98,3 +102,24 @@ def test_threads_are_split_between_the_processes_of_one_machine(outputs: Path) -
     assert threads("strategy=fsdp", "trainer.devices=2", cores=4) == 2
     assert threads("trainer.devices=3", cores=2) == 1
     assert threads("trainer=gpu", "trainer.devices=2", cores=2) == 2
+
+
+def test_the_quickstart_world_leaves_only_heading_and_phase_to_chance(outputs: Path) -> None:
+    """conf/data/world/centred.yaml as the quickstart composes it: every object solid, upright, of radius 0.3 of
+    the canvas, starting at the middle, every bounce at 0.7 canvases a second (t2v_tiny's world draws them)."""
+    def objects(experiment: str) -> list:
+        world = OmegaConf.to_container(compose_config([f"experiment={experiment}"], outputs / experiment).data.world)
+        return [make_scene(WorldConfig(**world), "train", i)[0].scene for i in range(24)]
+
+    headings = set()
+    for scene in objects("quickstart"):
+        (obj,) = scene.objects
+        side = min(scene.height, scene.width)
+        assert (obj.texture, obj.angle, obj.spin, obj.radius) == ("solid", 0.0, 0.0, 0.3 * side)
+        if obj.motion == "bounce":
+            assert math.hypot(*obj.velocity) == pytest.approx(0.7 * side)
+            headings.add(round(math.atan2(obj.velocity[1], obj.velocity[0]), 3))
+        if obj.motion in ("bounce", "still"):
+            assert obj.position == pytest.approx((scene.width / 2, scene.height / 2))
+    assert len(headings) > 3
+    assert len({scene.objects[0].radius for scene in objects("t2v_tiny")}) > 3
