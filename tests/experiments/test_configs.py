@@ -31,7 +31,7 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # from the command line in test_tae_training.py (fast_dev_run, and a killed run resumed with -m slow); the
 # upsampler trains and samples in fused windows in test_generation.py. The editing stages (~35 CPU s each) train
 # a step of each pair kind in tests/lightning_modules/test_editing.py.
-HEAVY = {"t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "avid_motion",
+HEAVY = {"quickstart_long", "t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "avid_motion",
          "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3", "edit_supervised",
          "edit_upright_stage2", "edit_upright_stage3", "edit_upright_supervised",  # stage1's step: their DiT
          "audio_ae", "audio_v2a"}  # audio: test_audio.py samples, windows and muxes by default
@@ -53,7 +53,7 @@ CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", 
 
 # The quickstart on a world of 16 + 8 scenes (its one step builds the world).
 CPU_CLIP["quickstart"] = ["data.world.scenes=[16,8]", "data.world.images=[16,8]"]
-CPU_CLIP["t2v_tiny"] = CPU_CLIP["t2v_upright"] = CPU_CLIP["quickstart"]  # their worlds shrunk the same way
+CPU_CLIP["t2v_tiny"] = CPU_CLIP["t2v_upright"] = CPU_CLIP["quickstart_long"] = CPU_CLIP["quickstart"]  # their worlds shrunk the same way
 
 # Editing's world, shrunk: 16 training and 8 held-out edit pairs.
 CPU_CLIP |= {e: ["data.world.edits=[16,8]", "model.sampler.steps=5", "model.backtranslation_steps=2"]
