@@ -26,11 +26,12 @@ def test_experiment_composes(experiment: str, outputs: Path) -> None:
 # Paper-size experiments (names ending in _moviegen) take minutes and many GB for one CPU step: `-m slow`. So do,
 # for CI's 20 minutes, the latent-cache experiment (it encodes a cache first) and the teachers that only change
 # stage 2's recipe (their configs still compose in the default suite).
-# The quickstart's one step also trains its probe (its end-to-end test in test_generation.py runs the reduced
-# quickstart); AVID's stage 1 is stage 2's model without the guidance (test_avid.py builds both). tae_tiny runs
-# from the command line in test_tae_training.py (fast_dev_run, and a killed run resumed with -m slow); the
-# upsampler trains and samples in fused windows in test_generation.py. The editing stages (~35 CPU s each) train
-# a step of each pair kind in tests/lightning_modules/test_editing.py.
+# quickstart_long is the quickstart with more steps (its one step is the quickstart's). The quickstart's one step
+# also trains its probe (its end-to-end test in test_generation.py runs the reduced quickstart); AVID's stage 1 is
+# stage 2's model without the guidance (test_avid.py builds both). tae_tiny runs from the command line in
+# test_tae_training.py (fast_dev_run, and a killed run resumed with -m slow); the upsampler trains and samples in
+# fused windows in test_generation.py. The editing stages (~35 CPU s each) train a step of each pair kind in
+# tests/lightning_modules/test_editing.py.
 HEAVY = {"quickstart_long", "t2v_latents_tiny", "sticker_teacher_first", "sticker_teacher_moving", "avid_motion",
          "tae_tiny", "upsampler_tiny", "edit_stage1", "edit_stage2", "edit_stage3", "edit_supervised",
          "edit_upright_stage2", "edit_upright_stage3", "edit_upright_supervised",  # stage1's step: their DiT
