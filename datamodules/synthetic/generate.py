@@ -126,10 +126,9 @@ class WorldConfig:
         return identity + self.identities if split == "val" and self.held_out_identities else identity
 
 
+# field -> default: fields added after worlds were cached, left out of to_dict() at their default
 LATER_FIELDS = {"held_out_identities": 0, "identity_radius_range": [0.18, 0.25], "added_radius_range": [0.1, 0.2],
-                "textures": list(TEXTURES), "upright": False, "start_spread": 1.0,
-                "speed_range": [0.4, 1.0]}  # field -> default, left out of
-# to_dict() at its default
+                "textures": list(TEXTURES), "upright": False, "start_spread": 1.0, "speed_range": [0.4, 1.0]}
 
 
 def rng_for(seed: int, kind: str, split: str, index: int) -> np.random.Generator:

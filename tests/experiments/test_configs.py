@@ -52,9 +52,9 @@ CPU_CLIP["audio_v2a"] = ["model.codec.checkpoint=null", "model.sampler.steps=2",
 CPU_CLIP |= {e: ["data.world.identities=4", "data.world.held_out_identities=2", "data.world.clips_per_identity=[3,2]",
                  "model.sampler.steps=5"] for e in EXPERIMENTS if e.startswith("pt2v_")}
 
-# The quickstart on a world of 16 + 8 scenes (its one step builds the world).
+# The quickstart on a world of 16 + 8 scenes (its one step builds the world), and the experiments beside it.
 CPU_CLIP["quickstart"] = ["data.world.scenes=[16,8]", "data.world.images=[16,8]"]
-CPU_CLIP["t2v_tiny"] = CPU_CLIP["t2v_upright"] = CPU_CLIP["quickstart_long"] = CPU_CLIP["quickstart"]  # their worlds shrunk the same way
+CPU_CLIP |= {e: CPU_CLIP["quickstart"] for e in ("quickstart_long", "t2v_tiny", "t2v_upright")}
 
 # Editing's world, shrunk: 16 training and 8 held-out edit pairs.
 CPU_CLIP |= {e: ["data.world.edits=[16,8]", "model.sampler.steps=5", "model.backtranslation_steps=2"]
