@@ -232,6 +232,12 @@ def clip_times(num_frames: int, fps: float, start: float = 0.0) -> np.ndarray:
     return start + np.arange(num_frames, dtype=np.float64) / fps
 
 
+def rgb_frame(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as uint8 RGB [H, W, 3], converted on this thread: `to_ndarray(format="rgb24")` starts
+    scaler threads for every frame, which took half the time of decoding a small clip. The same pixels."""
+    return frame.reformat(format="rgb24", threads=1).to_ndarray()
+
+
 def decode_video(
     source: Source,
     num_frames: int | None = None,
@@ -275,14 +281,14 @@ def decode_video(
                 time = (frame.time if frame.time is not None else 0.0) - t0
                 index = int(round(time * native)) if native else len(indices)
                 if targets is None:
-                    chosen.append(frame.to_ndarray(format="rgb24"))
+                    chosen.append(rgb_frame(frame))
                     indices.append(index)
                     continue
                 current = [frame, index, None]
                 while len(chosen) < num_frames and time > targets[len(chosen)] + half:
                     pick = previous or current
                     if pick[2] is None:
-                        pick[2] = pick[0].to_ndarray(format="rgb24")
+                        pick[2] = rgb_frame(pick[0])
                     chosen.append(pick[2])
                     indices.append(pick[1])
                 if len(chosen) >= num_frames:
@@ -292,7 +298,7 @@ def decode_video(
             raise MediaDecodeError(UNDECODABLE, f"decode: {exc}") from exc
         if targets is not None and previous is not None:
             if previous[2] is None:
-                previous[2] = previous[0].to_ndarray(format="rgb24")
+                previous[2] = rgb_frame(previous[0])
             while len(chosen) < num_frames:
                 chosen.append(previous[2])
                 indices.append(previous[1])
@@ -505,8 +511,9 @@ def encode_frames(
             audio_stream = container.add_stream(audio_codec, rate=48000 if format == "webm" else sample_rate)
             audio_stream.layout = layout
         for index, pixels in enumerate(frames):
-            # converting to yuv420p here (not inside encode) and explicit timestamps make the output deterministic
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p")
+            # converting to yuv420p here (not inside encode) and explicit timestamps make the output deterministic;
+            # on this thread (threads=1): a scaler's own threads cost more than the conversion of a small frame
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p", threads=1)
             frame.pts = index
             frame.time_base = time_base
             for packet in stream.encode(frame):

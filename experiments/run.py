@@ -39,6 +39,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
     if not OmegaConf.has_resolver("run_folder"):
         OmegaConf.register_new_resolver("run_folder", run_folder_name, use_cache=True)
+    if not OmegaConf.has_resolver("cpu_precision"):
+        OmegaConf.register_new_resolver("cpu_precision", cpu_precision, use_cache=True)
+
+
+def cpu_precision() -> str:
+    """`${cpu_precision:}`, a CPU run's `trainer.precision`: "bf16-mixed" where the CPU's bfloat16 matmuls are fast
+    (AMX or AVX512-BF16: `lightning_modules.optimizers.fast_bfloat16`), else "32-true" (elsewhere bfloat16 is
+    emulated and ~30x slower)."""
+    import torch
+
+    from lightning_modules.optimizers import fast_bfloat16
+
+    return "bf16-mixed" if fast_bfloat16(torch.device("cpu")) else "32-true"
 
 
 def run_folder_name() -> str:

@@ -380,8 +380,9 @@ class GenerationModule(BaseModule):
         return self.encode(batch["video"])
 
     def from_latent(self, x1: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1] from a normalised latent."""
-        return self.codec.decode(x1 * self.latent_std + self.latent_mean, num_frames).clamp(-1.0, 1.0)
+        """Pixels in [-1, 1] from a normalised latent, decoded in float32 (also under mixed precision)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.codec.decode(x1.float() * self.latent_std + self.latent_mean, num_frames).clamp(-1.0, 1.0)
 
     @staticmethod
     def pixel_shape(batch: dict[str, Any]) -> tuple[int, int, int]:
@@ -571,6 +572,11 @@ class GenerationModule(BaseModule):
                   **kwargs: Any) -> None:
         """Sample the batch, update `evaluators`; at validation also compute and log them at once."""
         sample, part = self._sample_batch(batch, limit, **kwargs)
+        with torch.autocast(self.device.type, enabled=False):  # the judges score in float32 whatever trains
+            self._update_evaluators(sample.float(), part, evaluators, stage)
+
+    def _update_evaluators(self, sample: torch.Tensor, part: dict[str, Any], evaluators: list[Evaluator],
+                           stage: str) -> None:
         if "video" not in part and "latent" in part:
             # a latent cache holds no pixels: the evaluators' real clips are its latents decoded (the codec's ceiling)
             part = {**part, "video": self.from_latent(self.to_latent(part), self.pixel_shape(part)[0])}

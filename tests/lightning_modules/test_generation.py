@@ -350,6 +350,26 @@ def test_quickstart_end_to_end_then_sample_and_evaluate(outputs: Path, tmp_path:
     assert "samples/prompts.txt" in {a.path for a in client.list_artifacts(same_run.info.run_id, "samples")}
 
 
+def test_quickstart_in_bf16_mixed_precision_scores_in_float32(outputs: Path, tmp_path: Path) -> None:
+    """`trainer.precision=bf16-mixed` on the CPU (the quickstart's choice where bfloat16 is fast): it trains, samples
+    and is judged, and the judges score in float32: the real clips' scores, which do not depend on the generator,
+    equal those of a float32 run of the same world to float32's precision."""
+    data_dir = tmp_path / "data"
+    overrides = [*QUICK, f"data.data_dir={data_dir}", f"model.evaluators.probe.cache_dir={tmp_path / 'probes'}"]
+    client = MlflowClient(sqlite_uri(outputs))
+    metrics = {}
+    for precision in ("32-true", "bf16-mixed"):
+        run(compose_config([*overrides, f"trainer.precision={precision}", f"run_name={precision}"], outputs / precision))
+        (found,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
+                                      f"attributes.run_name = '{precision}'")
+        metrics[precision] = found.data.metrics
+    assert math.isfinite(metrics["bf16-mixed"]["train/loss"]) and "test/fd" in metrics["bf16-mixed"]
+    real = [k for k in metrics["32-true"] if k.startswith("test/") and "_real" in k]
+    assert len(real) > 10, real
+    for name in real:
+        assert metrics["bf16-mixed"][name] == pytest.approx(metrics["32-true"][name], rel=1e-5, abs=1e-6), name
+
+
 STAGE = ["trainer.max_steps=2", "data.epoch_batches=2", "data.batch_size=2", "data.num_workers=0",
          "trainer.limit_val_batches=0", "test_after_fit=false", "trainer.enable_progress_bar=false",
          "data.world.scenes=[8,4]", "data.world.images=[8,4]"]
