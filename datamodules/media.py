@@ -149,6 +149,13 @@ def probe_video(source: Source, decode_first_frame: bool = False) -> VideoInfo:
     return VideoInfo(width, height, fps, frames, duration, audio_rate, audio_channels)
 
 
+def rgb_frame(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """A decoded frame as uint8 RGB [H, W, 3] (scaled to width x height if given), converted on this thread:
+    `to_ndarray(format="rgb24")` starts scaler threads for every frame, which took half the time of decoding a
+    small clip. The same pixels."""
+    return frame.reformat(width=width, height=height, format="rgb24", threads=1).to_ndarray()
+
+
 def scan_video(source: Source, thumbnail: int = 64) -> tuple[int, float]:
     """Decode every frame of the first video stream: (frames decoded, motion score). The motion score is
     `synthetic.world.motion_score` of the frames shrunk to thumbnail x thumbnail, mean |x_t − x_{t−1}| / 255,
@@ -163,7 +170,7 @@ def scan_video(source: Source, thumbnail: int = 64) -> tuple[int, float]:
         stated = int(stream.frames) if stream.frames else None
         try:
             for frame in container.decode(stream):
-                small = frame.to_ndarray(format="rgb24", width=thumbnail, height=thumbnail).astype(np.int16)
+                small = rgb_frame(frame, thumbnail, thumbnail).astype(np.int16)
                 if previous is not None:
                     total += float(np.abs(small - previous).mean()) / 255.0
                 previous, count = small, count + 1
@@ -230,12 +237,6 @@ class DecodedVideo:
 def clip_times(num_frames: int, fps: float, start: float = 0.0) -> np.ndarray:
     """Sample times t_k = start + k / fps, k = 0..num_frames-1 (seconds)."""
     return start + np.arange(num_frames, dtype=np.float64) / fps
-
-
-def rgb_frame(frame: av.VideoFrame) -> np.ndarray:
-    """A decoded frame as uint8 RGB [H, W, 3], converted on this thread: `to_ndarray(format="rgb24")` starts
-    scaler threads for every frame, which took half the time of decoding a small clip. The same pixels."""
-    return frame.reformat(format="rgb24", threads=1).to_ndarray()
 
 
 def decode_video(

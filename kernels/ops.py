@@ -52,13 +52,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
               scale: float | None = None, backend: Backend = "auto") -> torch.Tensor:
     """softmax(scale·Q·Kᵀ)·V over batched heads (non-causal), SDPA layout.
 
-    backend "auto" runs PyTorch SDPA (cuDNN / flash attention on GPU); "triton" our kernel (see the module
-    docstring).
+    backend "auto" runs PyTorch SDPA (cuDNN / flash attention on GPU), or under CPU autocast
+    `reference.cpu_autocast_attention` (where q, k, v may differ in dtype, as autocast leaves them); "triton" our
+    kernel (see the module docstring).
 
     q: [B, H, Lq, D]; k, v: [B, H, Lk, D] (Lq ≠ Lk for cross-attention); key_padding_mask: bool [B, Lk],
     True = attend (text padding). scale defaults to 1/sqrt(D). Queries with no allowed key output 0.
     """
-    _check_same("attention", {"q": q, "k": k, "v": v})
+    cpu_autocast = backend == "auto" and q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if not cpu_autocast:
+        _check_same("attention", {"q": q, "k": k, "v": v})
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: expected q [B, H, Lq, D] and k, v [B, H, Lk, D], got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -67,6 +70,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
         raise ValueError(f"attention: key_padding_mask must be bool [B, Lk] = {[k.shape[0], k.shape[2]]}, got "
                          f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
     tau = _scale(scale, q.shape[-1])
+    if cpu_autocast:
+        return reference.cpu_autocast_attention(q, k, v, key_padding_mask, tau)
     if use_triton("attention", backend, q, k, v, unsupported=_attention_unsupported(q)):
         return flash_attn_fwd(q, k, v, key_padding_mask, None, None, 0, 0, tau)[0]
     return reference.sdpa_attention(q, k, v, key_padding_mask, tau)

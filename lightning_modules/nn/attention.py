@@ -60,28 +60,10 @@ class FrameGuidance:
         return k[:, :, rows], v[:, :, rows]
 
 
-def cpu_autocast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                           scale: float | None) -> torch.Tensor:
-    """softmax(scale·QKᵀ)·V under CPU autocast: both products in bfloat16, the softmax in float32. The CPU's fused
-    SDPA is ~3x slower in bfloat16 than in float32 on a DiT's short sequences (backward above all), and ~2x
-    slower in float32 than this. key_padding_mask [B, Lk], True = attend; a row with no key gives 0."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    if key_padding_mask is not None:
-        keep = rearrange(key_padding_mask, "b k -> b 1 1 k")
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)  # not -inf: a keyless row stays finite
-        weights = torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)
-    else:
-        weights = torch.softmax(scores, dim=-1)
-    return weights.to(v.dtype) @ v
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
            guidance: FrameGuidance | None = None, scale: float | None = None,
            backend: Backend = "auto") -> torch.Tensor:
     """softmax(scale·QKᵀ)·V for q [B, H, Lq, D], k, v [B, H, Lk, D] → [B, H, Lq, D], optionally frame-guided."""
-    if guidance is None and backend == "auto" and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return cpu_autocast_attention(q, k, v, key_padding_mask, scale)
     if guidance is None:
         return kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale, backend=backend)
     if key_padding_mask is not None:

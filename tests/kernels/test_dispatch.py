@@ -48,6 +48,29 @@ def test_fallback_rms_norm():
                             reference.reference_rms_norm, inputs, torch.float32)
 
 
+def test_cpu_autocast_attention_matches_the_reference():
+    """Under CPU autocast the "auto" backend takes `reference.cpu_autocast_attention` (bfloat16 products, float32
+    softmax), with q, k, v in the dtypes autocast leaves (here q float32 as after rotary angles, k, v bfloat16): the
+    float64 reference's values to bfloat16's precision, keyless rows 0, finite gradients, masked keys unread."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 10, 16, requires_grad=True)
+    k, v = (torch.randn(2, 3, 12, 16).bfloat16().requires_grad_() for _ in range(2))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 7:] = False
+    mask[1] = False  # no key at all
+    expected = reference.reference_attention(q.double(), k.double(), v.double(), mask).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.attention(q, k, v, key_padding_mask=mask)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.03), (out.float() - expected).abs().max()
+    assert out[1].abs().max() == 0
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert v.grad[0, :, 7:].abs().max() == 0 and v.grad[0, :, :7].abs().max() > 0
+    with pytest.raises(ValueError, match="share dtype"):  # outside autocast mixed dtypes are still an error
+        kernels.attention(q, k, v)
+
+
 def test_auto_backend_picks_triton_only_on_cuda():
     cpu = torch.zeros(1)
     assert not use_triton("varlen_attention", "auto", cpu)

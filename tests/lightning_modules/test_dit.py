@@ -10,7 +10,7 @@ import torch
 
 from experiments import plan
 from experiments.compose import compose_config
-from lightning_modules.nn.attention import Attention, attend, rotary_angles, rotate
+from lightning_modules.nn.attention import Attention, rotary_angles, rotate
 from lightning_modules.nn.codecs import PixelCodec
 from lightning_modules.nn.dit import DiT, count_parameters, grow_position_tables
 from lightning_modules.nn.text import (
@@ -158,28 +158,6 @@ def test_rope_dit_is_unchanged_without_it_and_turns_self_attention_with_it() -> 
     assert not torch.allclose(rope(x, t, ctx), plain(x, t, ctx), atol=1e-4)
     rope.rope_theta = None
     torch.testing.assert_close(rope(x, t, ctx), plain(x, t, ctx))
-
-
-def test_attention_under_cpu_autocast_matches_float32() -> None:
-    """Under CPU autocast `attend` takes its bfloat16-products path (`cpu_autocast_attention`): the same attention as
-    float32 SDPA to bfloat16's precision, keyless rows 0 and finite gradients, the mask respected (a masked key's
-    value does not reach the output)."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 16, requires_grad=True) for _ in range(3))
-    mask = torch.ones(2, 10, dtype=torch.bool)
-    mask[0, 6:] = False
-    mask[1] = False  # no key at all
-    reference = attend(q, k, v, key_padding_mask=mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attend(q, k, v, key_padding_mask=mask)
-        unmasked = attend(q, k, v)
-    assert out.dtype == torch.bfloat16
-    assert torch.allclose(out.float(), reference, atol=0.03), (out.float() - reference).abs().max()
-    assert torch.allclose(unmasked.float(), attend(q, k, v), atol=0.03)
-    assert out[1].abs().max() == 0
-    out.float().sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    assert v.grad[0, :, 6:].abs().max() == 0 and v.grad[0, :, :6].abs().max() > 0
 
 
 def test_clear_errors_for_bad_shapes() -> None:
