@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from datamodules.audio import AudioDataModule
 from datamodules.image import ImageDataModule
 from datamodules.video import AudioVideoDataModule, VideoDataModule
 from tests.datamodules.helpers import good_shards
+from tests.helpers import spawn_gloo
 
 
 def _first(dm):
@@ -160,34 +159,23 @@ def test_lightning_resume_continues_the_data_stream(tmp_path):
     assert any(row.get("data/seen") for row in rows)  # skip counters reach the logger
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, shards: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dm = VideoDataModule(shards=shards, frames=[8], sizes=[[32, 32]], batch_size=2, num_workers=2, seed=7)
-        dm.setup("fit")
-        loader = dm.train_dataloader()
-        keys = [b["key"] for b in loader]
-        state = loader.state_dict()
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, {"keys": keys, "len": len(loader), "state": state})
-        if rank == 0:
-            with open(out, "w") as handle:
-                json.dump(gathered, handle)
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank(rank: int, world: int, shards: list[str], out: str) -> None:
+    dm = VideoDataModule(shards=shards, frames=[8], sizes=[[32, 32]], batch_size=2, num_workers=2, seed=7)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    keys = [b["key"] for b in loader]
+    state = loader.state_dict()
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, {"keys": keys, "len": len(loader), "state": state})
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(gathered, handle)
 
 
 def test_two_ranks_with_two_workers_get_equal_batches_and_disjoint_samples(tmp_path):
     shards = good_shards(tmp_path / "shards", 5, 4)  # 5 shards for 4 slots: uneven on purpose
     out = tmp_path / "result.json"
-    mp.start_processes(_rank, args=(2, _free_port(), shards, str(out)), nprocs=2, join=True, start_method="spawn")
+    spawn_gloo(_rank, 2, 2, shards, str(out))
     result = json.loads(out.read_text())
     counts = [len(r["keys"]) for r in result]
     # 4 slots, 5 shards of 4: the worst-placed worker has 1 shard = 2 batches -> 2 workers x 2 per rank

@@ -6,32 +6,23 @@ on each rank, never allocates the whole model while building, is initialised lik
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_modules.nn.dit import DiT
 from lightning_modules.parallel import ParallelConfig, apply_parallelism, local_parameter_bytes, materialise
+from tests.helpers import spawn_gloo
 
 # ~12.7M parameters, 51 MB in fp32: large against the noise of a process's resident memory (a few MB).
 DIT = dict(in_channels=4, dim=384, depth=4, heads=4, ffn_dim=1536, max_t=2, max_h=4, max_w=4, qk_norm=True,
            fps_embedding=True, cond_channels=2)
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Holder(nn.Module):
@@ -69,10 +60,7 @@ def _build_sharded(mesh, config: dict) -> tuple[Holder, object]:
     return root, materialise(root, "cpu", mesh)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)  # as seed_everything: the same seed on every rank
     # The first build imports and sets up ~30 MB of code and caches (DTensor ops, FSDP): do it on a tiny model
@@ -125,13 +113,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "stats": stats,
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("meta_init")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, str(out))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

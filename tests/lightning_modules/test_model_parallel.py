@@ -4,13 +4,11 @@ batch, to fp32 tolerance; with FSDP over the data-parallel ranks as well."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from lightning_modules.model_parallel import (
@@ -21,7 +19,7 @@ from lightning_modules.model_parallel import (
 )
 from lightning_modules.nn.dit import DiT
 from lightning_modules.parallel import ParallelConfig, apply_parallelism
-from tests.helpers import free_port
+from tests.helpers import spawn_gloo
 
 # 4 heads, SwiGLU 64: splits over tp = 2; 2x4x4 patches = 32 tokens: splits over cp·tp = 4.
 DIT = dict(in_channels=3, dim=32, depth=2, heads=4, ffn_dim=64, patch=(1, 2, 2), max_t=2, max_h=4, max_w=4,
@@ -54,35 +52,29 @@ def loss_of(net: DiT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (out - batch["target"]).pow(2).mean()
 
 
-def _worker(rank: int, world: int, port: int, tp: int, cp: int, rope: bool, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        parallel = ModelParallel.build("cpu", world, tp=tp, cp=cp)
-        dp = world // (tp * cp)
-        net = build(rope)
-        apply_model_parallel(net, parallel)
-        if dp > 1:
-            apply_parallelism(net, list(net.blocks), parallel.dp_mesh, ParallelConfig())
-        dp_index = parallel.mesh["dp"].get_local_rank()
-        whole = global_batch(dp)
-        mine = {k: v[dp_index * BATCH:(dp_index + 1) * BATCH] for k, v in whole.items()}
-        # a (cp, tp) group trains on its first rank's batch: the others get a wrong one, and must not use it
-        if parallel.sequence is not None and dist.get_rank(parallel.sequence) > 0:
-            mine = {k: torch.zeros_like(v) for k, v in mine.items()}
-        mine = broadcast_batch(mine, parallel)
-        loss = loss_of(net, mine)
-        loss.backward()
-        sync_gradients(parallel)
-        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-                 for n, p in net.named_parameters()}
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        if rank == 0:
-            torch.save({"loss": total / world, "grads": grads}, Path(out) / "result.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, tp: int, cp: int, rope: bool, out: str) -> None:
+    parallel = ModelParallel.build("cpu", world, tp=tp, cp=cp)
+    dp = world // (tp * cp)
+    net = build(rope)
+    apply_model_parallel(net, parallel)
+    if dp > 1:
+        apply_parallelism(net, list(net.blocks), parallel.dp_mesh, ParallelConfig())
+    dp_index = parallel.mesh["dp"].get_local_rank()
+    whole = global_batch(dp)
+    mine = {k: v[dp_index * BATCH:(dp_index + 1) * BATCH] for k, v in whole.items()}
+    # a (cp, tp) group trains on its first rank's batch: the others get a wrong one, and must not use it
+    if parallel.sequence is not None and dist.get_rank(parallel.sequence) > 0:
+        mine = {k: torch.zeros_like(v) for k, v in mine.items()}
+    mine = broadcast_batch(mine, parallel)
+    loss = loss_of(net, mine)
+    loss.backward()
+    sync_gradients(parallel)
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+             for n, p in net.named_parameters()}
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    if rank == 0:
+        torch.save({"loss": total / world, "grads": grads}, Path(out) / "result.pt")
 
 
 @pytest.mark.parametrize(("world", "tp", "cp", "rope"), [
@@ -95,7 +87,7 @@ def _worker(rank: int, world: int, port: int, tp: int, cp: int, rope: bool, out:
 ])
 def test_parallel_loss_and_gradients_equal_one_process(tmp_path: Path, world: int, tp: int, cp: int,
                                                        rope: bool) -> None:
-    mp.spawn(_worker, args=(world, free_port(), tp, cp, rope, str(tmp_path)), nprocs=world, join=True)
+    spawn_gloo(_worker, world, world, tp, cp, rope, str(tmp_path))
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     dp = world // (tp * cp)
     net = build(rope)

@@ -7,13 +7,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -21,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from lightning_modules.base import BaseModule
 from lightning_modules.optimizers import Muon, MuonAdamW, newton_schulz, ns_dtype_for
 from lightning_modules.schedules import OneCycle
-from tests.helpers import free_port
+from tests.helpers import spawn_gloo
 
 
 class Net(nn.Module):
@@ -225,32 +222,26 @@ def test_step_runs_the_closure_with_gradients_on() -> None:
     assert not torch.equal(before, net.hidden.weight)
 
 
-def sharded_steps(rank: int, port: int, out: str) -> None:
+def sharded_steps(rank: int, out: str) -> None:
     """Three MuonAdamW steps of a `fully_shard`ed Net, both ranks on the same batches; rank 0 saves the whole
     parameters."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        net = Net()
-        fully_shard(net)
-        assert isinstance(net.out.weight, DTensor) and net.out.weight.to_local().shape[0] in (1, 2)  # 3 rows on 2
-        opt = MuonAdamW(net.parameters(), module=net, lr=1e-2, weight_decay=0.01, muon_lr_ratio=2.0)
-        for step in range(3):
-            backward(net, step)
-            opt.step()
-        whole = {n: p.full_tensor() for n, p in net.named_parameters()}
-        if rank == 0:
-            torch.save(whole, Path(out) / "sharded.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    net = Net()
+    fully_shard(net)
+    assert isinstance(net.out.weight, DTensor) and net.out.weight.to_local().shape[0] in (1, 2)  # 3 rows on 2
+    opt = MuonAdamW(net.parameters(), module=net, lr=1e-2, weight_decay=0.01, muon_lr_ratio=2.0)
+    for step in range(3):
+        backward(net, step)
+        opt.step()
+    whole = {n: p.full_tensor() for n, p in net.named_parameters()}
+    if rank == 0:
+        torch.save(whole, Path(out) / "sharded.pt")
 
 
 def test_fsdp_sharded_parameters_step_as_one_process(tmp_path: Path) -> None:
     """FSDP2 on 2 gloo processes: Newton-Schulz runs on each gathered matrix and each rank keeps its shard, so the
     parameters after three steps equal one unsharded process's."""
-    mp.spawn(sharded_steps, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(sharded_steps, 2, str(tmp_path))
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
     torch.manual_seed(0)
     net = Net()

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from opacus.grad_sample import GradSampleHooks
 from torch import nn
 
 from lightning_modules.privacy.optimizers import DPSGDGlobalAdaptOptimizer
+from tests.helpers import spawn_gloo
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 SIGMA, N_EXPECTED = 1.5, 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, out_dir: str) -> None:
     torch.manual_seed(100 + rank)  # different local noise streams: only rank 0's may reach the update
     model = nn.Linear(100, 200, bias=False)
     nn.init.zeros_(model.weight)
@@ -42,11 +31,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     hooks.cleanup()
     torch.save({"grad": model.weight.grad.clone(), "weight": model.weight.detach().clone(), "z": opt.z},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_two_ranks_add_the_noise_once_and_agree(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["weight"], r1["weight"]) and r0["z"] == r1["z"]
     # the global noisy sum / n: std sigma * C0 / n (noise drawn on two ranks would give sqrt(2) times that)
