@@ -42,10 +42,23 @@ def test_fallback_guided(mode, anchor_frame):
                             lambda *t: reference.reference_guided_attention(*t, **kw), inputs, torch.float32)
 
 
-def test_fallback_rms_norm():
-    inputs = [randn(2, 7, 48, seed=1), 1 + 0.1 * randn(48, seed=2), randn(2, 1, 48, seed=3), randn(2, 1, 48, seed=4)]
-    check_against_reference(lambda x, w, s, t: kernels.rms_norm(x, w, scale=s, shift=t, backend="torch"),
-                            reference.reference_rms_norm, inputs, torch.float32)
+@pytest.mark.parametrize("present", [(w, s, t) for w in (0, 1) for s in (0, 1) for t in (0, 1)],
+                         ids=lambda p: "".join(n for n, on in zip(("w", "s", "t"), p) if on) or "none")
+def test_fallback_rms_norm(present):
+    """Every combination of weight, scale and shift (the adaLN path folds the weight into the scale)."""
+    optional = [1 + 0.1 * randn(48, seed=2), randn(2, 1, 48, seed=3), randn(2, 1, 48, seed=4)]
+    chosen = [t for t, on in zip(optional, present) if on]
+
+    def with_absent(fn):
+        def call(x, *given):
+            it = iter(given)
+            w, s, t = (next(it) if on else None for on in present)
+            return fn(x, w, s, t)
+        return call
+
+    check_against_reference(with_absent(lambda x, w, s, t: kernels.rms_norm(x, w, scale=s, shift=t, backend="torch")),
+                            with_absent(reference.reference_rms_norm), [randn(2, 7, 48, seed=1), *chosen],
+                            torch.float32)
 
 
 def test_cpu_autocast_attention_matches_the_reference():

@@ -132,10 +132,15 @@ def test_rotary_positions_turn_queries_and_keys_by_their_offset() -> None:
             axis, pos, m, j = ((0, t, 4, i) if i < 4 else (1, h, 2, i - 4) if i < 6 else (2, w, 2, i - 6))
             expected[n, i] = pos * theta ** (-j / m)
     torch.testing.assert_close(angles, expected)
-    # the rotation, as complex numbers: (x_2i + i·x_2i+1)·e^(iθ)
+    # the rotation written out pair by pair: (a cos θ − b sin θ, a sin θ + b cos θ) for (a, b) = (x_2i, x_2i+1)
     x = torch.randn(2, 3, 24, head_dim)
-    as_complex = torch.view_as_complex(x.reshape(2, 3, 24, 8, 2)) * torch.polar(torch.ones_like(angles), angles)
-    torch.testing.assert_close(rotate(x, angles), torch.view_as_real(as_complex).reshape(x.shape))
+    a, b = x[..., 0::2], x[..., 1::2]
+    expected = torch.empty_like(x)
+    expected[..., 0::2] = a * angles.cos() - b * angles.sin()
+    expected[..., 1::2] = a * angles.sin() + b * angles.cos()
+    torch.testing.assert_close(rotate(x, angles), expected)
+    torch.testing.assert_close(rotate(x.bfloat16(), angles), expected.bfloat16(), atol=0.02, rtol=0.02)
+    assert rotate(x.bfloat16(), angles).dtype == torch.bfloat16
     # q·k depends on the tokens' offset only: the same vectors at (0, 0, 1)→(1, 2, 3) and (0, 0, 0)→(1, 2, 2)
     q, k = torch.randn(head_dim), torch.randn(head_dim)
     qs, ks = (rotate(v.expand(1, 1, 24, head_dim), angles)[0, 0] for v in (q, k))
