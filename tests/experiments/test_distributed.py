@@ -3,6 +3,7 @@ under torchrun, and a DDP multirun that must not start the sweep again in its ch
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,30 @@ def test_meta_init_with_tensor_parallel_on_cpu_says_what_to_set(outputs: Path, t
                      "strategy.tensor_parallel_size=2", check=False, timeout=600)
     assert result.returncode != 0
     assert "strategy.parallel.meta_init=false" in result.stdout + result.stderr
+
+
+
+
+def printed_metrics(stdout: str) -> dict[str, float]:
+    """The test metrics table the run prints (Lightning's), as {name: value}."""
+    rows = re.findall(r"│\s*(\S+/\S+)\s*│\s*(\S+)\s*│", stdout)
+    return {name: float(value) for name, value in rows}
+
+
+def test_evaluation_under_ddp_scores_as_one_process(outputs: Path, tmp_path: Path) -> None:
+    """`task=evaluate` on 2 gloo processes prints what one process prints. Each rank samples every held-out prompt
+    (a held-out shard is not split) with the same seeds, and rank 0's scores are logged: its Fréchet distances must
+    be over its own sets, not synced with the other rank's by torchmetrics (which made the DDP quickstart's floor
+    6.5 against 33)."""
+    from tests.experiments.test_sharded_sample import SMALL
+
+    small = [*SMALL, f"data.data_dir={tmp_path / 'data'}", "model.evaluators.probe.steps=20",
+             f"model.evaluators.probe.cache_dir={tmp_path / 'probes'}"]
+    run_cli(*small)  # 2 steps, no test loop
+    (ckpt,) = (outputs / "quickstart").glob("runs/*/checkpoints/last.ckpt")
+    one, two = (printed_metrics(run_cli(*small, "task=evaluate", f"ckpt_path={ckpt}", *processes,
+                                        env={"OMP_NUM_THREADS": "1"}).stdout)
+                for processes in ([], ["strategy=ddp", "trainer.devices=2"]))
+    assert {"eval/fd", "eval/fd_real_floor", "eval/alignment_real", "eval/area_cv"} <= one.keys()
+    assert one["eval/fd_samples"] == 4  # data.world.scenes=[8,4]: 4 held-out prompts
+    assert two == pytest.approx(one, rel=1e-5)
