@@ -31,7 +31,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FD between feature sets real [N, F] and fake [M, F] (N, M ≥ 2), see the module doc."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"frechet_distance needs 2 or more vectors per set, got {len(real)} and {len(fake)}")
-    # the sets are whole here (the test loop gathers them on rank 0 first): no syncing with other processes
+    # the sets given are the whole sets: no syncing them with other processes' (torchmetrics' default under DDP)
     metric = FrechetInceptionDistance(feature=Features(real.shape[1]), reset_real_features=True,
                                       sync_on_compute=False)
     metric.update(real.double(), real=True)
