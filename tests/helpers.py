@@ -31,7 +31,7 @@ def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., None], args: 
         fn(rank, *args)
     finally:
         # fn's modules and meshes are garbage now: free them, and the group they hold, while the interpreter is
-        # whole. Left to its shutdown, the group's threads aborted a rank ~1 run in 7 ("terminate called without
+        # whole. Left to its shutdown, the group's threads aborted a rank ~1 run in 9 ("terminate called without
         # an active exception") after both had returned.
         gc.collect()
         dist.destroy_process_group()

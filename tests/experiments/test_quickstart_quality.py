@@ -12,7 +12,7 @@ About 5.5 minutes on 2 cores with fast bfloat16 (~8-9 without): `python -m pytes
 tests/experiments/test_quickstart_quality.py -k "not long and not upright"`. The quickstart's area variation is at
 the edge of its target (README, Evaluation), so this test can fail on it: the training run moves it as much as the
 steps do. Its sampling seed 0 gave 1.42x, 1.49x, 1.54x in three training runs of 3500 steps, 1.40x, 1.48x, 1.62x
-in three of 4000 and 1.44x, 1.47x, 1.55x, 1.52x in four of 3800. `experiment=quickstart_long` (the same for 7000 steps,
+in three of 4000 and 1.44x, 1.47x, 1.55x, 1.52x, 1.65x in five of 3800. `experiment=quickstart_long` (the same for 7000 steps,
 ~10 minutes) has the margin: `python -m pytest -m slow tests/experiments/test_quickstart_quality.py -k long`.
 
 `experiment=t2v_upright` (a 2.8M-parameter DiT on 8192 clips of solid upright objects whose start, size and speed
