@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.experiments.test_sharded_sample import SMALL
 from tests.helpers import ROOT, free_port, run_cli, sqlite_uri
 
 # No LR schedule: a cosine schedule restored from a 1-epoch run would hold the LR at 0 in epoch 2.
@@ -136,8 +137,6 @@ def test_evaluation_under_ddp_scores_as_one_process(outputs: Path, tmp_path: Pat
     (a held-out shard is not split) with the same seeds, and rank 0's scores are logged: its Fréchet distances must
     be over its own sets, not synced with the other rank's by torchmetrics (which made the DDP quickstart's floor
     6.5 against 33)."""
-    from tests.experiments.test_sharded_sample import SMALL
-
     small = [*SMALL, f"data.data_dir={tmp_path / 'data'}", "model.evaluators.probe.steps=20",
              f"model.evaluators.probe.cache_dir={tmp_path / 'probes'}"]
     run_cli(*small)  # 2 steps, no test loop
