@@ -334,7 +334,9 @@ class GenerationModule(BaseModule):
     def fit_codec(self) -> None:
         """Fit a codec fitted on data (`nn.codecs.PCACodec`) on `codec.fit_clips` of the datamodule's training
         clips, read by a loader of their own (the training stream is untouched: exact resume holds); one batch
-        under fast_dev_run. Every rank reads the same clips, so every rank fits the same codec."""
+        under fast_dev_run. Every rank reads the same clips, so every rank fits the same codec. A refined decode
+        is fitted for at most the generator's own step budget (`trainer.max_steps`): a smoke test's few steps
+        get a few, the quickstart's 3600 the codec's 2000."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             raise ValueError(f"{type(self.codec).__name__} is fitted on the training clips: train with a datamodule "
@@ -347,7 +349,10 @@ class GenerationModule(BaseModule):
             seen += batch["video"].shape[0]
             if seen >= wanted:
                 break
-        self.codec.fit(videos)
+        steps = self.codec.refine_steps
+        if (self.trainer.max_steps or 0) > 0:  # -1: no step budget
+            steps = min(steps, self.trainer.max_steps)
+        self.codec.fit(videos, refine_steps=steps)
         print(f"[generation] {type(self.codec).__name__} fitted on {seen} training clips")
 
     def load_stage_weights(self, path: str | Path) -> None:

@@ -52,7 +52,7 @@ from lightning_modules.evaluation.world_measures import WorldMeasures  # noqa: E
 
 RESULTS = ROOT / "experiments" / "benchmarks" / "results" / "evaluator.json"
 MEASURES = ("consistency_iou", "coherence_iou", "area_cv", "direction_cosine", "still_speed", "motion_accuracy",
-            "background_flicker", "background_speckle")
+            "background_flicker", "background_speckle", "off_palette")
 
 
 def t2v_tiny_options() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

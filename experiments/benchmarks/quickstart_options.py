@@ -17,6 +17,7 @@ training overrides must be repeated) and reads its eval/* metrics. The row's fig
                                         coherence_iou_real / coherence_iou and area_cv / area_cv_real
                                         (1 = as consistent as real clips; the target is <= 1.5)
     speckle                             background_speckle (beside _real), fd (beside fd_real_floor)
+    off_palette                         the share of pixels that are no blend of the prompt's colours (beside _real)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def summarise(metrics: dict[str, float]) -> dict[str, Any]:
         ratios["area_cv"] = metrics["area_cv"] / metrics["area_cv_real"]
     row["consistency_vs_real"] = max(ratios.values()) if ratios else None
     row["consistency_ratios"] = ratios
-    for name in ("background_speckle", "background_flicker", "motion_accuracy", "direction_cosine"):
+    for name in ("background_speckle", "background_flicker", "off_palette", "motion_accuracy", "direction_cosine"):
         row[name.removeprefix("background_")] = metrics.get(name)
         row[f"{name.removeprefix('background_')}_real"] = metrics.get(f"{name}_real")
     row["fd"], row["fd_real_floor"] = metrics.get("fd"), metrics.get("fd_real_floor")

@@ -7,6 +7,7 @@ Pixels x ∈ [0, 1]³ (videos in [-1, 1] are mapped by x = (v + 1) / 2); colours
     d(x, [a, b])     = ‖x − (a + λ(b − a))‖₂,  λ = clamp(⟨x − a, b − a⟩ / ‖b − a‖², 0, 1)
                                                                             a two-colour gradient a → b
     d_bg(x)          = d(x, c₁) (plain), d(x, [c₁, c₂]) (gradient), τ_photo (photo: no colour model)
+    d_blend(x)       = min_i d(x, △(c_i, c₁, c₂))   the nearest blend of an object's colour with the background's
     label(x)         = argmin over {objects i: d(x, c_i)} ∪ {background: d_bg(x)} ∪ {texture: min_w d(x, w)}
     mask_i           = close₃ₓ₃(label = i ∪ (label = texture ∩ dilate₅ₓ₅(label = i)))
     soft mask_i      = mask_i, except on its boundary: α_i(x) = d_bg(x) / (d_bg(x) + d_i(x))
@@ -66,6 +67,42 @@ def segment_distance(pixels: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     direction = b - a
     lam = (((pixels - a) * direction).sum(0) / direction.pow(2).sum().clamp_min(1e-12)).clamp(0, 1)
     return (pixels - (a + lam[None] * direction)).pow(2).sum(0).sqrt()
+
+
+def triangle_distance(pixels: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """d(x, △abc), the distance to the nearest point of the filled triangle with corners a, b, c ([3] each; a
+    segment when two coincide); pixels [3, ...] → [...]. x − a is projected on the triangle's plane,
+    x − a ≈ s·(b − a) + t·(c − a) (least squares); inside (s, t ≥ 0, s + t ≤ 1) the distance is the projection's
+    residual, outside the nearest point lies on an edge."""
+    edges = torch.stack([segment_distance(pixels, a, b), segment_distance(pixels, b, c), segment_distance(pixels, a, c)])
+    nearest_edge = edges.amin(0)
+    u, v = (b - a).to(pixels), (c - a).to(pixels)
+    gram = torch.stack([torch.stack([u @ u, u @ v]), torch.stack([u @ v, v @ v])])
+    if torch.linalg.det(gram).abs() < 1e-10:  # degenerate: the edges cover it
+        return nearest_edge
+    shape = (3,) + (1,) * (pixels.dim() - 1)
+    offset = pixels - a.to(pixels).view(shape)
+    rhs = torch.stack([(offset * u.view(shape)).sum(0), (offset * v.view(shape)).sum(0)])
+    s, t = torch.einsum("ij,j...->i...", torch.linalg.inv(gram), rhs)
+    residual = (offset - s[None] * u.view(shape) - t[None] * v.view(shape)).pow(2).sum(0).sqrt()
+    inside = (s >= 0) & (t >= 0) & (s + t <= 1)
+    return torch.where(inside, residual, nearest_edge)
+
+
+def blend_distance(pixels: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor | None:
+    """The distance of pixels [3, ...] to every colour a clip of scene record `meta` can hold: a blend
+    αc + (1 − α)g of an object's colour c with a colour g of the background (the plain colour, or any point of a
+    gradient: a triangle), α ∈ [0, 1]; the minimum over its objects. None for a textured object or a background
+    with no colour model (a photo)."""
+    background = (meta or {}).get("background") or {}
+    colours, objects = list(background.get("colours") or []), (meta or {}).get("objects") or []
+    if background.get("kind") not in ("plain", "gradient") or not colours or not objects:
+        return None
+    if any(o.get("texture", "solid") != "solid" for o in objects):
+        return None
+    first = rgb(colours[0], BACKGROUND_COLOURS)
+    last = rgb(colours[1], BACKGROUND_COLOURS) if background["kind"] == "gradient" and len(colours) > 1 else first
+    return torch.stack([triangle_distance(pixels, rgb(o["colour"]), first, last) for o in objects]).amin(0)
 
 
 def background_distance(pixels: torch.Tensor, background: dict[str, Any]) -> torch.Tensor:

@@ -22,6 +22,10 @@ Background (pixels of no object in any frame, shrunk by one pixel away from the 
     background_speckle = mean_{p,t} |Δx_t(p)|                  Δ = the 4-neighbour Laplacian, only where the whole
                                                                3x3 window is background: ~0 on plain and linear
                                                                gradients, high for speckle noise
+Colours (every pixel, objects' edges included, where speckle does not look):
+    off_palette        = mean_{p,t} [d_blend(x_t(p)) > OFF_PALETTE]   the share of pixels that are no blend of an
+                                                               object's colour with the background's (`palette`:
+                                                               ghosts and fringes a viewer sees; ~0 on real clips)
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 
 from datamodules.synthetic.world import GRAVITY, MOTIONS
 from lightning_modules.evaluation.base import Evaluator
-from lightning_modules.evaluation.palette import dilate, object_masks, unit
+from lightning_modules.evaluation.palette import blend_distance, dilate, object_masks, unit
 
 # Thresholds of the motion classifier, in the world's units (canvas side = min(H, W), seconds); see classify_motion.
 STILL_SPEED = 0.15  # side / s; the world's moving objects go 0.2 - 1.0 side / s
@@ -47,6 +51,7 @@ FALL_GRAVITY = 0.6  # fitted vertical acceleration / the world's gravity above w
 FALL_SPEED_CV = 0.12  # … if its speed also varies by this much (a bounce keeps |v|: ~0.05 on real clips) …
 FALL_SPEED_CV_ALONE = 0.25  # … or is a fall by its varying speed alone (real falls: 0.25 - 0.55)
 MIN_STEP = 0.16  # side / s: moves shorter than this have no direction (direction_cosine ignores them)
+OFF_PALETTE = 0.1  # RGB distance in [0, 1] from every blend of the clip's colours (~25 of 255 levels on a channel)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,6 +327,13 @@ def background_speckle(video: torch.Tensor, region: torch.Tensor) -> float:
     return float(laplacian.abs().mean(1)[:, inner].mean())
 
 
+def off_palette(video: torch.Tensor, meta: dict[str, Any]) -> float:
+    """The share of the pixels of a clip [3, T, H, W] in [-1, 1] farther than OFF_PALETTE from every blend of an
+    object's colour with the background's (`palette.blend_distance`); NaN where the scene has no colour model."""
+    distance = blend_distance(unit(video), meta)
+    return float("nan") if distance is None else float((distance > OFF_PALETTE).float().mean())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # all measures of one clip, and the evaluator
 
@@ -352,14 +364,15 @@ def clip_measures(video: torch.Tensor, meta: dict[str, Any], fps: float) -> dict
     if (meta.get("background") or {}).get("kind") in ("plain", "gradient"):  # a photo may pan: not static
         out["background_flicker"] = [background_flicker(video, region)]
         out["background_speckle"] = [background_speckle(video, region)]
+    out["off_palette"] = [off_palette(video, meta)]
     return out
 
 
 class WorldMeasures(Evaluator):
     """The probe-free measures of the module docstring on generated clips, each beside the same measure on the
     batch's real clips (the ceiling): logs <name> and <name>_real for consistency_iou, coherence_iou, area_cv,
-    direction_cosine, still_speed, motion_accuracy, background_flicker, background_speckle. Each is the mean
-    over objects (background ones: over clips) where it is defined. Needs batches with the world's "meta";
+    direction_cosine, still_speed, motion_accuracy, background_flicker, background_speckle, off_palette. Each is
+    the mean over objects (background and colour ones: over clips) where it is defined. Needs batches with the world's "meta";
     single images are skipped. Cheap: it may run on validation (`on_validation`).
     """
 

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from tqdm.auto import tqdm
 
 from lightning_modules.nn.tae import TAE
 
@@ -76,14 +78,31 @@ class PCACodec(nn.Module):
     appears at t ≈ 0.7-0.9, where a shifted time sampler hardly ever trains. w = 0.5 brings those to t ≈ 0.6 and
     keeps the colour ahead (t ≈ 0.2). The basis, the mean and σ are buffers, so checkpoints carry them; `fit`
     computes them (`GenerationModule.setup` fits an unfitted codec on the datamodule's training clips before
-    training)."""
+    training).
+
+    `refine` R > 0 adds a learned correction to the linear decode, fitted after the basis on the same clips:
+
+        p̂ = Bᵀ·(σ ⊙ z) + μ + g(z),    g = conv₁ₓ₁ ∘ GELU ∘ conv₃ₓ₃ ∘ GELU ∘ conv₃ₓ₃   (width R, over one latent
+                                                                                  frame's grid of positions)
+
+    With K well below D, the linear decode leaves ghosts where an object's edge crosses a patch during the clip
+    (a faint negative of the object beside it, off the clip's colours); g sees the neighbouring patches as well
+    and redraws the edge. It is fitted by L1 on the pixels from the clips' latents plus Gaussian noise of std
+    `refine_noise` (so that a generator's slightly-off latents decode clean too), `refine_steps` AdamW steps of
+    32 clips, under a forked RNG seeded 0: every rank fits the same g, and the global RNG stream is untouched.
+    Its weights are buffers too, so the codec still has no parameters for an optimizer, EMA or sharding."""
 
     def __init__(self, components: int = 48, spatial: int = 4, temporal: int = 4, channels: int = 3,
-                 fit_clips: int = 256, whiten: float = 0.0) -> None:
+                 fit_clips: int = 256, whiten: float = 0.0, refine: int = 0, refine_steps: int = 2000,
+                 refine_noise: float = 0.2) -> None:
         super().__init__()
         if not 0.0 <= whiten <= 1.0:
             raise ValueError(f"PCACodec: whiten={whiten} must be in [0, 1]")
+        if refine < 0 or refine_steps < 0 or refine_noise < 0:
+            raise ValueError(f"PCACodec: refine={refine}, refine_steps={refine_steps} and refine_noise={refine_noise} "
+                             f"must be >= 0")
         self.fit_clips, self.whiten = fit_clips, whiten
+        self.refine_steps, self.refine_noise = refine_steps, refine_noise
         self.pixels = PixelCodec(spatial, temporal, channels)  # a patch = a pixel latent position's channels
         self.patch_values = self.pixels.latent_channels
         if not 0 < components <= self.patch_values:
@@ -94,6 +113,12 @@ class PCACodec(nn.Module):
         self.register_buffer("mean", torch.zeros(self.patch_values))
         self.register_buffer("basis", torch.zeros(components, self.patch_values))
         self.register_buffer("scale", torch.ones(components))  # σ_k
+        self.refiner_shapes = {} if refine == 0 else {  # g's weights and biases (buffers: see the docstring)
+            "refine_w1": (refine, components, 3, 3), "refine_b1": (refine,),
+            "refine_w2": (refine, refine, 3, 3), "refine_b2": (refine,),
+            "refine_w3": (self.patch_values, refine, 1, 1), "refine_b3": (self.patch_values,)}
+        for name, shape in self.refiner_shapes.items():
+            self.register_buffer(name, torch.zeros(shape))
 
     @property
     def fitted(self) -> bool:
@@ -116,9 +141,9 @@ class PCACodec(nn.Module):
         return rearrange(self.pixels.encode(video.float()), "b d t h w -> b t h w d")
 
     @torch.no_grad()
-    def fit(self, videos: Sequence[torch.Tensor]) -> None:
+    def fit(self, videos: Sequence[torch.Tensor], refine_steps: int | None = None) -> None:
         """Fit μ, B and σ on batches of clips [N, 3, T, H, W] in [-1, 1] (their patches are the samples; the
-        batches may differ in size)."""
+        batches may differ in size), then g when `refine` > 0, for `refine_steps` (default: the codec's own)."""
         patches = torch.cat([self._patches(v.cpu()).reshape(-1, self.patch_values) for v in videos])
         if patches.shape[0] < self.latent_channels:
             raise ValueError(f"PCACodec.fit: {patches.shape[0]} patches cannot give {self.latent_channels} components")
@@ -131,6 +156,34 @@ class PCACodec(nn.Module):
         variance = coefficients.pow(2).mean(0).clamp_min(1e-12)
         shape = variance.pow(self.whiten / 2)
         self.scale.copy_(shape * (variance / shape.pow(2)).mean().sqrt().clamp_min(1e-6))
+        if self.refiner_shapes:
+            steps = self.refine_steps if refine_steps is None else refine_steps
+            self._fit_refiner(torch.cat([v.cpu().float() for v in videos]), steps)
+
+    def _fit_refiner(self, clips: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 3e-3) -> None:
+        """Fit g (see the class docstring) on clips [N, 3, T, H, W]: L1 between the refined decode of their
+        noised latents and the clips, AdamW with a one-cycle rate; g starts as zero (the linear decode)."""
+        latents = self.encode(clips)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(0)
+            weights = {}
+            for name, shape in self.refiner_shapes.items():
+                bound = 1 / math.sqrt(math.prod(shape[1:])) if name in ("refine_w1", "refine_w2") else 0.0
+                weights[name] = torch.empty(shape).uniform_(-bound, bound).requires_grad_()  # Conv2d's weight bound; biases and the last layer 0
+            optimizer = torch.optim.AdamW(weights.values(), lr=lr, weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
+            for _ in tqdm(range(steps), desc="[codec] fitting the refined decode", leave=False):
+                pick = torch.randint(0, len(clips), (min(batch_size, len(clips)),))
+                noisy = latents[pick] + self.refine_noise * torch.randn_like(latents[pick])
+                patches = self._linear_patches(noisy) + self._refinement(noisy, weights)
+                decoded = self.pixels.decode(rearrange(patches, "b t h w d -> b d t h w"), clips.shape[2])
+                loss = (decoded - clips[pick]).abs().mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        for name, weight in weights.items():
+            getattr(self, name).copy_(weight.detach())
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         scale = state_dict.get(prefix + "scale")
@@ -150,8 +203,23 @@ class PCACodec(nn.Module):
 
     def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         self._check_fitted()
-        patches = (rearrange(latent.float(), "b k t h w -> b t h w k") * self.scale) @ self.basis + self.mean
+        patches = self._linear_patches(latent.float())
+        if self.refiner_shapes:
+            patches = patches + self._refinement(latent.float(), {n: getattr(self, n) for n in self.refiner_shapes})
         return self.pixels.decode(rearrange(patches, "b t h w d -> b d t h w"), num_frames)
+
+    def _linear_patches(self, latent: torch.Tensor) -> torch.Tensor:
+        """Bᵀ·(σ ⊙ z) + μ of latents [B, K, T', H', W'] as patches [B, T', H', W', D]."""
+        return (rearrange(latent, "b k t h w -> b t h w k") * self.scale) @ self.basis + self.mean
+
+    @staticmethod
+    def _refinement(latent: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """g(z) of latents [B, K, T', H', W'] as patches [B, T', H', W', D], with g's `weights` by buffer name."""
+        x = rearrange(latent, "b k t h w -> (b t) k h w")
+        x = F.gelu(F.conv2d(x, weights["refine_w1"], weights["refine_b1"], padding=1))
+        x = F.gelu(F.conv2d(x, weights["refine_w2"], weights["refine_b2"], padding=1))
+        x = F.conv2d(x, weights["refine_w3"], weights["refine_b3"])
+        return rearrange(x, "(b t) d h w -> b t h w d", b=latent.shape[0])
 
 
 class TAECodec(nn.Module):

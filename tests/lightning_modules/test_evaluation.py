@@ -33,11 +33,14 @@ from lightning_modules.evaluation.palette import (
     TEXTURE_LABEL,
     _alphas,
     background_distance,
+    blend_distance,
     colour_masks,
     nearest_labels,
     object_masks,
     palette_labels,
+    rgb,
     soft_colour_masks,
+    triangle_distance,
     unit,
 )
 from lightning_modules.evaluation.probe import (
@@ -62,6 +65,7 @@ from lightning_modules.evaluation.world_measures import (
     consistency_iou,
     direction_cosine,
     gravity_fit,
+    off_palette,
     reversal_sharpness,
     track_features,
 )
@@ -213,6 +217,46 @@ def test_motion_classifier_on_the_worlds_physics() -> None:
     lost = torch.full((8, 2), float("nan"))
     lost[0] = 5.0
     assert classify_motion(lost, 32, 32, 8.0) == "none"
+
+
+def test_triangle_distance_against_a_dense_grid_of_the_triangle() -> None:
+    """d(x, △abc) against the nearest of ~80k points spread over the triangle (and over the segment when two
+    corners coincide): equal to the grid's spacing, inside, outside and beyond each edge."""
+    generator = torch.Generator().manual_seed(0)
+    a, b, c = torch.rand(3, 3, generator=generator)
+    pixels = torch.rand(3, 400, generator=generator) * 1.4 - 0.2
+    grid = torch.linspace(0, 1, 401)
+    s, t = torch.meshgrid(grid, grid, indexing="ij")
+    inside = s + t <= 1
+    points = a[:, None] + s[inside] * (b - a)[:, None] + t[inside] * (c - a)[:, None]
+    expected = torch.cdist(pixels.T, points.T).amin(1)
+    assert torch.allclose(triangle_distance(pixels, a, b, c), expected, atol=1e-4)
+    segment = a[:, None] + grid * (b - a)[:, None]
+    assert torch.allclose(triangle_distance(pixels, a, b, b), torch.cdist(pixels.T, segment.T).amin(1), atol=1e-4)
+    on_it = (0.2 * a + 0.5 * b + 0.3 * c)[:, None]
+    assert triangle_distance(on_it, a, b, c).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_off_palette_by_hand() -> None:
+    """On a navy clip with an orange object, blends of the two are on the palette and a ghost (a faint negative of
+    the object: navy − 0.3·(orange − navy)) is not; on a gradient any background point may be blended; a textured
+    object has no colour model here (NaN)."""
+    navy, orange = rgb("navy", BACKGROUND_COLOURS), rgb("orange")
+    meta = {"background": {"kind": "plain", "colours": ["navy"]}, "objects": [{"colour": "orange"}]}
+    pixels = navy.view(3, 1, 1, 1).repeat(1, 4, 8, 8)  # x in [0, 1]: [3, T, H, W]
+    pixels[:, :, 2:4, 2:4] = orange.view(3, 1, 1, 1)
+    pixels[:, :, 4, 2] = (0.4 * orange + 0.6 * navy).view(3, 1)  # an antialiased edge
+    ghost = (navy - 0.3 * (orange - navy)).clamp(0, 1)
+    assert blend_distance(ghost.view(3, 1), meta).item() > 0.1
+    pixels[:, 1:3, 6, 6] = ghost.view(3, 1)  # in 2 of the 4 frames
+    video = pixels * 2 - 1
+    assert off_palette(video, meta) == pytest.approx(2 / (4 * 8 * 8), abs=1e-6)
+    gradient = {"background": {"kind": "gradient", "colours": ["navy", "white"]}, "objects": [{"colour": "orange"}]}
+    middle = 0.5 * orange + 0.25 * navy + 0.25 * rgb("white", BACKGROUND_COLOURS)
+    assert blend_distance(middle.view(3, 1), gradient).item() == pytest.approx(0.0, abs=1e-6)
+    assert blend_distance(middle.view(3, 1), meta).item() > 0.1  # not on a plain navy clip
+    textured = {**meta, "objects": [{"colour": "orange", "texture": "stripes"}]}
+    assert math.isnan(off_palette(video, textured))
 
 
 def test_background_measures_by_hand() -> None:
@@ -433,6 +477,8 @@ def test_measures_separate_real_clips_from_shuffled_and_noisy_ones(world: Path) 
     assert real["still_speed"] < 0.05 < noise["still_speed"], scores
     assert real["background_flicker"] < 0.02 < noise["background_flicker"], scores
     assert real["background_speckle"] < 0.02 < noise["background_speckle"], scores
+    assert real["off_palette"] < 0.01 and noise["off_palette"] > 0.3, scores  # colours: order does not matter
+    assert mixed["off_palette"] == pytest.approx(real["off_palette"]), scores
 
 
 @pytest.fixture(scope="module")

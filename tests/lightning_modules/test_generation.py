@@ -237,6 +237,48 @@ def test_pca_codec_whiten_evens_out_the_components_and_loads_old_checkpoints(wor
         PCACodec(whiten=2.0)
 
 
+def test_pca_codec_refined_decode(world: Path) -> None:
+    """`refine`: the same basis as the linear codec, a decode that reconstructs the fit clips better than the
+    linear one (L1), g as torch's own Conv2d / GELU layers compute it from the buffers, the weights in buffers
+    only (no parameters), the global RNG untouched and the same g at every fit, and a loaded codec that decodes
+    alike."""
+    dm = datamodule(world)
+    dm.setup("fit")
+    clips = [b["video"] for b in dm.train_dataloader()]
+    video = torch.cat(clips)
+    linear = PCACodec(components=12, spatial=4, temporal=4)
+    linear.fit(clips)
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
+    refined = PCACodec(components=12, spatial=4, temporal=4, refine=16, refine_steps=300, refine_noise=0.0)
+    refined.fit(clips)
+    assert torch.equal(torch.rand(3), expected_draw)  # the fit forked the RNG
+    assert torch.equal(refined.basis, linear.basis) and torch.equal(refined.encode(video), linear.encode(video))
+    assert list(refined.parameters()) == [] and {"refine_w1", "refine_b3"} <= set(refined.state_dict())
+    latent = refined.encode(video)
+    error = {name: (codec.decode(latent) - video).abs().mean().item() for name, codec in
+             (("linear", linear), ("refined", refined))}
+    assert error["refined"] < 0.9 * error["linear"], error
+    # g computed by torch's layers from the same weights
+    g = torch.nn.Sequential(torch.nn.Conv2d(12, 16, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                            torch.nn.GELU(), torch.nn.Conv2d(16, 192, 1))
+    for layer, i in zip(g[::2], (1, 2, 3)):
+        layer.weight.data.copy_(getattr(refined, f"refine_w{i}"))
+        layer.bias.data.copy_(getattr(refined, f"refine_b{i}"))
+    correction = rearrange(g(rearrange(latent, "b k t h w -> (b t) k h w")), "(b t) d h w -> b d t h w", b=len(video))
+    with torch.no_grad():
+        assert torch.allclose(refined.decode(latent), linear.decode(latent) + linear.pixels.decode(correction), atol=1e-5)
+    again = PCACodec(components=12, spatial=4, temporal=4, refine=16, refine_steps=300, refine_noise=0.0)
+    again.fit(clips)
+    assert torch.equal(again.refine_w1, refined.refine_w1)
+    loaded = PCACodec(components=12, spatial=4, temporal=4, refine=16)
+    loaded.load_state_dict(refined.state_dict())
+    assert torch.equal(loaded.decode(latent), refined.decode(latent))
+    with pytest.raises(ValueError, match="refine"):
+        PCACodec(refine=-1)
+
+
 def test_pca_codec_is_fitted_on_the_training_clips_and_kept_in_checkpoints(world: Path) -> None:
     """A module with an unfitted PCACodec fits it in setup("fit") from the datamodule and trains; its basis is in
     the state dict, so a new module that loads it samples the same video."""
