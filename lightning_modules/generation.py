@@ -353,7 +353,8 @@ class GenerationModule(BaseModule):
         if (self.trainer.max_steps or 0) > 0:  # -1: no step budget
             steps = min(steps, self.trainer.max_steps)
         self.codec.fit(videos, refine_steps=steps)
-        print(f"[generation] {type(self.codec).__name__} fitted on {seen} training clips")
+        refined = f", its decode refined in {steps} steps" if getattr(self.codec, "refiner_shapes", None) else ""
+        print(f"[generation] {type(self.codec).__name__} fitted on {seen} training clips{refined}")
 
     def load_stage_weights(self, path: str | Path) -> None:
         """Load a previous stage's weights (not the optimizer): position tables grow, the input weights of new

@@ -279,19 +279,23 @@ def test_pca_codec_refined_decode(world: Path) -> None:
         PCACodec(refine=-1)
 
 
-def test_pca_codec_is_fitted_on_the_training_clips_and_kept_in_checkpoints(world: Path) -> None:
-    """A module with an unfitted PCACodec fits it in setup("fit") from the datamodule and trains; its basis is in
-    the state dict, so a new module that loads it samples the same video."""
+def test_pca_codec_is_fitted_on_the_training_clips_and_kept_in_checkpoints(world: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A module with an unfitted PCACodec fits it in setup("fit") from the datamodule and trains; its basis and
+    refined decode are in the state dict, so a new module that loads it samples the same video. The refined decode
+    is fitted for the run's step budget when that is shorter than its own steps."""
     def pca_module() -> GenerationModule:
         net = DiT(in_channels=24, dim=32, depth=1, heads=2, ffn_dim=64, patch=(1, 1, 1), max_t=2, max_h=4, max_w=4)
         text = Text(TextConditioner({"byte": ByteEncoder(dim=32, depth=1, heads=2, max_length=64)}, dim=32))
-        return GenerationModule(net, PCACodec(components=24, spatial=4, temporal=4, fit_clips=16), {"text": text},
-                                optimizer=partial(torch.optim.AdamW, lr=3e-3), sampler=dict(steps=3))
+        codec = PCACodec(components=24, spatial=4, temporal=4, fit_clips=16, refine=8, refine_steps=500)
+        return GenerationModule(net, codec, {"text": text}, optimizer=partial(torch.optim.AdamW, lr=3e-3),
+                                sampler=dict(steps=3))
     model = pca_module()
     trainer(2).fit(model, datamodule(world))
-    assert model.codec.fitted and model.codec.basis.abs().sum() > 0
+    assert "fitted on 16 training clips, its decode refined in 2 steps" in capsys.readouterr().out
+    assert model.codec.fitted and model.codec.basis.abs().sum() > 0 and model.codec.refine_w3.abs().sum() > 0
     state = model.state_dict()
-    assert {"codec.basis", "codec.mean", "codec.scale"} <= set(state)
+    assert {"codec.basis", "codec.mean", "codec.scale", "codec.refine_w1"} <= set(state)
     again = pca_module()
     again.load_state_dict(state)
     model.eval(), again.eval()
