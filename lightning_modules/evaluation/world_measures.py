@@ -372,8 +372,8 @@ class WorldMeasures(Evaluator):
     """The probe-free measures of the module docstring on generated clips, each beside the same measure on the
     batch's real clips (the ceiling): logs <name> and <name>_real for consistency_iou, coherence_iou, area_cv,
     direction_cosine, still_speed, motion_accuracy, background_flicker, background_speckle, off_palette. Each is
-    the mean over objects (background and colour ones: over clips) where it is defined. Needs batches with the world's "meta";
-    single images are skipped. Cheap: it may run on validation (`on_validation`).
+    the mean over objects (background and colour ones: over clips) where it is defined. Needs batches with the
+    world's "meta"; single images are skipped. Cheap: it may run on validation (`on_validation`).
     """
 
     def __init__(self, on_validation: bool = False) -> None:

@@ -167,9 +167,9 @@ class PCACodec(nn.Module):
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(0)
             weights = {}
-            for name, shape in self.refiner_shapes.items():
+            for name, shape in self.refiner_shapes.items():  # Conv2d's bound for the weights; biases, last layer 0
                 bound = 1 / math.sqrt(math.prod(shape[1:])) if name in ("refine_w1", "refine_w2") else 0.0
-                weights[name] = torch.empty(shape).uniform_(-bound, bound).requires_grad_()  # Conv2d's weight bound; biases and the last layer 0
+                weights[name] = torch.empty(shape).uniform_(-bound, bound).requires_grad_()
             optimizer = torch.optim.AdamW(weights.values(), lr=lr, weight_decay=0.0)
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
             for _ in tqdm(range(steps), desc="[codec] fitting the refined decode", leave=False):

@@ -10,9 +10,10 @@ evaluators), checked on the test metrics it logs to MLflow:
   pixels off the prompt's colours (`off_palette`; real clips ~0.03%, the linear decode's ghosts 1.0-1.4%).
 
 About 5.5 minutes on 2 cores with fast bfloat16 (~8-9 without): `python -m pytest -m slow
-tests/experiments/test_quickstart_quality.py -k "not long and not upright"`. Over three training runs and three
+tests/experiments/test_quickstart_quality.py -k "not long and not upright"`. Over five training runs and three
 sampling seeds the quickstart gave area 1.24-1.49x of real (mean 1.34x), speckle 1.7-1.8x of real and off-palette
-0.22-0.29%; in a fresh clone at 2f7e2b2 (318 s): 1.33x, 1.8x and 0.25% on this test's seed 0 (README, Evaluation).
+0.22-0.29%; in fresh clones at 2f7e2b2 (318 s) and d6a67f8 (334 s): 1.33x / 1.29x, 1.8x and 0.25% / 0.26% on this
+test's seed 0 (README, Evaluation).
 `experiment=quickstart_long` (7000 steps at guidance 2 of the recipe before the refined decode and training shift
 1.5, ~10 minutes) meets the targets but the speckle ones (seed 0: area 1.28x; speckle 3.5x):
 `python -m pytest -m slow tests/experiments/test_quickstart_quality.py -k long`.
