@@ -349,11 +349,9 @@ class GenerationModule(BaseModule):
             seen += batch["video"].shape[0]
             if seen >= wanted:
                 break
-        steps = self.codec.refine_steps
-        if (self.trainer.max_steps or 0) > 0:  # -1: no step budget
-            steps = min(steps, self.trainer.max_steps)
-        self.codec.fit(videos, refine_steps=steps)
-        refined = f", its decode refined in {steps} steps" if getattr(self.codec, "refiner_shapes", None) else ""
+        budget = self.trainer.max_steps if (self.trainer.max_steps or 0) > 0 else None  # -1: no step budget
+        steps = self.codec.fit(videos, max_refine_steps=budget)
+        refined = f", its decode refined in {steps} steps" if steps else ""
         print(f"[generation] {type(self.codec).__name__} fitted on {seen} training clips{refined}")
 
     def load_stage_weights(self, path: str | Path) -> None:

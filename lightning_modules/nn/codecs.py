@@ -141,9 +141,10 @@ class PCACodec(nn.Module):
         return rearrange(self.pixels.encode(video.float()), "b d t h w -> b t h w d")
 
     @torch.no_grad()
-    def fit(self, videos: Sequence[torch.Tensor], refine_steps: int | None = None) -> None:
+    def fit(self, videos: Sequence[torch.Tensor], max_refine_steps: int | None = None) -> int:
         """Fit μ, B and σ on batches of clips [N, 3, T, H, W] in [-1, 1] (their patches are the samples; the
-        batches may differ in size), then g when `refine` > 0, for `refine_steps` (default: the codec's own)."""
+        batches may differ in size), then g when `refine` > 0, for `refine_steps` or `max_refine_steps` if fewer
+        (a run's own step budget). Returns g's steps (0 without one)."""
         patches = torch.cat([self._patches(v.cpu()).reshape(-1, self.patch_values) for v in videos])
         if patches.shape[0] < self.latent_channels:
             raise ValueError(f"PCACodec.fit: {patches.shape[0]} patches cannot give {self.latent_channels} components")
@@ -156,9 +157,11 @@ class PCACodec(nn.Module):
         variance = coefficients.pow(2).mean(0).clamp_min(1e-12)
         shape = variance.pow(self.whiten / 2)
         self.scale.copy_(shape * (variance / shape.pow(2)).mean().sqrt().clamp_min(1e-6))
-        if self.refiner_shapes:
-            steps = self.refine_steps if refine_steps is None else refine_steps
-            self._fit_refiner(torch.cat([v.cpu().float() for v in videos]), steps)
+        if not self.refiner_shapes:
+            return 0
+        steps = self.refine_steps if max_refine_steps is None else min(self.refine_steps, max_refine_steps)
+        self._fit_refiner(torch.cat([v.cpu().float() for v in videos]), steps)
+        return steps
 
     def _fit_refiner(self, clips: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 3e-3) -> None:
         """Fit g (see the class docstring) on clips [N, 3, T, H, W]: L1 between the refined decode of their

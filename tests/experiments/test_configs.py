@@ -88,7 +88,7 @@ def test_each_codec_option_fits_the_quickstart_dit(codec: str, outputs: Path) ->
     assert all(n <= m for n, m in zip(grid, (net.max_t, net.max_h, net.max_w))), grid
     if hasattr(model.codec, "fit"):
         clips = torch.rand(4, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        model.codec.fit([clips], refine_steps=2)  # shapes only: a refined decode's fit kept short
+        model.codec.fit([clips], max_refine_steps=2)  # shapes only: a refined decode's fit kept short
     video = model.eval().generate({"text": ["A red circle bounces around."], "fps": 8.0}, 8, 16, 16, steps=1)
     assert video.shape == (1, 3, 8, 16, 16) and torch.isfinite(video).all()
 

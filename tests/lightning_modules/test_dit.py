@@ -51,7 +51,7 @@ def test_shapes_for_every_bucket(experiment: str, outputs: Path) -> None:
     net = randomise(hydra.utils.instantiate(cfg.model.net))
     frames = list(cfg.data.frames) + [1]
     if hasattr(codec, "fit"):  # a codec fitted on data (the quickstart's PCA): fit it on clips of the first size
-        codec.fit([torch.rand(16, 3, max(frames), *cfg.data.sizes[0]) * 2 - 1], refine_steps=2)  # shapes only
+        codec.fit([torch.rand(16, 3, max(frames), *cfg.data.sizes[0]) * 2 - 1], max_refine_steps=2)  # shapes only
     for height, width in cfg.data.sizes:
         for t in frames:
             video = torch.rand(2, 3, t, height, width) * 2 - 1

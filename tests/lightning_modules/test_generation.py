@@ -247,12 +247,12 @@ def test_pca_codec_refined_decode(world: Path) -> None:
     clips = [b["video"] for b in dm.train_dataloader()]
     video = torch.cat(clips)
     linear = PCACodec(components=12, spatial=4, temporal=4)
-    linear.fit(clips)
+    assert linear.fit(clips) == 0  # no refined decode: no steps
     torch.manual_seed(7)
     expected_draw = torch.rand(3)
     torch.manual_seed(7)
     refined = PCACodec(components=12, spatial=4, temporal=4, refine=16, refine_steps=300, refine_noise=0.0)
-    refined.fit(clips)
+    assert refined.fit(clips, max_refine_steps=1000) == 300  # its own steps when the budget allows them
     assert torch.equal(torch.rand(3), expected_draw)  # the fit forked the RNG
     assert torch.equal(refined.basis, linear.basis) and torch.equal(refined.encode(video), linear.encode(video))
     assert list(refined.parameters()) == [] and {"refine_w1", "refine_b3"} <= set(refined.state_dict())

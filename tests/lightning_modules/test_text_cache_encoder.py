@@ -161,7 +161,7 @@ def test_loss_and_a_step_through_the_config_equal_the_live_encoders(world: Path,
             p.add_(0.05 * torch.randn_like(p))
     batch = video_batch(world)
     # the quickstart's PCA codec, as setup fits it for a few steps' budget; basis and refiner go with the state
-    live.codec.fit([batch["video"]], refine_steps=2)
+    live.codec.fit([batch["video"]], max_refine_steps=2)
     model.load_state_dict(live.state_dict())  # strict: neither T5 has state of its own
 
     t = torch.full((4,), 0.7)
